@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  make demo   and   make test
+# Both create .venv on first use (idempotent: re-running skips what is done).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.llmtier-installed
+# CPU build of torch, installed first so no dependency pulls CUDA wheels.
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml setup.py src/llmtier/engine/_uring.c
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[bench,test]"
+	$(BIN)/python -c "from llmtier.engine import available_engines as a; print('llmtier engines:', {k: v or 'ok' for k, v in a().items()})"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/llmtier bench io --quick
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/llmtier bench io --json bench-io.json --plot bench-io.png
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info src/llmtier/engine/*.so

@@ -1,0 +1,147 @@
+"""Page-aligned host buffers and a pool so hot paths never allocate.
+
+``alloc(n)`` returns a numpy ``uint8`` array backed by an anonymous ``mmap``:
+its address is page aligned, which is what ``O_DIRECT`` needs.  A torch view
+is ``torch.from_numpy(buf)`` (no copy).  The memory is freed when the last
+view of it is dropped.
+"""
+from __future__ import annotations
+
+import mmap
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+PAGE = mmap.PAGESIZE
+
+
+def alloc(nbytes: int) -> np.ndarray:
+    """Return ``nbytes`` of page-aligned, zero-filled host memory as ``uint8``.
+
+    >>> buf = alloc(1 << 20)
+    >>> buf.ctypes.data % 4096
+    0
+    """
+    if nbytes < 0:
+        raise ValueError(f"alloc: nbytes must be >= 0, got {nbytes}")
+    if nbytes == 0:
+        return np.empty(0, dtype=np.uint8)
+    mapping = mmap.mmap(-1, round_up(nbytes, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # The array keeps the mmap alive through its ``base`` chain.
+    return np.frombuffer(mapping, dtype=np.uint8, count=nbytes)
+
+
+def round_up(n: int, align: int) -> int:
+    """Smallest multiple of ``align`` that is >= ``n``."""
+    return -(-n // align) * align
+
+
+def round_down(n: int, align: int) -> int:
+    """Largest multiple of ``align`` that is <= ``n``."""
+    return n - n % align
+
+
+def address(view: memoryview) -> int:
+    """Address of the first byte of a contiguous buffer."""
+    if view.nbytes == 0:
+        return 0
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+
+
+def as_bytes_view(buf: Any, *, writable: bool) -> memoryview:
+    """A flat, C-contiguous ``uint8`` memoryview of ``buf`` without copying.
+
+    Accepts numpy arrays, torch CPU tensors, ``bytearray``, ``mmap``,
+    ``memoryview`` and anything else exposing the buffer protocol.  Raises
+    ``TypeError`` for non-contiguous data or GPU tensors, and for read-only
+    data when ``writable`` is requested.
+    """
+    if type(buf).__module__.startswith("torch"):
+        buf = _torch_to_numpy(buf)
+    try:
+        view = memoryview(buf)
+    except TypeError as exc:
+        raise TypeError(f"expected a buffer (numpy array, torch CPU tensor, memoryview), got {type(buf).__name__}") from exc
+    if not view.c_contiguous:
+        raise TypeError("buffer must be C-contiguous")
+    if writable and view.readonly:
+        raise TypeError("buffer is read-only; a read needs a writable buffer")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B") if view.nbytes else memoryview(b"" if view.readonly else bytearray())
+    return view
+
+
+def _torch_to_numpy(t: Any) -> np.ndarray:
+    if t.device.type != "cpu":
+        raise TypeError(f"tensor is on {t.device}; the engine reads and writes host memory (move it with .cpu())")
+    if not t.is_contiguous():
+        raise TypeError("tensor must be contiguous")
+    # Reinterpret as bytes so any dtype (bf16, fp8) works without numpy support.
+    flat = t.detach().reshape(-1)
+    import torch  # noqa: PLC0415 - torch is optional; only reached with a tensor in hand
+
+    return flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, dtype=np.uint8)
+
+
+class BufferPool:
+    """A fixed set of equally sized, page-aligned buffers reused across calls.
+
+    ``with pool.get() as buf:`` blocks until a buffer is free and hands it back
+    on exit.  Buffers are allocated lazily, up to ``count``.
+    """
+
+    def __init__(self, nbytes: int, count: int) -> None:
+        if nbytes <= 0 or count <= 0:
+            raise ValueError(f"BufferPool needs nbytes > 0 and count > 0, got {nbytes}, {count}")
+        self.nbytes = nbytes
+        self.count = count
+        self._free: list[np.ndarray] = []
+        self._made = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    @contextmanager
+    def get(self) -> Iterator[np.ndarray]:
+        """Borrow a buffer for the duration of the ``with`` block."""
+        buf = self.acquire()
+        try:
+            yield buf
+        finally:
+            self.release(buf)
+
+    def acquire(self) -> np.ndarray:
+        """Take a buffer (waits while all ``count`` are lent out)."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise ValueError("BufferPool is closed")
+                if self._free:
+                    return self._free.pop()
+                if self._made < self.count:
+                    self._made += 1
+                    break
+                self._cond.wait()
+        return alloc(self.nbytes)
+
+    def release(self, buf: np.ndarray) -> None:
+        """Give a buffer taken with :meth:`acquire` back."""
+        with self._cond:
+            if not self._closed:
+                self._free.append(buf)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Drop the pooled buffers; later ``acquire`` calls fail."""
+        with self._cond:
+            self._closed = True
+            self._free.clear()
+            self._cond.notify_all()
+
+    def __enter__(self) -> BufferPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

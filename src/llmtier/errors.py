@@ -1,0 +1,100 @@
+"""Typed errors for everything a user (or the machine) can cause.
+
+Every I/O error carries the path, offset, size and errno of the request that
+failed, and says in words what was expected and what happened.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class LLMTierError(Exception):
+    """Base class of every error llmtier raises on purpose."""
+
+
+class EngineUnavailableError(LLMTierError, RuntimeError):
+    """A requested engine backend cannot run here; ``reason`` says why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"engine {name!r} is unavailable: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class ClosedError(LLMTierError, ValueError):
+    """An operation on an engine or file that was already closed."""
+
+
+class IOFailure(LLMTierError, OSError):
+    """A read or write failed. Carries path, offset, size and errno.
+
+    It is an ``OSError`` so ``except OSError`` keeps working; ``errno`` and
+    ``strerror`` are set as usual.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        offset: int | None = None,
+        size: int | None = None,
+        errno: int | None = None,
+    ) -> None:
+        detail = []
+        if path is not None:
+            detail.append(f"path={path}")
+        if offset is not None:
+            detail.append(f"offset={offset}")
+        if size is not None:
+            detail.append(f"size={size}")
+        if errno is not None:
+            detail.append(f"errno={_errno.errorcode.get(errno, errno)} ({os.strerror(errno)})")
+        text = message + (f" [{', '.join(detail)}]" if detail else "")
+        if errno is not None:
+            super().__init__(errno, text)
+        else:
+            super().__init__(text)
+        self.path = path
+        self.offset = offset
+        self.size = size
+        self.message = text
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NotFoundError(IOFailure, FileNotFoundError):
+    """The file does not exist."""
+
+
+class PermissionDeniedError(IOFailure, PermissionError):
+    """The file cannot be opened or written with the requested mode."""
+
+
+class ShortReadError(IOFailure):
+    """A read ended before the buffer was full: the file is shorter than asked.
+
+    ``got`` is how many bytes were read; the rest of the buffer is untouched
+    (never silently zero-filled).
+    """
+
+    def __init__(self, *, path: str, offset: int, size: int, got: int) -> None:
+        super().__init__(
+            f"short read: expected {size} bytes, got {got} (end of file)",
+            path=path,
+            offset=offset,
+            size=size,
+        )
+        self.got = got
+
+
+def io_failure(message: str, *, path: str, offset: int | None, size: int | None, errno: int) -> IOFailure:
+    """Build the most specific :class:`IOFailure` subclass for ``errno``."""
+    cls: type[IOFailure] = IOFailure
+    if errno == _errno.ENOENT:
+        cls = NotFoundError
+    elif errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+        cls = PermissionDeniedError
+    return cls(message, path=path, offset=offset, size=size, errno=errno)
