@@ -9,6 +9,7 @@ batched.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .base import Engine, IOEvent
@@ -18,8 +19,12 @@ from .plan import Op
 def load_extension() -> tuple[Any, str]:
     """Import the extension and check the kernel lets us use io_uring.
 
-    Returns ``(module, "")`` or ``(None, reason)``.
+    Returns ``(module, "")`` or ``(None, reason)``.  Setting the environment
+    variable ``LLMTIER_NO_URING=1`` turns the backend off (to compare, or to
+    work around a kernel problem).
     """
+    if os.environ.get("LLMTIER_NO_URING", "") not in ("", "0"):
+        return None, "io_uring turned off by LLMTIER_NO_URING"
     try:
         from . import _uring  # noqa: PLC0415 - optional compiled extension
     except ImportError as exc:

@@ -1,0 +1,1 @@
+"""The studies: I/O sweeps, workload benchmarks, peers side by side."""

@@ -1,0 +1,99 @@
+"""``llmtier <verb>``: a thin layer; every verb calls one library function."""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from . import __version__
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def cmd_bench_io(args: argparse.Namespace) -> int:
+    from .bench import io_report  # noqa: PLC0415 - keep `llmtier --help` fast
+    from .bench.io import StudyConfig, run_io_study  # noqa: PLC0415
+    from .engine import current_settings  # noqa: PLC0415
+
+    directory = args.dir or tempfile.gettempdir()
+    overrides = {k: v for k, v in (("chunk_size", args.chunk_size), ("queue_depth", args.queue_depth),
+                                   ("threads", args.threads)) if v is not None}
+    kw = {"settings": current_settings(**overrides)}
+    if args.engines:
+        kw["engines"] = tuple(args.engines.split(","))
+    if args.sizes:
+        kw["sizes"] = tuple(_size(s) for s in args.sizes.split(","))
+    if args.ops:
+        kw["ops"] = tuple(args.ops.split(","))
+    if args.rounds:
+        kw["rounds"] = args.rounds
+    cfg = StudyConfig.quick(directory, **kw) if args.quick else StudyConfig(directory, **kw)
+    print(f"llmtier bench io: {'quick' if args.quick else 'full'} study in {directory}, "
+          f"{cfg.rounds} rounds + warm-up, engines {','.join(cfg.engines)}", file=sys.stderr)
+    cells, notes = run_io_study(cfg, progress=not args.no_progress)
+    print(io_report.format_table(cells, notes))
+    print("\nverdicts (tensors >= 1 MiB):")
+    for line in io_report.verdicts(cells):
+        print("  " + line)
+    if args.json:
+        io_report.write_json(cells, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        io_report.plot(cells, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_engines(_: argparse.Namespace) -> int:
+    from .engine import available_engines, open_engine  # noqa: PLC0415
+
+    for name, why_not in available_engines().items():
+        print(f"{name:8s} {'ok' if not why_not else 'unavailable: ' + why_not}")
+    with open_engine("auto") as eng:
+        print(f"auto  -> {eng.name}: {eng.reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmtier", description=__doc__)
+    p.add_argument("--version", action="version", version=f"llmtier {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    sub.add_parser("engines", help="list engine backends and which one 'auto' picks").set_defaults(func=cmd_engines)
+
+    bench = sub.add_parser("bench", help="measurements").add_subparsers(dest="study", required=True)
+    io = bench.add_parser("io", help="tensor-transfer bandwidth per engine vs fio (CHEOPS '25 Q1)")
+    io.add_argument("--quick", action="store_true", help="fewer sizes, 3 rounds, 256 MiB per cell (< 60 s)")
+    io.add_argument("--dir", help="directory on the file system to measure (default: the temp dir)")
+    io.add_argument("--engines", help="comma list of posix,threads,uring,deepnvme")
+    io.add_argument("--sizes", help="comma list of tensor sizes, e.g. 4k,1m,1g")
+    io.add_argument("--ops", help="comma list of read,write,write-fresh")
+    io.add_argument("--rounds", type=int, help="measured rounds per cell (median reported)")
+    io.add_argument("--chunk-size", type=_size, help="engine piece size (default from settings)")
+    io.add_argument("--queue-depth", type=int, help="engine queue depth")
+    io.add_argument("--threads", type=int, help="threads of the threads engine")
+    io.add_argument("--json", metavar="PATH", help="write one JSON record per cell")
+    io.add_argument("--plot", metavar="PATH", help="write a PNG of bandwidth vs tensor size")
+    io.add_argument("--no-progress", action="store_true", help="no progress bar")
+    io.set_defaults(func=cmd_bench_io)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
