@@ -1,20 +1,15 @@
 """The measured device ceiling: run one fio job and report what it achieved.
 
-llmtier's own transfer numbers only mean something next to what the storage
-device can do at all.  This module runs a single `fio <https://fio.readthedocs.io>`_
-job against a file with the same block size and queue depth the engine uses
-and turns fio's JSON report into a small :class:`FioResult`.
-
-Nothing here needs fio at import time; :func:`fio_available` says whether the
-binary is present, and :func:`run_fio` raises :class:`FioNotFoundError` if not.
+llmtier's transfer numbers mean something only next to what the device can
+do at all.  :func:`run_fio` runs one `fio <https://fio.readthedocs.io>`_ job
+with the engine's block size and queue depth and turns fio's JSON report into
+a :class:`FioResult`.  fio is not needed at import time.
 
 CPU accounting: fio's per-job ``usr_cpu``/``sys_cpu`` are percentages of the
-job's own runtime (``job_runtime``, milliseconds), computed from the job
-process's ``getrusage`` deltas.  ``usr_s = usr_cpu / 100 * job_runtime / 1000``
-therefore recovers the CPU seconds the I/O-issuing process spent; it excludes
-fio's parent/reporting process (which `time fio ...` would also count) and
-kernel work done outside the job's context (e.g. block-layer completions
-handled in interrupt context on another CPU).
+job's ``job_runtime`` (ms), from the job process's ``getrusage``; so
+``usr_s = usr_cpu / 100 * job_runtime / 1000``.  Checked against ``time fio``:
+it matches less the parent process's start-up and reporting (~0.2 s), and
+excludes kernel work done outside the job's context (e.g. interrupts).
 """
 
 from __future__ import annotations
@@ -25,13 +20,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-__all__ = [
-    "FioError",
-    "FioNotFoundError",
-    "FioResult",
-    "fio_available",
-    "run_fio",
-]
+from ..errors import LLMTierError, NotFoundError
+
+__all__ = ["FioError", "FioNotFoundError", "FioResult", "fio_available", "run_fio"]
 
 _OPS: dict[str, str] = {
     "read": "read",
@@ -44,7 +35,7 @@ _INSTALL_HINT = "install it with `apt-get install fio` to measure the device cei
 _GIB = 2**30
 
 
-class FioError(RuntimeError):
+class FioError(LLMTierError, RuntimeError):
     """fio could not be run or reported a failure.
 
     Attributes:
@@ -135,6 +126,8 @@ def _build_command(
     ioengine: str,
     runtime_s: float | None,
     offset: int,
+    number_ios: int | None,
+    fresh: bool,
 ) -> list[str]:
     """Assemble the fio command line for one job."""
     cmd = [
@@ -160,12 +153,17 @@ def _build_command(
         cmd.append("--norandommap")
     if runtime_s is not None:
         cmd += ["--time_based", f"--runtime={runtime_s:g}s"]
+    if number_ios is not None:
+        cmd.append(f"--number_ios={number_ios}")
+    if fresh:
+        # No fallocate up front: the writes themselves allocate the blocks.
+        cmd.append("--fallocate=none")
     return cmd
 
 
 def _validate(
     path: str, op: str, block_size: int, queue_depth: int, size: int,
-    ioengine: str, runtime_s: float | None, offset: int,
+    ioengine: str, runtime_s: float | None, offset: int, number_ios: int | None, fresh: bool,
 ) -> None:
     """Reject arguments fio would misinterpret; raise ``ValueError``/``FileNotFoundError``."""
     if op not in _OPS:
@@ -181,9 +179,13 @@ def _validate(
         raise ValueError(f"size ({size}) must be at least block_size ({block_size})")
     if runtime_s is not None and not runtime_s > 0:
         raise ValueError(f"runtime_s must be positive or None, got {runtime_s!r}")
+    if number_ios is not None and (isinstance(number_ios, bool) or number_ios <= 0):
+        raise ValueError(f"number_ios must be a positive int or None, got {number_ios!r}")
+    if fresh and (_OPS[op] != "write" or os.path.exists(path)):
+        raise ValueError(f"fresh=True needs a write op on a path that does not exist yet ({path!r})")
     if _OPS[op] == "read":
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"fio read target {path!r} does not exist")
+            raise NotFoundError("fio read target does not exist", path=path)
         have = os.path.getsize(path)
         if have < offset + size:
             raise ValueError(
@@ -241,6 +243,8 @@ def run_fio(
     ioengine: str = "io_uring",
     runtime_s: float | None = None,
     offset: int = 0,
+    number_ios: int | None = None,
+    fresh: bool = False,
 ) -> FioResult:
     """Run one fio job on ``path`` and return what it measured.
 
@@ -260,22 +264,32 @@ def run_fio(
         runtime_s: if set, loop over the region for this many seconds
             (``--time_based --runtime``).
         offset: byte offset of the region in the file.
+        number_ios: if set, stop after this many I/Os (``--number_ios``), e.g.
+            a fixed count of random reads spread over a large ``size``.
+        fresh: a write into a file that does not exist yet, with no
+            preallocation (``--fallocate=none``), so block allocation is part
+            of what is timed.  fio would otherwise ``fallocate`` the new file
+            before the timed phase.
 
     One process (no ``--thread``), one job, ``--invalidate=1``,
     ``--randrepeat=0`` and, for random ops, ``--norandommap``.
 
     Raises:
-        ValueError: bad arguments, or a read target that is too small.
-        FileNotFoundError: a read target that does not exist.
+        ValueError: bad arguments, a read target that is too small, or
+            ``fresh`` with an existing path.
+        NotFoundError: a read target that does not exist (a ``FileNotFoundError``).
         FioNotFoundError: fio is not installed.
         FioError: fio failed; carries the command line and fio's stderr.
     """
-    _validate(path, op, block_size, queue_depth, size, ioengine, runtime_s, offset)
+    _validate(
+        path, op, block_size, queue_depth, size, ioengine, runtime_s, offset, number_ios, fresh
+    )
     fio = shutil.which("fio")
     if fio is None:
         raise FioNotFoundError(f"fio not found on PATH; {_INSTALL_HINT}")
     cmd = _build_command(
-        fio, path, op, block_size, queue_depth, size, direct, ioengine, runtime_s, offset
+        fio, path, op, block_size, queue_depth, size, direct, ioengine, runtime_s, offset,
+        number_ios, fresh,
     )
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -239,7 +239,7 @@ now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* Put piece i into the next SQ slot (published later by do_enter).  There
+/* Put piece i into the next SQ slot (published later by enter()).  There
  * is always room: slots in use are the unsubmitted SQEs, a subset of the
  * in-flight ones, and inflight < depth <= entries whenever we get here. */
 static void
@@ -265,7 +265,34 @@ queue_piece(run_t *c, size_t i)
     }
 }
 
-/* Queue fresh pieces until `depth` SQEs are in flight. */
+/* Publish the queued SQEs (RELEASE: their contents are visible before the
+ * new tail is) and call io_uring_enter.  The kernel may consume fewer SQEs
+ * than offered (it stops at one that fails early); the rest stay queued and
+ * are offered again next time.  Returns 0 or an errno value. */
+static int
+enter(run_t *c, unsigned min_complete, unsigned flags)
+{
+    RingObject *r = c->ring;
+    __atomic_store_n(r->sq_ktail, r->sq_tail, __ATOMIC_RELEASE);
+    long ret = syscall(__NR_io_uring_enter, r->fd, c->unsubmitted,
+                       min_complete, flags, NULL, 0);
+    if (ret < 0)
+        return errno;
+    c->unsubmitted -= (unsigned)ret;
+    return 0;
+}
+
+/* Queue fresh pieces until `depth` SQEs are in flight.
+ *
+ * A big refill is not handed over in one piece: the block layer holds a
+ * multi-SQE submission back until all of it is prepared, so a device with
+ * nothing left to do would sit idle meanwhile.  Whenever the queued backlog
+ * reaches what the kernel already holds (at least 1), it is submitted at once
+ * without waiting; sub-batches thus grow 1, 1, 2, 4, ... while the device
+ * works on the earlier ones.  In steady state (a few completions per wakeup
+ * against a deep queue) the refill still goes out in one call.  Errors of
+ * these early calls are left to the next enter() in run_loop, which offers
+ * the same SQEs again. */
 static void
 fill_sq(run_t *c)
 {
@@ -274,6 +301,10 @@ fill_sq(run_t *c)
     while (c->inflight < c->depth && c->next < c->npieces) {
         size_t i = c->next++;
         queue_piece(c, i);
+        unsigned held = c->inflight - c->unsubmitted;
+        int more = c->inflight < c->depth && c->next < c->npieces;
+        if (more && c->unsubmitted >= (held > 0 ? held : 1))
+            (void)enter(c, 0, 0);
     }
 }
 
@@ -362,23 +393,6 @@ reap(run_t *c)
     return n;
 }
 
-/* Publish queued SQEs, submit them and wait for at least one completion.
- * Returns 0 or an errno value. */
-static int
-do_enter(run_t *c)
-{
-    RingObject *r = c->ring;
-    __atomic_store_n(r->sq_ktail, r->sq_tail, __ATOMIC_RELEASE);
-    long ret = syscall(__NR_io_uring_enter, r->fd, c->unsubmitted, 1,
-                       IORING_ENTER_GETEVENTS, NULL, 0);
-    if (ret < 0)
-        return errno;
-    /* The kernel may consume fewer SQEs than offered (it stops at one that
-     * fails early); the rest stay queued and are offered again next time. */
-    c->unsubmitted -= (unsigned)ret;
-    return 0;
-}
-
 /* After a hard enter error, take back SQEs the kernel never consumed (safe:
  * without SQPOLL the kernel reads the SQ tail only inside io_uring_enter,
  * and we hold the mutex), so nothing stale is left for a later run(). */
@@ -402,7 +416,7 @@ run_loop(run_t *c)
 
     while (c->inflight > 0 || (!c->stopping && c->next < c->npieces)) {
         fill_sq(c);
-        int err = do_enter(c);
+        int err = enter(c, 1, IORING_ENTER_GETEVENTS);
         if (err == 0 || err == EINTR) {
             reap(c);
         } else if (err == EAGAIN || err == EBUSY) {
