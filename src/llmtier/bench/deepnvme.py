@@ -230,8 +230,8 @@ class DeepNVMe:
             ) from exc
         align = _logical_block_size(path)
         file_size = os.path.getsize(path)
-        tensors = []
-        for buf, offset in zip(bufs, offsets):
+        tensors: list[tuple[Any, int]] = []
+        for buf, offset in zip(bufs, offsets, strict=True):
             t = self._as_tensor(buf, writable=is_read)
             nbytes = int(t.nbytes)
             if nbytes == 0:

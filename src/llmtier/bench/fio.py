@@ -149,6 +149,9 @@ def _build_command(
     if _OPS[op] == "read":
         # Never let fio lay out (write) a missing file for a read job.
         cmd.append("--allow_file_create=0")
+    else:
+        # Finish with fsync, as llmtier's write timings do.
+        cmd.append("--end_fsync=1")
     if op.startswith("rand"):
         cmd.append("--norandommap")
     if runtime_s is not None:

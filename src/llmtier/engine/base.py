@@ -21,12 +21,13 @@ from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 from ..errors import ClosedError, IOFailure, PermissionDeniedError, ShortReadError, io_failure
-from .buffers import as_bytes_view
+from .buffers import view_and_address
 from .plan import READ, WRITE, Op, Plan, plan_request
 from .settings import Settings
 
 _MODES = {"r": os.O_RDONLY, "w": os.O_RDWR | os.O_CREAT | os.O_TRUNC, "r+": os.O_RDWR}
 _STOP = object()
+_GROUP = 1024  # operations planned before the first group is handed to the backend
 
 
 class IORequest(NamedTuple):
@@ -58,7 +59,12 @@ Observer = Callable[[list[IOEvent]], None]
 
 
 class _Batch:
-    """Completion bookkeeping for one ``submit`` call."""
+    """Completion bookkeeping for one ``submit`` call.
+
+    ``pending`` counts operations not yet completed plus one guard held by
+    the submitter while it is still enqueueing, so a batch cannot finish
+    before all of it has been submitted.
+    """
 
     __slots__ = ("plans", "future", "pending", "lock", "single")
 
@@ -66,9 +72,17 @@ class _Batch:
         self.plans = plans
         self.future: Future = Future()
         self.future.set_running_or_notify_cancel()
-        self.pending = 0
+        self.pending = 1
         self.lock = threading.Lock()
         self.single = single
+
+    def done(self, n: int) -> None:
+        """``n`` operations (or the guard) completed; finish when none remain."""
+        with self.lock:
+            self.pending -= n
+            last = self.pending == 0
+        if last:
+            self.finish()
 
     def finish(self) -> None:
         """Resolve every plan and complete the future (first error wins)."""
@@ -321,9 +335,9 @@ class Engine:
 
     def _submit(self, items: Iterable[tuple], *, single: bool, exact: bool = True) -> Future:
         self._check_open()
-        s = self.settings
-        chunk = s.chunk_size if self._split else None
-        plans = []
+        # Pass 1: validate everything before any I/O starts, so a bad request
+        # raises here and nothing of the batch is in flight.
+        checked = []
         for file, kind, buf, offset, tag in items:
             if file.engine is not self:
                 raise ValueError(f"{file!r} belongs to another engine")
@@ -333,41 +347,59 @@ class Engine:
                                             path=file.path, offset=offset, size=None)
             if offset < 0:
                 raise ValueError(f"offset must be >= 0, got {offset}")
-            view = as_bytes_view(buf, writable=kind == READ)
-            plans.append(plan_request(kind, file, view, offset, tag, direct_fd=file._direct_fd,
-                                      buffered_fd=file._fd, align=s.alignment, chunk=chunk, exact=exact))
+            view, addr = view_and_address(buf, writable=kind == READ)
+            checked.append((file, kind, view, addr, offset, tag))
+        # Pass 2: plan and enqueue in groups, so the backend starts on the
+        # first group while later ones are still being planned.
+        s = self.settings
+        chunk = s.chunk_size if self._split else None
+        plans: list[Plan] = []
         batch = _Batch(plans, single)
-        ops = [op for plan in plans for op in plan.ops]
-        if not ops:
-            batch.finish()
-            return batch.future
-        batch.pending = len(ops)
-        for plan in plans:
-            plan.file._track(len(plan.ops))
+        group: list[Op] = []
+        for file, kind, view, addr, offset, tag in checked:
+            plan = plan_request(kind, file, view, addr, offset, tag, direct_fd=file._direct_fd,
+                                buffered_fd=file._fd, align=s.alignment, chunk=chunk, exact=exact)
+            plans.append(plan)
+            group.extend(plan.ops)
+            if len(group) >= _GROUP:
+                self._enqueue(batch, group)
+                group = []
+        if group:
+            self._enqueue(batch, group)
+        batch.done(1)  # release the submitter's guard
+        return batch.future
+
+    def _enqueue(self, batch: _Batch, ops: list[Op]) -> None:
+        with batch.lock:
+            batch.pending += len(ops)
+        _count_per_file(ops, +1)
         for op in ops:
             op.batch = batch
-            self._queue.put(op)
-        return batch.future
+        if self._take_all:
+            self._queue.put(ops)
+        else:
+            for op in ops:
+                self._queue.put((op,))
 
     def _work(self) -> None:
         """Worker loop: take operations, execute them, complete their batches."""
         get = self._queue.get
         while True:
-            first = get()
-            if first is _STOP:
+            item = get()
+            if item is _STOP:
                 return
-            ops = [first]
+            ops = list(item)
             stop = False
             if self._take_all:
                 while True:
                     try:
-                        nxt = self._queue.get_nowait()
+                        item = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                    if nxt is _STOP:
+                    if item is _STOP:
                         stop = True
                         break
-                    ops.append(nxt)
+                    ops.extend(item)
             observers = self._observers
             events = None
             try:
@@ -381,15 +413,11 @@ class Engine:
             if stop:
                 return
 
-    def _complete(self, ops: list[Op]) -> None:
-        for op in ops:
-            batch = op.batch
-            with batch.lock:
-                batch.pending -= 1
-                done = batch.pending == 0
-            op.file._track(-1)
-            if done:
-                batch.finish()
+    @staticmethod
+    def _complete(ops: list[Op]) -> None:
+        _count_per_file(ops, -1)
+        for batch, n in _tally(op.batch for op in ops):
+            batch.done(n)
 
     def _event(self, op: Op, offset: int | None = None, size: int | None = None, t_submit: int | None = None,
                t_complete: int | None = None, res: int | None = None, qd: int | None = None) -> IOEvent:
@@ -408,6 +436,24 @@ class Engine:
                 import logging  # noqa: PLC0415
 
                 logging.getLogger("llmtier.engine").exception("engine observer %r failed", obs)
+
+
+def _tally(objs: Iterable[Any]) -> list[tuple[Any, int]]:
+    """Distinct objects (by identity) with how often each occurs, in first-seen order."""
+    seen: dict[int, list] = {}
+    for obj in objs:
+        entry = seen.get(id(obj))
+        if entry is None:
+            seen[id(obj)] = [obj, 1]
+        else:
+            entry[1] += 1
+    return [(obj, n) for obj, n in seen.values()]
+
+
+def _count_per_file(ops: list[Op], sign: int) -> None:
+    """Adjust each file's count of operations in flight (one lock per file)."""
+    for file, n in _tally(op.file for op in ops):
+        file._track(sign * n)
 
 
 def _zip(file: File, kind: int, bufs: Sequence[Any], offsets: Sequence[int], tags: Sequence[Any] | None) -> list[tuple]:

@@ -44,13 +44,6 @@ def round_down(n: int, align: int) -> int:
     return n - n % align
 
 
-def address(view: memoryview) -> int:
-    """Address of the first byte of a contiguous buffer."""
-    if view.nbytes == 0:
-        return 0
-    return np.frombuffer(view, dtype=np.uint8).ctypes.data
-
-
 def as_bytes_view(buf: Any, *, writable: bool) -> memoryview:
     """A flat, C-contiguous ``uint8`` memoryview of ``buf`` without copying.
 
@@ -59,6 +52,19 @@ def as_bytes_view(buf: Any, *, writable: bool) -> memoryview:
     ``TypeError`` for non-contiguous data or GPU tensors, and for read-only
     data when ``writable`` is requested.
     """
+    return view_and_address(buf, writable=writable)[0]
+
+
+def view_and_address(buf: Any, *, writable: bool) -> tuple[memoryview, int]:
+    """Like :func:`as_bytes_view`, also returning the address of the first byte.
+
+    Flat ``uint8`` numpy arrays (what :func:`alloc` returns, and slices of it)
+    take a fast path: this runs once per request on the submit hot path.
+    """
+    if type(buf) is np.ndarray and buf.dtype == np.uint8 and buf.ndim == 1 and buf.flags.c_contiguous:
+        if writable and not buf.flags.writeable:
+            raise TypeError("buffer is read-only; a read needs a writable buffer")
+        return memoryview(buf), buf.__array_interface__["data"][0]
     if type(buf).__module__.startswith("torch"):
         buf = _torch_to_numpy(buf)
     try:
@@ -69,9 +75,11 @@ def as_bytes_view(buf: Any, *, writable: bool) -> memoryview:
         raise TypeError("buffer must be C-contiguous")
     if writable and view.readonly:
         raise TypeError("buffer is read-only; a read needs a writable buffer")
+    if view.nbytes == 0:
+        return memoryview(bytearray()), 0
     if view.format != "B" or view.ndim != 1:
-        view = view.cast("B") if view.nbytes else memoryview(b"" if view.readonly else bytearray())
-    return view
+        view = view.cast("B")
+    return view, np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
 
 
 def _torch_to_numpy(t: Any) -> np.ndarray:

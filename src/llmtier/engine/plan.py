@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .buffers import address, alloc, round_down, round_up
+from .buffers import alloc, round_down, round_up
 
 READ = 0
 WRITE = 1
@@ -56,22 +56,18 @@ class Op:
         self.qd = 0
 
 
-class _Segment:
-    """A run of ops covering one contiguous stretch of the user's buffer."""
-
-    __slots__ = ("ops", "user_len", "bounce", "skip")
-
-    def __init__(self, user_len: int, bounce: np.ndarray | None = None, skip: int = 0) -> None:
-        self.ops: list[Op] = []
-        self.user_len = user_len
-        self.bounce = bounce  # data lands here first, then ``skip`` bytes in is copied out
-        self.skip = skip
-
-
 class Plan:
-    """How one user request is carried out, and how its result is computed."""
+    """How one user request is carried out, and how its result is computed.
 
-    __slots__ = ("kind", "file", "view", "offset", "tag", "segments", "exact")
+    ``ops`` are the kernel-level operations in buffer order.  ``segments`` is
+    None when they form one plain run over the user's buffer (the common,
+    aligned case: no extra objects); otherwise a list of
+    ``(n_ops, user_len, bounce, skip)``: the next ``n_ops`` ops cover
+    ``user_len`` bytes of the user's buffer, landing first in ``bounce`` (if
+    not None) from which the bytes ``skip`` in are copied out.
+    """
+
+    __slots__ = ("kind", "file", "view", "offset", "tag", "exact", "ops", "segments")
 
     def __init__(self, kind: int, file: Any, view: memoryview, offset: int, tag: Any, exact: bool) -> None:
         self.kind = kind
@@ -80,47 +76,68 @@ class Plan:
         self.offset = offset
         self.tag = tag
         self.exact = exact
-        self.segments: list[_Segment] = []
+        self.ops: list[Op] = []
+        self.segments: list[tuple[int, int, np.ndarray | None, int]] | None = None
 
-    @property
-    def ops(self) -> list[Op]:
-        return [op for seg in self.segments for op in seg.ops]
+    def _add(self, fd: int, view: memoryview, offset: int, chunk: int | None,
+             user_len: int | None = None, bounce: np.ndarray | None = None, skip: int = 0) -> None:
+        """Append ops for ``view`` at ``offset``, split in ``chunk`` pieces if given.
 
-    def _add(self, seg: _Segment, fd: int, view: memoryview, offset: int, chunk: int | None) -> None:
-        """Append ops for ``view`` at ``offset``, split in ``chunk`` pieces if given."""
+        ``user_len`` given: record a segment (needed once a request has more
+        than one run, or a bounce buffer).
+        """
         n = view.nbytes
         step = chunk or n
-        for start in range(0, n, step):
-            seg.ops.append(Op(self.kind, fd, view[start : start + step], offset + start, self.file, self.tag, self))
-        self.segments.append(seg)
+        before = len(self.ops)
+        if step >= n:
+            self.ops.append(Op(self.kind, fd, view, offset, self.file, self.tag, self))
+        else:
+            for start in range(0, n, step):
+                self.ops.append(Op(self.kind, fd, view[start : start + step], offset + start, self.file, self.tag, self))
+        if user_len is not None:
+            if self.segments is None:
+                self.segments = []
+            self.segments.append((len(self.ops) - before, user_len, bounce, skip))
 
     def resolve(self) -> int:
-        """Bytes the user got (reads: copied into their buffer). ``-errno`` on failure."""
-        count = 0
-        for seg in self.segments:
-            got = 0
-            for op in seg.ops:
-                if op.res < 0:
-                    return op.res
-                got += op.res
-                if op.res < op.view.nbytes:
-                    break
-            if seg.bounce is not None:
-                avail = max(0, min(seg.user_len, got - seg.skip))
-                if avail:
-                    self.view[count : count + avail] = seg.bounce[seg.skip : seg.skip + avail].data
-                got = avail
+        """Bytes the user got (reads: copied into their buffer), or ``-errno``."""
+        if self.segments is None:
+            return _prefix(self.ops, 0, len(self.ops))
+        count = first = 0
+        for n_ops, user_len, bounce, skip in self.segments:
+            got = _prefix(self.ops, first, first + n_ops)
+            first += n_ops
+            if got < 0:
+                return got
+            if bounce is not None:
+                got = max(0, min(user_len, got - skip))
+                if got:
+                    self.view[count : count + got] = bounce[skip : skip + got].data
             count += got
-            if got < seg.user_len:
+            if got < user_len:
                 break
         return count
 
 
+def _prefix(ops: list[Op], first: int, end: int) -> int:
+    """Bytes of the contiguous prefix moved by ``ops[first:end]``; ``-errno`` on failure."""
+    got = 0
+    for k in range(first, end):
+        op = ops[k]
+        if op.res < 0:
+            return op.res
+        got += op.res
+        if op.res < op.view.nbytes:
+            break
+    return got
+
+
 def plan_request(
-    kind: int, file: Any, view: memoryview, offset: int, tag: Any, *, direct_fd: int | None,
+    kind: int, file: Any, view: memoryview, addr: int, offset: int, tag: Any, *, direct_fd: int | None,
     buffered_fd: int, align: int, chunk: int | None, exact: bool = True,
 ) -> Plan:
-    """Plan one request.  ``direct_fd`` is None when the file is not opened ``O_DIRECT``.
+    """Plan one request.  ``addr`` is the buffer's address; ``direct_fd`` is
+    None when the file is not opened ``O_DIRECT``.
 
     ``chunk`` splits large direct transfers into pieces (None: leave whole,
     for backends that split themselves).
@@ -130,46 +147,44 @@ def plan_request(
     if n == 0:
         return plan
     if direct_fd is None:
-        plan._add(_Segment(n), buffered_fd, view, offset, chunk)
-        return plan
-    addr_ok = address(view) % align == 0
-    if kind == READ:
-        _plan_read(plan, view, offset, direct_fd, align, chunk, addr_ok)
+        plan._add(buffered_fd, view, offset, chunk)
+    elif addr % align == 0 and offset % align == 0 and n % align == 0:
+        plan._add(direct_fd, view, offset, chunk)  # the common case: straight in or out
+    elif kind == READ:
+        _plan_read(plan, view, addr, offset, direct_fd, align, chunk)
     else:
-        _plan_write(plan, view, offset, direct_fd, buffered_fd, align, chunk, addr_ok)
+        _plan_write(plan, view, addr, offset, direct_fd, buffered_fd, align, chunk)
     return plan
 
 
-def _plan_read(plan: Plan, view: memoryview, offset: int, fd: int, align: int, chunk: int | None, addr_ok: bool) -> None:
+def _plan_read(plan: Plan, view: memoryview, addr: int, offset: int, fd: int, align: int, chunk: int | None) -> None:
     n = view.nbytes
-    if addr_ok and offset % align == 0:
+    if addr % align == 0 and offset % align == 0:
         body = round_down(n, align)
         if body:
-            plan._add(_Segment(body), fd, view[:body], offset, chunk)
-        if body < n:
-            bounce = alloc(align)
-            plan._add(_Segment(n - body, bounce, 0), fd, memoryview(bounce), offset + body, None)
+            plan._add(fd, view[:body], offset, chunk, user_len=body)
+        bounce = alloc(align)
+        plan._add(fd, memoryview(bounce), offset + body, None, user_len=n - body, bounce=bounce)
         return
     start = round_down(offset, align)
     end = round_up(offset + n, align)
     bounce = alloc(end - start)
-    plan._add(_Segment(n, bounce, offset - start), fd, memoryview(bounce), start, chunk)
+    plan._add(fd, memoryview(bounce), start, chunk, user_len=n, bounce=bounce, skip=offset - start)
 
 
-def _plan_write(
-    plan: Plan, view: memoryview, offset: int, direct_fd: int, buffered_fd: int, align: int, chunk: int | None, addr_ok: bool
-) -> None:
+def _plan_write(plan: Plan, view: memoryview, addr: int, offset: int, direct_fd: int, buffered_fd: int,
+                align: int, chunk: int | None) -> None:
     n = view.nbytes
     if offset % align:
-        plan._add(_Segment(n), buffered_fd, view, offset, chunk)
+        plan._add(buffered_fd, view, offset, chunk)
         return
     body = round_down(n, align)
     if body:
         src = view[:body]
-        if not addr_ok:
+        if addr % align:
             bounce = alloc(body)
             bounce[:] = np.frombuffer(src, dtype=np.uint8)
             src = memoryview(bounce)
-        plan._add(_Segment(body), direct_fd, src, offset, chunk)
+        plan._add(direct_fd, src, offset, chunk, user_len=body)
     if body < n:
-        plan._add(_Segment(n - body), buffered_fd, view[body:], offset + body, None)
+        plan._add(buffered_fd, view[body:], offset + body, None, user_len=n - body)
