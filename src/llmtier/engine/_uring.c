@@ -7,7 +7,8 @@
  *
  * Ring.run() takes a batch of (op, fd, buf, offset) requests, splits each into
  * chunk-sized pieces and keeps up to `depth` of them in flight, refilling the
- * submission queue as completions arrive.  The whole submit/complete loop runs
+ * submission queue as completions arrive (see fill_sq for how a large refill
+ * is split so the device never waits for the whole batch).  The loop runs
  * with the GIL released and with the ring's mutex held, so run() and close()
  * calls from different threads serialize on the ring.
  *
@@ -55,7 +56,7 @@
 typedef struct {
     PyObject_HEAD
     int fd;                      /* ring fd, -1 when closed */
-    int closed;                  /* written only with the mutex held */
+    int closed;                  /* written with both the mutex and the GIL */
     unsigned entries;            /* actual SQ size chosen by the kernel */
     pthread_mutex_t lock;        /* serializes run() and close() */
     void *sq_map, *cq_map;       /* cq_map == sq_map with FEAT_SINGLE_MMAP */
@@ -575,8 +576,10 @@ build_events(const run_t *c)
 static int
 alloc_record(run_t *c)
 {
-    c->stamps = malloc((c->npieces ? c->npieces : 1) * sizeof *c->stamps);
     c->cap = c->npieces + 16;
+    if (c->cap > SIZE_MAX / sizeof *c->events)
+        return -1;
+    c->stamps = malloc((c->npieces ? c->npieces : 1) * sizeof *c->stamps);
     c->events = malloc(c->cap * sizeof *c->events);
     return (c->stamps == NULL || c->events == NULL) ? -1 : 0;
 }
@@ -597,14 +600,16 @@ run_locked(RingObject *self, run_t *c)
 }
 
 PyDoc_STRVAR(Ring_run_doc,
-"run(requests, chunk_size, depth, record=False) -> (results, events)\n\n"
-"Perform a batch of I/O requests, each a tuple (op, fd, buf, offset) with\n"
-"op 0 = read into buf, 1 = write from buf; the length is len(buf) in bytes.\n"
+"run($self, /, requests, chunk_size, depth, record=False)\n--\n\n"
+"Perform a batch of I/O requests and return (results, events).  Each\n"
+"request is a tuple (op, fd, buf, offset): op 0 = read into buf, 1 = write\n"
+"from buf; the length is the buffer's size in bytes.\n"
 "Requests are split into pieces of at most chunk_size bytes and at most\n"
 "depth SQEs are kept in flight.  Short transfers, EINTR and EAGAIN are\n"
 "resubmitted; a read returning 0 ends the request at EOF.\n\n"
 "results[i] is -errno if any piece of request i failed, else the number of\n"
-"bytes transferred before the first short piece.  events is None unless\n"
+"bytes transferred, counted up to the first piece that ended short (EOF).\n"
+"events is None unless\n"
 "record is true; then it is a list of (req_index, file_offset, nbytes,\n"
 "submit_ns, complete_ns, res, inflight_at_submit), one per completed SQE,\n"
 "with CLOCK_MONOTONIC times.  Raises OSError if io_uring_enter fails.");
@@ -638,8 +643,8 @@ Ring_run(RingObject *self, PyObject *args, PyObject *kw)
     if ((seq = PySequence_Fast(reqs_obj, "requests must be a sequence")) == NULL)
         return NULL;
     nreq = PySequence_Fast_GET_SIZE(seq);
-    rq = malloc((nreq ? nreq : 1) * sizeof *rq);
-    views = malloc((nreq ? nreq : 1) * sizeof *views);
+    rq = malloc((size_t)(nreq ? nreq : 1) * sizeof *rq);
+    views = malloc((size_t)(nreq ? nreq : 1) * sizeof *views);
     if (rq == NULL || views == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -740,7 +745,7 @@ Ring_dealloc(RingObject *self)
 }
 
 PyDoc_STRVAR(Ring_close_doc,
-"close() -> None\n\nClose the ring; waits for a run() in another thread to\n"
+"close($self, /)\n--\n\nClose the ring; waits for a run() in another thread to\n"
 "finish first.  Idempotent.");
 
 static PyObject *
@@ -801,7 +806,7 @@ static PyGetSetDef Ring_getset[] = {
 };
 
 PyDoc_STRVAR(Ring_doc,
-"Ring(entries=256)\n\nAn io_uring instance with `entries` submission slots\n"
+"Ring(entries=256)\n--\n\nAn io_uring instance with `entries` submission slots\n"
 "(1..32768, rounded up to a power of two by the kernel).  Usable as a\n"
 "context manager; close() releases it.");
 
@@ -822,7 +827,7 @@ static PyTypeObject RingType = {
 /* ------------------------------------------------------------------------ */
 
 PyDoc_STRVAR(probe_doc,
-"probe() -> None\n\nCreate and destroy a tiny ring; raises OSError if\n"
+"probe($module, /)\n--\n\nCreate and destroy a tiny ring; raises OSError if\n"
 "io_uring_setup fails (ENOSYS: no kernel support; EPERM: disabled by\n"
 "seccomp or the kernel.io_uring_disabled sysctl).");
 
