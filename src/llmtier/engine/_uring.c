@@ -496,12 +496,13 @@ parse_request(PyObject *item, req_t *rq, Py_buffer *view)
 
 /* Split every request into pieces of at most `chunk` bytes. */
 static piece_t *
-split_pieces(const req_t *rq, const Py_buffer *views, Py_ssize_t nreq,
-             size_t chunk, size_t *npieces)
+split_pieces(const req_t *rq, const Py_buffer *views, const char *bad,
+             Py_ssize_t nreq, size_t chunk, size_t *npieces)
 {
     size_t n = 0;
     for (Py_ssize_t r = 0; r < nreq; r++)
-        n += ((size_t)views[r].len + chunk - 1) / chunk;
+        if (!bad[r])
+            n += ((size_t)views[r].len + chunk - 1) / chunk;
     if (n > SIZE_MAX / sizeof(piece_t))
         return NULL;
     piece_t *pc = malloc(n ? n * sizeof *pc : 1);
@@ -509,7 +510,7 @@ split_pieces(const req_t *rq, const Py_buffer *views, Py_ssize_t nreq,
         return NULL;
     size_t k = 0;
     for (Py_ssize_t r = 0; r < nreq; r++) {
-        size_t len = (size_t)views[r].len;
+        size_t len = bad[r] ? 0 : (size_t)views[r].len;  /* bad: no pieces */
         for (size_t pos = 0; pos < len; pos += chunk, k++) {
             piece_t *p = &pc[k];
             p->buf = (char *)views[r].buf + pos;
@@ -527,10 +528,11 @@ split_pieces(const req_t *rq, const Py_buffer *views, Py_ssize_t nreq,
     return pc;
 }
 
-/* Per request: -errno of its first failed piece, else the byte count of
- * the prefix up to and including the first piece that ended short. */
+/* Per request: -EINVAL if its buffer was misaligned (never submitted),
+ * -errno of its first failed piece, else the byte count of the prefix up to
+ * and including the first piece that ended short. */
 static PyObject *
-build_results(const piece_t *pc, size_t np, Py_ssize_t nreq)
+build_results(const piece_t *pc, size_t np, const char *bad, Py_ssize_t nreq)
 {
     PyObject *list = PyList_New(nreq);
     size_t i = 0;
@@ -545,6 +547,8 @@ build_results(const piece_t *pc, size_t np, Py_ssize_t nreq)
                 stopped = pc[i].eof;
             }
         }
+        if (bad[r])
+            err = -EINVAL;
         PyObject *v = PyLong_FromLongLong(err ? err : total);
         if (v == NULL)
             Py_CLEAR(list);
@@ -600,7 +604,7 @@ run_locked(RingObject *self, run_t *c)
 }
 
 PyDoc_STRVAR(Ring_run_doc,
-"run($self, /, requests, chunk_size, depth, record=False)\n--\n\n"
+"run($self, /, requests, chunk_size, depth, record=False, align=0)\n--\n\n"
 "Perform a batch of I/O requests and return (results, events).  Each\n"
 "request is a tuple (op, fd, buf, offset): op 0 = read into buf, 1 = write\n"
 "from buf; the length is the buffer's size in bytes.\n"
@@ -612,24 +616,33 @@ PyDoc_STRVAR(Ring_run_doc,
 "events is None unless\n"
 "record is true; then it is a list of (req_index, file_offset, nbytes,\n"
 "submit_ns, complete_ns, res, inflight_at_submit), one per completed SQE,\n"
-"with CLOCK_MONOTONIC times.  Raises OSError if io_uring_enter fails.");
+"with CLOCK_MONOTONIC times.  With align > 1, a request whose buffer\n"
+"address is not a multiple of align is not submitted; its result is\n"
+"-EINVAL.  Raises OSError if io_uring_enter fails.");
 
 static PyObject *
 Ring_run(RingObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"requests", "chunk_size", "depth", "record", NULL};
+    static char *kwlist[] = {"requests", "chunk_size", "depth", "record",
+                             "align", NULL};
     PyObject *reqs_obj, *seq = NULL, *results = NULL, *events = NULL;
     PyObject *ret = NULL;
-    Py_ssize_t chunk, depth, nreq = 0, nviews = 0;
+    Py_ssize_t chunk, depth, nreq = 0, nviews = 0, align = 0;
     int record = 0;
     req_t *rq = NULL;
+    char *bad = NULL;
     Py_buffer *views = NULL;
     run_t c;
 
     memset(&c, 0, sizeof c);
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Onn|p:run", kwlist,
-                                     &reqs_obj, &chunk, &depth, &record))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Onn|pn:run", kwlist,
+                                     &reqs_obj, &chunk, &depth, &record,
+                                     &align))
         return NULL;
+    if (align < 0) {
+        PyErr_SetString(PyExc_ValueError, "align must be >= 0");
+        return NULL;
+    }
     if (self->closed)
         return raise_closed();
     if (chunk <= 0) {
@@ -645,7 +658,8 @@ Ring_run(RingObject *self, PyObject *args, PyObject *kw)
     nreq = PySequence_Fast_GET_SIZE(seq);
     rq = malloc((size_t)(nreq ? nreq : 1) * sizeof *rq);
     views = malloc((size_t)(nreq ? nreq : 1) * sizeof *views);
-    if (rq == NULL || views == NULL) {
+    bad = calloc((size_t)(nreq ? nreq : 1), 1);
+    if (rq == NULL || views == NULL || bad == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -655,9 +669,15 @@ Ring_run(RingObject *self, PyObject *args, PyObject *kw)
         if (parse_request(item, &rq[nviews], &views[nviews]) < 0)
             goto done;
     }
+    /* With `align`, a buffer whose address is not a multiple of it is not
+     * submitted (O_DIRECT would fail it anyway): its result is -EINVAL and
+     * the caller takes a slower, bounce-buffer path for it. */
+    if (align > 1)
+        for (Py_ssize_t r = 0; r < nreq; r++)
+            bad[r] = ((uintptr_t)views[r].buf % (uintptr_t)align) != 0;
     c.ring = self;
     c.depth = (unsigned)depth;
-    c.pieces = split_pieces(rq, views, nreq,
+    c.pieces = split_pieces(rq, views, bad, nreq,
                             (size_t)chunk < MAX_PIECE ? (size_t)chunk : MAX_PIECE,
                             &c.npieces);
     if (c.pieces == NULL || (record && alloc_record(&c) < 0)) {
@@ -676,7 +696,7 @@ Ring_run(RingObject *self, PyObject *args, PyObject *kw)
         PyErr_NoMemory();
         goto done;
     }
-    if ((results = build_results(c.pieces, c.npieces, nreq)) == NULL)
+    if ((results = build_results(c.pieces, c.npieces, bad, nreq)) == NULL)
         goto done;
     if (record)
         events = build_events(&c);
@@ -689,6 +709,7 @@ done:
     for (Py_ssize_t i = 0; i < nviews; i++)
         PyBuffer_Release(&views[i]);
     free(views);
+    free(bad);
     free(rq);
     free(c.pieces);
     free(c.stamps);

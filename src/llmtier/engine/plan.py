@@ -37,11 +37,16 @@ WRITE = 1
 
 
 class Op:
-    """One kernel-level transfer: ``fd``, direction, buffer view, offset."""
+    """One kernel-level transfer: ``fd``, direction, buffer, offset.
+
+    ``view`` is a memoryview, or (the submit fast path for aligned direct
+    requests) the caller's numpy array itself; then ``plan`` is None until a
+    misaligned buffer address sends it through :func:`plan_request`.
+    """
 
     __slots__ = ("kind", "fd", "view", "offset", "file", "tag", "res", "plan", "batch", "t_submit", "t_complete", "qd")
 
-    def __init__(self, kind: int, fd: int, view: memoryview, offset: int, file: Any, tag: Any, plan: Plan) -> None:
+    def __init__(self, kind: int, fd: int, view: Any, offset: int, file: Any, tag: Any, plan: Plan | None) -> None:
         self.kind = kind
         self.fd = fd
         self.view = view
@@ -67,15 +72,14 @@ class Plan:
     not None) from which the bytes ``skip`` in are copied out.
     """
 
-    __slots__ = ("kind", "file", "view", "offset", "tag", "exact", "ops", "segments")
+    __slots__ = ("kind", "file", "view", "offset", "tag", "ops", "segments")
 
-    def __init__(self, kind: int, file: Any, view: memoryview, offset: int, tag: Any, exact: bool) -> None:
+    def __init__(self, kind: int, file: Any, view: memoryview, offset: int, tag: Any) -> None:
         self.kind = kind
         self.file = file
         self.view = view
         self.offset = offset
         self.tag = tag
-        self.exact = exact
         self.ops: list[Op] = []
         self.segments: list[tuple[int, int, np.ndarray | None, int]] | None = None
 
@@ -134,7 +138,7 @@ def _prefix(ops: list[Op], first: int, end: int) -> int:
 
 def plan_request(
     kind: int, file: Any, view: memoryview, addr: int, offset: int, tag: Any, *, direct_fd: int | None,
-    buffered_fd: int, align: int, chunk: int | None, exact: bool = True,
+    buffered_fd: int, align: int, chunk: int | None,
 ) -> Plan:
     """Plan one request.  ``addr`` is the buffer's address; ``direct_fd`` is
     None when the file is not opened ``O_DIRECT``.
@@ -142,7 +146,7 @@ def plan_request(
     ``chunk`` splits large direct transfers into pieces (None: leave whole,
     for backends that split themselves).
     """
-    plan = Plan(kind, file, view, offset, tag, exact)
+    plan = Plan(kind, file, view, offset, tag)
     n = view.nbytes
     if n == 0:
         return plan

@@ -24,8 +24,10 @@ def transfer(op: Op) -> int:
     view, offset, done, n = op.view, op.offset, 0, op.view.nbytes
     call = os.preadv if op.kind == READ else os.pwritev
     while done < n:
+        if done and not isinstance(view, memoryview):
+            view = memoryview(view).cast("B")  # a numpy array: slice by bytes from here on
         try:
-            got = call(op.fd, [view[done:]], offset + done)
+            got = call(op.fd, [view[done:] if done else view], offset + done)
         except InterruptedError:
             continue
         except OSError as exc:

@@ -55,9 +55,21 @@ class UringEngine(Engine):
         super().__init__(*args, **kwargs)
 
     def _execute(self, ops: list[Op], record: bool) -> list[IOEvent] | None:
-        reqs = [(op.kind, op.fd, op.view, op.offset) for op in ops]
+        # Fast-path ops (plan None) have not had their buffer address checked:
+        # the ring does that (align).  Planned ops were checked in Python and
+        # may target the buffered descriptor, where any address is fine.
+        fast = [op for op in ops if op.plan is None]
+        if len(fast) == len(ops) or not fast:
+            return self._ring_run(ops, record, self.settings.alignment if fast else 0)
+        planned = [op for op in ops if op.plan is not None]
+        events = self._ring_run(fast, record, self.settings.alignment)
+        more = self._ring_run(planned, record, 0)
+        return events + more if record else None  # type: ignore[operator]
+
+    def _ring_run(self, ops: list[Op], record: bool, align: int) -> list[IOEvent] | None:
         s = self.settings
-        results, events = self._ring.run(reqs, s.chunk_size, min(s.queue_depth, self._ring.entries), record)
+        reqs = [(op.kind, op.fd, op.view, op.offset) for op in ops]
+        results, events = self._ring.run(reqs, s.chunk_size, min(s.queue_depth, self._ring.entries), record, align)
         for op, res in zip(ops, results):
             op.res = res
         if not record:
