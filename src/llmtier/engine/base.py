@@ -17,18 +17,19 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import ClosedError, IOFailure, PermissionDeniedError, ShortReadError, io_failure
-from .buffers import view_and_address
-from .plan import READ, WRITE, Op, Plan, plan_request
+from ..errors import ClosedError, IOFailure, PermissionDeniedError
+from .batch import Batch, count_per_file, tally
+from .buffers import as_bytes_view, view_and_address
+from .file import File
+from .plan import READ, WRITE, Op, plan_request
 from .settings import Settings
 
-_MODES = {"r": os.O_RDONLY, "w": os.O_RDWR | os.O_CREAT | os.O_TRUNC, "r+": os.O_RDWR}
 _STOP = object()
 _GROUP = 4096  # operations planned before the first group is handed to the backend
 
@@ -59,191 +60,6 @@ class IOEvent(NamedTuple):
 
 
 Observer = Callable[[list[IOEvent]], None]
-
-
-class _EngineFuture(Future):
-    """A Future whose ``result()`` lends the waiting thread to the engine."""
-
-    def __init__(self, engine: Engine) -> None:
-        super().__init__()
-        self._engine = engine
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
-            self._engine._help(self)
-        return super().result(timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self.done():
-            self._engine._help(self)
-        return super().exception(timeout)
-
-
-class _Batch:
-    """Completion bookkeeping for one ``submit`` call.
-
-    ``entries`` holds, per user request in order, its :class:`Plan` or (fast
-    path) its single bare :class:`Op`.  ``pending`` counts operations not yet
-    completed plus one guard held by the submitter while it is still
-    enqueueing, so a batch cannot finish before all of it has been submitted.
-    """
-
-    __slots__ = ("entries", "future", "pending", "lock", "single", "exact")
-
-    def __init__(self, engine: Engine, single: bool, exact: bool) -> None:
-        self.entries: list[Plan | Op] = []
-        self.future: Future = _EngineFuture(engine)
-        self.future.set_running_or_notify_cancel()
-        self.pending = 1
-        self.lock = threading.Lock()
-        self.single = single
-        self.exact = exact
-
-    def done(self, n: int) -> None:
-        """``n`` operations (or the guard) completed; finish when none remain."""
-        with self.lock:
-            self.pending -= n
-            last = self.pending == 0
-        if last:
-            self.finish()
-
-    def finish(self) -> None:
-        """Resolve every request and complete the future (first error wins)."""
-        results = []
-        error: BaseException | None = None
-        for e in self.entries:
-            try:
-                if type(e) is Op:
-                    got = e.res if e.plan is None else e.plan.resolve()
-                else:
-                    got = e.resolve()  # type: ignore[union-attr]
-            except BaseException as exc:  # noqa: BLE001 - delivered through the future
-                error = error or exc
-                continue
-            size = e.view.nbytes
-            if got < 0 and error is None:
-                verb = "read" if e.kind == READ else "write"
-                error = io_failure(f"{verb} failed", path=e.file.path, offset=e.offset, size=size, errno=-got)
-            elif e.kind == READ and self.exact and got < size and error is None:
-                error = ShortReadError(path=e.file.path, offset=e.offset, size=size, got=got)
-            results.append(got)
-        if error is not None:
-            self.future.set_exception(error)
-        else:
-            self.future.set_result(results[0] if self.single else results)
-
-
-class File:
-    """An open file of an :class:`Engine`. Use as a context manager."""
-
-    def __init__(self, engine: Engine, path: str | os.PathLike[str], mode: str) -> None:
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of 'r', 'w', 'r+', got {mode!r}")
-        self.engine = engine
-        self.path = os.fspath(path)
-        self.mode = mode
-        self._outstanding = 0
-        self._cond = threading.Condition()
-        self._closed = False
-        flags = _MODES[mode] | getattr(os, "O_CLOEXEC", 0)
-        self._fd = _open(self.path, flags)
-        self._direct_fd: int | None = None
-        #: why this file is not using direct I/O although the engine asked for it (or None)
-        self.direct_reason: str | None = None
-        if engine._uses_direct:
-            try:
-                self._direct_fd = os.open(self.path, (flags & ~(os.O_CREAT | os.O_TRUNC)) | os.O_DIRECT)
-            except OSError as exc:
-                self.direct_reason = f"O_DIRECT refused by the file system ({exc.strerror}); using buffered I/O"
-
-    @property
-    def direct(self) -> bool:
-        """True when aligned requests bypass the page cache."""
-        return self._direct_fd is not None
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def size(self) -> int:
-        """Current length of the file in bytes."""
-        return os.fstat(self._checked_fd()).st_size
-
-    def pread(self, buf: Any, offset: int = 0, *, tag: Any = None, exact: bool = True) -> Future[int]:
-        """Read ``len(buf)`` bytes at ``offset`` into ``buf``.
-
-        The future gives the byte count.  With ``exact`` (default) a read that
-        hits end of file fails with :class:`~llmtier.errors.ShortReadError`;
-        with ``exact=False`` it returns the shorter count.  Bytes past the
-        count are left untouched.
-        """
-        return self.engine._submit([(self, READ, buf, offset, tag)], single=True, exact=exact)
-
-    def pwrite(self, buf: Any, offset: int = 0, *, tag: Any = None) -> Future[int]:
-        """Write all of ``buf`` at ``offset``; the future gives the byte count."""
-        return self.engine._submit([(self, WRITE, buf, offset, tag)], single=True)
-
-    def pread_many(self, bufs: Sequence[Any], offsets: Sequence[int], *, tags: Sequence[Any] | None = None,
-                   exact: bool = True) -> Future[list[int]]:
-        """Read many buffers in one submission; the future gives a count per buffer."""
-        return self.engine._submit(_zip(self, READ, bufs, offsets, tags), single=False, exact=exact)
-
-    def pwrite_many(self, bufs: Sequence[Any], offsets: Sequence[int], *,
-                    tags: Sequence[Any] | None = None) -> Future[list[int]]:
-        """Write many buffers in one submission; the future gives a count per buffer."""
-        return self.engine._submit(_zip(self, WRITE, bufs, offsets, tags), single=False)
-
-    def sync(self) -> None:
-        """Flush written data and metadata to stable storage (``fsync``)."""
-        fd = self._checked_fd()
-        self.wait_idle()
-        _os_call(os.fsync, self.path, fd)
-
-    def truncate(self, length: int) -> None:
-        """Set the file length (``ftruncate``)."""
-        _os_call(os.ftruncate, self.path, self._checked_fd(), length)
-
-    def allocate(self, length: int) -> None:
-        """Reserve disk space for ``length`` bytes (``posix_fallocate``); ENOSPC surfaces here."""
-        _os_call(os.posix_fallocate, self.path, self._checked_fd(), 0, length)
-
-    def wait_idle(self) -> None:
-        """Block until every request submitted on this file has completed."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._outstanding == 0)
-
-    def close(self) -> None:
-        """Wait for this file's requests in flight, then close it. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self.wait_idle()
-        for fd in (self._direct_fd, self._fd):
-            if fd is not None:
-                os.close(fd)
-        self.engine._forget(self)
-
-    def _checked_fd(self) -> int:
-        if self._closed:
-            raise ClosedError(f"file {self.path} is closed")
-        return self._fd
-
-    def _track(self, n: int) -> None:
-        with self._cond:
-            self._outstanding += n
-            if self._outstanding == 0:
-                self._cond.notify_all()
-
-    def __enter__(self) -> File:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else ("direct" if self.direct else "buffered")
-        return f"<llmtier File {self.path!r} mode={self.mode!r} {state} engine={self.engine.name}>"
 
 
 class Engine:
@@ -363,7 +179,7 @@ class Engine:
         self._check_open()
         align = self.settings.alignment
         chunk = self.settings.chunk_size if self._split else None
-        batch = _Batch(self, single, exact)
+        batch = Batch(self, single, exact)
         entries = batch.entries
         # Pass 1: validate everything before any I/O starts, so a bad request
         # raises here and nothing of the batch is in flight.  Aligned direct
@@ -374,15 +190,21 @@ class Engine:
         slow: list[tuple] = []
         last = None
         direct_fd = None
+        write_ends: dict[File, int] = {}
         for file, kind, buf, offset, tag in items:
             if file is not last:
                 self._check_file(file)
                 last, direct_fd = file, file._direct_fd
-            if kind == WRITE and file.mode == "r":
-                raise PermissionDeniedError("cannot write: file was opened read-only (mode 'r')",
-                                            path=file.path, offset=offset, size=None)
             if offset < 0:
                 raise ValueError(f"offset must be >= 0, got {offset}")
+            if kind == WRITE:
+                if file.mode == "r":
+                    raise PermissionDeniedError("cannot write: file was opened read-only (mode 'r')",
+                                                path=file.path, offset=offset, size=None)
+                if direct_fd is not None:
+                    end = offset + _nbytes(buf)
+                    if end > write_ends.get(file, 0):
+                        write_ends[file] = end
             if type(buf) is np.ndarray and direct_fd is not None and not offset % align:
                 n = buf.nbytes
                 if n and not n % align and (chunk is None or n <= chunk):
@@ -393,6 +215,8 @@ class Engine:
             view, addr = view_and_address(buf, writable=kind == READ)
             slow.append((len(entries), (kind, file, view, addr, offset, tag)))
             entries.append(None)  # type: ignore[arg-type]  # planned below
+        for file, end in write_ends.items():
+            file._extend_to(end)
         # Pass 2: plan the rest and enqueue in groups, so the backend starts
         # on the first group while later ones are still being planned.
         for index, (kind, file, view, addr, offset, tag) in slow:
@@ -417,10 +241,10 @@ class Engine:
             raise ValueError(f"{file!r} belongs to another engine")
         file._checked_fd()
 
-    def _enqueue(self, batch: _Batch, ops: list[Op]) -> None:
+    def _enqueue(self, batch: Batch, ops: list[Op]) -> None:
         with batch.lock:
             batch.pending += len(ops)
-        _count_per_file(ops, +1)
+        count_per_file(ops, +1)
         for op in ops:
             op.batch = batch
         if self._take_all:
@@ -503,8 +327,8 @@ class Engine:
 
     @staticmethod
     def _complete(ops: list[Op]) -> None:
-        _count_per_file(ops, -1)
-        for batch, n in _tally(op.batch for op in ops):
+        count_per_file(ops, -1)
+        for batch, n in tally(op.batch for op in ops):
             batch.done(n)
 
     def _event(self, op: Op, offset: int | None = None, size: int | None = None, t_submit: int | None = None,
@@ -526,44 +350,9 @@ class Engine:
                 logging.getLogger("llmtier.engine").exception("engine observer %r failed", obs)
 
 
-def _tally(objs: Iterable[Any]) -> list[tuple[Any, int]]:
-    """Distinct objects (by identity) with how often each occurs, in first-seen order."""
-    seen: dict[int, list] = {}
-    for obj in objs:
-        entry = seen.get(id(obj))
-        if entry is None:
-            seen[id(obj)] = [obj, 1]
-        else:
-            entry[1] += 1
-    return [(obj, n) for obj, n in seen.values()]
-
-
-def _count_per_file(ops: list[Op], sign: int) -> None:
-    """Adjust each file's count of operations in flight (one lock per file)."""
-    for file, n in _tally(op.file for op in ops):
-        file._track(sign * n)
-
-
-def _zip(file: File, kind: int, bufs: Sequence[Any], offsets: Sequence[int], tags: Sequence[Any] | None) -> list[tuple]:
-    if len(bufs) != len(offsets) or (tags is not None and len(tags) != len(bufs)):
-        raise ValueError(f"bufs, offsets and tags differ in length: {len(bufs)}, {len(offsets)}, "
-                         f"{len(tags) if tags is not None else '-'}")
-    tags = tags if tags is not None else [None] * len(bufs)
-    return [(file, kind, b, o, t) for b, o, t in zip(bufs, offsets, tags)]
-
-
-def _open(path: str, flags: int) -> int:
-    try:
-        return os.open(path, flags, 0o644)
-    except OSError as exc:
-        raise io_failure("cannot open file", path=path, offset=None, size=None, errno=exc.errno or 0) from None
-
-
-def _os_call(fn: Callable[..., Any], path: str, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except OSError as exc:
-        raise io_failure(f"{fn.__name__} failed", path=path, offset=None, size=None, errno=exc.errno or 0) from None
+def _nbytes(buf: Any) -> int:
+    """Byte length of a buffer (cheap for numpy arrays)."""
+    return buf.nbytes if type(buf) is np.ndarray else as_bytes_view(buf, writable=False).nbytes
 
 
 def now_ns() -> int:
