@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measurements").add_subparsers(dest="study", required=True)
     io = bench.add_parser("io", help="tensor-transfer bandwidth per engine vs fio (CHEOPS '25 Q1)")
-    io.add_argument("--quick", action="store_true", help="fewer sizes, 3 rounds, 256 MiB per cell (< 60 s)")
+    io.add_argument("--quick", action="store_true", help="3 sizes, 3 rounds, 128 MiB per cell (under a minute)")
     io.add_argument("--dir", help="directory on the file system to measure (default: the temp dir)")
     io.add_argument("--engines", help="comma list of posix,threads,uring,deepnvme")
     io.add_argument("--sizes", help="comma list of tensor sizes, e.g. 4k,1m,1g")
