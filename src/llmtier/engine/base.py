@@ -255,8 +255,9 @@ class Engine:
 
     def _work(self) -> None:
         """Worker loop: take operations, execute them, complete their batches."""
-        while self._process(self._queue.get()):
-            pass
+        running = True
+        while running:
+            running = self._process(self._queue.get())
 
     def _help(self, future: Future) -> None:
         """Caller-runs: a thread about to block on ``future`` executes queued
