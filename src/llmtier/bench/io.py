@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -57,7 +57,6 @@ class Cell:
     fio_gib_per_s: float | None = None
     fio_iops: float | None = None
     fio_cpu_s_per_gib: float | None = None
-    note: str = ""
     samples: list[tuple[float, float, int, int]] = field(default_factory=list, repr=False)  # wall, cpu, bytes, ios
 
     def finish(self, fio: list[Any]) -> None:
@@ -136,9 +135,8 @@ def random_workload(qd: int, cfg: StudyConfig, file_size: int, seed: int) -> Wor
 class Study:
     """Runs the cells; owns the engines, the data file and the buffers."""
 
-    def __init__(self, cfg: StudyConfig, log: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: StudyConfig) -> None:
         self.cfg = cfg
-        self.log = log
         self.notes: list[str] = []
         self.data_path = os.path.join(cfg.directory, "llmtier-bench-io.dat")
         self.fresh_path = os.path.join(cfg.directory, "llmtier-bench-io.fresh")
@@ -167,7 +165,7 @@ class Study:
         self.fio_ok, fio_msg = fio_available()
         self.notes.append(fio_msg if not self.fio_ok else f"ceiling: {fio_msg}, ioengine=io_uring, direct=1")
         if "posix" in self.engines:
-            self.cache_ok, msg = drop_page_cache()
+            _, msg = drop_page_cache()
             self.notes.append(f"posix: {msg}")
         self._make_data_file()
 
@@ -314,9 +312,9 @@ def _fields(s: Settings) -> dict[str, Any]:
 
 
 @contextmanager
-def study(cfg: StudyConfig, log: Callable[[str], None] = print) -> Iterator[Study]:
+def study(cfg: StudyConfig) -> Iterator[Study]:
     """Open a :class:`Study` (data file, engines) and clean up after it."""
-    s = Study(cfg, log)
+    s = Study(cfg)
     try:
         s.open()
         yield s

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import ClosedError, IOFailure, PermissionDeniedError
+from ..errors import ClosedError, PermissionDeniedError
 from .batch import Batch, count_per_file, tally
 from .buffers import as_bytes_view, view_and_address
 from .file import File
@@ -361,4 +361,4 @@ def now_ns() -> int:
     return time.monotonic_ns()
 
 
-__all__ = ["Engine", "File", "IOEvent", "IORequest", "IOFailure", "Observer", "now_ns"]
+__all__ = ["Engine", "File", "IOEvent", "IORequest", "Observer", "now_ns"]
