@@ -90,6 +90,36 @@ class ShortReadError(IOFailure):
         self.got = got
 
 
+class DiskFullError(IOFailure):
+    """A write failed because the file system is full (``ENOSPC``) or over quota."""
+
+
+class FormatError(LLMTierError, ValueError):
+    """A file is not a valid store (or safetensors file): truncated, damaged or hostile.
+
+    ``path`` is the file and ``field`` the part of it that failed the check
+    (for example ``"magic"``, ``"index_length"`` or ``"tensors[3].shape"``).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, field: str | None = None) -> None:
+        where = f"{path}: " if path else ""
+        what = f"{field}: " if field else ""
+        super().__init__(f"{where}{what}{message}")
+        self.path = path
+        self.field = field
+
+
+class ChecksumError(FormatError):
+    """A tensor's bytes do not match the CRC-32C recorded when it was written."""
+
+
+class TensorNotFoundError(LLMTierError, KeyError):
+    """A tensor name that the store does not contain."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
 def io_failure(message: str, *, path: str, offset: int | None, size: int | None, errno: int) -> IOFailure:
     """Build the most specific :class:`IOFailure` subclass for ``errno``."""
     cls: type[IOFailure] = IOFailure
@@ -97,4 +127,6 @@ def io_failure(message: str, *, path: str, offset: int | None, size: int | None,
         cls = NotFoundError
     elif errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
         cls = PermissionDeniedError
+    elif errno in (_errno.ENOSPC, _errno.EDQUOT):
+        cls = DiskFullError
     return cls(message, path=path, offset=offset, size=size, errno=errno)

@@ -1,0 +1,352 @@
+"""Read tensors from a store, a sharded store, or safetensors files in place.
+
+Every source is a :class:`TensorSource`: a map of names to
+:class:`~llmtier.store.format.TensorInfo` plus the reading machinery, which is
+the same for all of them.  Reads go through the engine with direct I/O.  A
+tensor is read into fresh page-aligned memory covering its aligned extent
+and handed out as a view (no copy); :meth:`TensorSource.get_many` reads
+neighbouring tensors in windows, one engine batch per window, and checks the
+CRC-32C of window *k* while window *k+1* is already on its way from the disk.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from ..engine import Engine, File, alloc, open_engine
+from ..engine.buffers import as_bytes_view
+from ..errors import ChecksumError, FormatError, TensorNotFoundError
+from .dtypes import DType, torch_dtype
+from .format import (ALIGN, MAX_INDEX, PREAMBLE, SHARD_INDEX, SHARDED_FORMAT, TensorInfo, crc32c, load_json,
+                     parse_index, parse_preamble)
+
+WINDOW_BYTES = 256 << 20  # bytes per get_many read window
+_GAP = 1 << 20  # tensors closer than this share a window read
+
+
+class TensorSource:
+    """What every readable collection of tensors offers. Use as a context manager."""
+
+    kind = "weights"  # the tag of window reads, for the tracer
+
+    def __init__(self, path: str, infos: list[TensorInfo], metadata: dict[str, Any], *, verify: bool,
+                 engine: Engine | None) -> None:
+        self.path = path
+        self.metadata = metadata
+        self.verify_default = verify
+        self._infos = {t.name: t for t in infos}
+        self._own_engine = engine is None
+        self.engine = engine or open_engine()
+        self._files: dict[str, File] = {}
+
+    # -- mapping-like ---------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise TensorNotFoundError(f"no tensor {name!r} in {self.path}") from None
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self._infos.values())
+
+    @property
+    def has_checksums(self) -> bool:
+        return all(t.crc32c is not None for t in self._infos.values())
+
+    # -- reading --------------------------------------------------------------
+    def get(self, name: str, out: Any = None, *, rows: slice | None = None, verify: bool | None = None) -> Any:
+        """Tensor ``name`` as a numpy array (bf16/fp8 as their raw bits).
+
+        ``out``: a caller-given buffer of exactly the tensor's size (numpy,
+        torch CPU tensor, memoryview) filled in place and returned.  ``rows``:
+        a slice of the leading dimension, read alone (not checksum-verified:
+        the CRC covers the whole tensor).
+        """
+        info = self.info(name)
+        raw = self._get_raw(info, out, rows, verify)
+        if out is not None:
+            return out
+        return self._typed(raw, info, _rows_shape(info, rows) if rows is not None else None)
+
+    def get_torch(self, name: str, out: Any = None, *, rows: slice | None = None, verify: bool | None = None) -> Any:
+        """Tensor ``name`` as a torch CPU tensor of its real dtype (no copy)."""
+        info = self.info(name)
+        raw = self._get_raw(info, out, rows, verify)
+        if out is not None:
+            return out
+        return _torch(raw, info, _rows_shape(info, rows) if rows is not None else info.shape)
+
+    def _get_raw(self, info: TensorInfo, out: Any, rows: slice | None, verify: bool | None) -> np.ndarray | None:
+        verify = self.verify_default if verify is None else verify
+        if rows is not None:
+            return self._read_rows(info, rows, out)
+        if out is None:
+            return self._read_windows([info], verify)[info.name]
+        view = as_bytes_view(out, writable=True)
+        if view.nbytes != info.nbytes:
+            raise ValueError(f"out has {view.nbytes} bytes; tensor {info.name!r} has {info.nbytes}")
+        if info.nbytes:
+            self._file(info.file).pread(out, info.offset, tag=info.name).result()
+        if verify:
+            self._check(info, view)
+        return None
+
+    def get_many(self, names: Iterable[str] | None = None, *, torch: bool = False,
+                 verify: bool | None = None) -> dict[str, Any]:
+        """Read many tensors (default: all) in windowed engine batches."""
+        infos = [self.info(n) for n in (self._infos if names is None else names)]
+        verify = self.verify_default if verify is None else verify
+        raws = self._read_windows(infos, verify)
+        if torch:
+            return {t.name: _torch(raws[t.name], t, t.shape) for t in infos}
+        return {t.name: self._typed(raws[t.name], t) for t in infos}
+
+    def verify(self, names: Iterable[str] | None = None) -> list[str]:
+        """Read tensors and check their CRC-32C; return the names that do not match."""
+        infos = [self.info(n) for n in (self._infos if names is None else names)]
+        bad = []
+        for w in _windows(infos):
+            raws = self._read_windows(w, False)
+            bad.extend(t.name for t in w if t.crc32c is not None and crc32c(raws[t.name]) != t.crc32c)
+        return bad
+
+    # -- internals ------------------------------------------------------------
+    def _file(self, path: str) -> File:
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = self.engine.open(path, "r")
+        return f
+
+    def _read_windows(self, infos: list[TensorInfo], verify: bool) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        pending = None  # (future, views) of the window in flight
+        for w in _windows(infos):
+            nxt = self._submit_window(w)
+            if pending is not None:
+                self._finish_window(*pending, verify, out)
+            pending = nxt
+        if pending is not None:
+            self._finish_window(*pending, verify, out)
+        return out
+
+    def _submit_window(self, w: list[TensorInfo]) -> tuple[Any, list[tuple[TensorInfo, np.ndarray]], list[int]]:
+        start = w[0].offset - w[0].offset % ALIGN
+        end = -(-max(t.offset + t.nbytes for t in w) // ALIGN) * ALIGN
+        arena = alloc(end - start)
+        f = self._file(w[0].file)
+        views = [(t, arena[t.offset - start : t.offset - start + t.nbytes]) for t in w]
+        if all(t.offset % ALIGN == 0 for t in w):
+            # One request per tensor (its padded extent), tagged with its name.
+            reqs = [t for t in w if t.nbytes]
+            fut = f.pread_many([arena[t.offset - start : -(-(t.offset + t.nbytes) // ALIGN) * ALIGN - start]
+                                for t in reqs], [t.offset for t in reqs], tags=[t.name for t in reqs], exact=False)
+            need = [t.nbytes for t in reqs]
+        else:
+            # Unaligned extents (safetensors): one widened read of the window.
+            fut = f.pread(arena, start, tag=self.kind, exact=False)
+            need = [max(t.offset + t.nbytes for t in w) - start]
+        return fut, views, need
+
+    def _finish_window(self, fut: Any, views: list[tuple[TensorInfo, np.ndarray]], need: list[int], verify: bool,
+                       out: dict[str, np.ndarray]) -> None:
+        got = fut.result()
+        if isinstance(got, int):
+            got = [got]
+        if any(g < n for g, n in zip(got, need)):
+            t = views[0][0]
+            raise FormatError(f"the file ends before tensor data that its index lists (truncated after it was "
+                              f"opened?): {sum(got)} of {sum(need)} bytes read", path=t.file, field="size")
+        for t, v in views:
+            if verify:
+                self._check(t, v)
+            out[t.name] = v
+
+    def _check(self, info: TensorInfo, view: Any) -> None:
+        if info.crc32c is None:
+            return
+        got = crc32c(view)
+        if got != info.crc32c:
+            raise ChecksumError(f"tensor {info.name!r}: CRC-32C 0x{got:08x}, index says 0x{info.crc32c:08x} "
+                                "(the data on disk is damaged)", path=info.file, field=info.name)
+
+    def _read_rows(self, info: TensorInfo, rows: slice, out: Any) -> np.ndarray:
+        if not info.shape:
+            raise ValueError(f"tensor {info.name!r} is 0-dimensional; rows= needs a leading dimension")
+        a, b, step = rows.indices(info.shape[0])
+        if step != 1:
+            raise ValueError("rows= must be a contiguous slice (step 1)")
+        b = max(a, b)
+        off, n = info.offset + a * info.row_bytes, (b - a) * info.row_bytes
+        if out is not None:
+            view = as_bytes_view(out, writable=True)
+            if view.nbytes != n:
+                raise ValueError(f"out has {view.nbytes} bytes; rows {a}:{b} of {info.name!r} are {n}")
+            if n:
+                self._file(info.file).pread(out, off, tag=info.name).result()
+            return np.frombuffer(view, dtype=np.uint8)
+        start = off - off % ALIGN
+        arena = alloc(-(-(off + n) // ALIGN) * ALIGN - start)
+        if n:
+            self._file(info.file).pread(arena, start, tag=info.name, exact=False).result()
+        return arena[off - start : off - start + n]
+
+    @staticmethod
+    def _typed(raw: np.ndarray, info: TensorInfo, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        return raw.view(np.dtype(info.dtype.numpy)).reshape(info.shape if shape is None else shape)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        if self._own_engine:
+            self.engine.close()
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path}: {len(self)} tensors, {self.nbytes / 2**30:.2f} GiB>"
+
+
+class Store(TensorSource):
+    """A single-file or sharded llmtier store (see ``docs/FORMAT.md``)."""
+
+    format = "llmtier"
+
+
+class SafetensorsSource(TensorSource):
+    """One or more safetensors files read in place (offsets widened to 4 KiB)."""
+
+    format = "safetensors"
+
+
+def _rows_shape(info: TensorInfo, rows: slice) -> tuple[int, ...]:
+    a, b, _ = rows.indices(info.shape[0]) if info.shape else (0, 0, 1)
+    return (max(0, b - a), *info.shape[1:])
+
+
+def _torch(raw: np.ndarray, info: TensorInfo, shape: tuple[int, ...]) -> Any:
+    import torch  # noqa: PLC0415 - optional dependency
+
+    if raw.nbytes == 0:
+        return torch.empty(shape, dtype=torch_dtype(info.dtype))
+    return torch.from_numpy(raw).view(torch_dtype(info.dtype)).reshape(shape)
+
+
+def _windows(infos: list[TensorInfo]) -> Iterator[list[TensorInfo]]:
+    """Group tensors of one file, in file order, into reads of up to WINDOW_BYTES."""
+    by_file: dict[str, list[TensorInfo]] = {}
+    for t in infos:
+        by_file.setdefault(t.file, []).append(t)
+    for group in by_file.values():
+        group.sort(key=lambda t: t.offset)
+        w: list[TensorInfo] = []
+        w_start = w_end = 0
+        for t in group:
+            if w and (t.offset - w_end > _GAP or t.offset + t.nbytes - w_start > WINDOW_BYTES or t.offset < w_end):
+                yield w
+                w = []
+            if not w:
+                w_start = t.offset
+            w.append(t)
+            w_end = max(w_end, t.offset + t.nbytes) if len(w) > 1 else t.offset + t.nbytes
+        if w:
+            yield w
+
+
+# -- opening -----------------------------------------------------------------
+def open_store(path: str | os.PathLike[str], *, verify: bool = True, engine: Engine | None = None) -> TensorSource:
+    """Open a store for reading: an ``.lts`` file, a sharded store directory,
+    a ``.safetensors`` file, or a Hugging Face model directory (its
+    safetensors shards, read in place).
+
+    ``verify`` (default on) checks each tensor's CRC-32C as it is read.
+    Every structural problem raises :class:`~llmtier.errors.FormatError`.
+    """
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        if os.path.exists(os.path.join(p, SHARD_INDEX)):
+            return _open_sharded(p, verify, engine)
+        from .safetensors import open_hf_dir  # noqa: PLC0415 - avoids an import cycle
+
+        return open_hf_dir(p, verify=verify, engine=engine)
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if head == b"LLMTSTOR" or not p.endswith(".safetensors"):
+        infos, meta = read_index(p)
+        return Store(p, infos, meta, verify=verify, engine=engine)
+    from .safetensors import open_safetensors  # noqa: PLC0415
+
+    return open_safetensors(p, verify=verify, engine=engine)
+
+
+def read_index(path: str) -> tuple[list[TensorInfo], dict[str, Any]]:
+    """Validate a single-file store's preamble and index (reads at most the index)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, PREAMBLE, 0)
+        ioff, ilen, icrc = parse_preamble(raw, size, path)
+        index = os.pread(fd, ilen, ioff)
+    finally:
+        os.close(fd)
+    if len(index) != ilen:
+        raise FormatError("index shorter than recorded (file changed while reading?)", path=path, field="index")
+    if crc32c(index) != icrc:
+        raise FormatError("index checksum mismatch (damaged file)", path=path, field="index_crc32c")
+    return parse_index(index, ioff, path)
+
+
+def _open_sharded(path: str, verify: bool, engine: Engine | None) -> Store:
+    index_path = os.path.join(path, SHARD_INDEX)
+    size = os.path.getsize(index_path)
+    if size > MAX_INDEX:
+        raise FormatError(f"index.json is {size} bytes (limit {MAX_INDEX})", path=index_path, field="size")
+    with open(index_path, "rb") as f:
+        doc = load_json(f.read(MAX_INDEX + 1), index_path, "index")
+    if not isinstance(doc, dict) or doc.get("format") != SHARDED_FORMAT or doc.get("version") != 1:
+        raise FormatError(f"not an {SHARDED_FORMAT!r} version 1 index", path=index_path, field="format")
+    shards, mapping, meta = doc.get("shards"), doc.get("tensors"), doc.get("metadata", {})
+    if not isinstance(shards, list) or not isinstance(mapping, dict) or not isinstance(meta, dict):
+        raise FormatError("shards must be a list, tensors and metadata objects", path=index_path, field="shards")
+    infos: list[TensorInfo] = []
+    for i, name in enumerate(shards):
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise FormatError(f"bad shard file name {name!r}", path=index_path, field=f"shards[{i}]")
+        shard_path = os.path.join(path, name)
+        if not os.path.isfile(shard_path):
+            raise FormatError(f"shard {name} is missing", path=index_path, field=f"shards[{i}]")
+        for t in read_index(shard_path)[0]:
+            if mapping.get(t.name) != i:
+                raise FormatError(f"tensor {t.name!r} is in shard {i} but the index maps it to "
+                                  f"{mapping.get(t.name)!r}", path=index_path, field="tensors")
+            infos.append(t)
+    if len(infos) != len(mapping) or len({t.name for t in infos}) != len(infos):
+        raise FormatError("the index's tensor map does not match the shards' contents", path=index_path,
+                          field="tensors")
+    return Store(path, infos, meta, verify=verify, engine=engine)
+
+
+__all__ = ["DType", "SafetensorsSource", "Store", "TensorSource", "open_store", "read_index"]
