@@ -2,7 +2,10 @@
 
 For each engine × tensor size × direction it moves a set of tensors of that
 size between page-aligned host memory and one file, and measures GiB/s and
-CPU seconds per GiB; 4 KiB random reads at queue depth 1 and 32 give IOPS.
+CPU seconds per GiB; 4 KiB random reads at queue depth 1 and 32 give IOPS
+(op ``randread``).  At depth 32 the ``uring`` engine runs twice: once with
+one request per page (``pread_many``, row ``uring``) and once with the pages
+API (``pread_pages``: one buffer, an int64 offset array, row ``uring-pages``).
 In every round, fio runs the same block size, queue depth and direct flag
 on the same file system, so each figure has its measured ceiling beside it.
 Rounds interleave engines (and fio) so slow drift of a shared machine hits
@@ -32,7 +35,8 @@ from .fio import fio_available, run_fio
 from .system import Timing, drop_page_cache, timed
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-OPS = ("read", "write", "write-fresh")
+OPS = ("read", "write", "write-fresh", "randread")
+PAGES = "uring-pages"  # the uring engine through File.pread_pages (random reads at depth 32)
 FULL_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 256 * MiB, 1 * GiB)
 QUICK_SIZES = (64 * KiB, 1 * MiB, 64 * MiB)
 DEEPNVME_TUNINGS = ((1 * MiB, 32), (1 * MiB, 128), (8 * MiB, 32), (8 * MiB, 128))
@@ -196,6 +200,13 @@ class Study:
             drop_page_cache()
         if name == "deepnvme":
             return self._run_deepnvme(wl, path, tuning)  # type: ignore[arg-type]
+        if name == PAGES:
+            # The same bytes of the same buffer the per-request row reads into
+            # (views[k] is page k of it), as one array with an offset array.
+            pages = buf[: wl.nbytes] if wl.nbytes <= buf.nbytes else alloc(wl.nbytes)
+            offsets = np.array(wl.offsets, dtype=np.int64)
+            uring: Engine = self.engines["uring"]
+            return timed(lambda: _pages_run(uring, path, pages, offsets, wl.size))
         eng: Engine = self.engines[name]
         return timed(lambda: _engine_run(eng, wl, path, views))
 
@@ -239,6 +250,8 @@ class Study:
     def cells(self) -> Iterator[tuple[Workload, str, tuple[int, int] | None]]:
         cfg = self.cfg
         for op in cfg.ops:
+            if op == "randread":
+                continue  # below
             for size in cfg.sizes:
                 wl = sequential_workload(op, size, cfg)
                 for name in self.engines:
@@ -249,11 +262,15 @@ class Study:
                     # below that, one tuning: every small tensor is one op at depth 1 anyway.
                     for tuning in cfg.deepnvme_tunings if size >= MiB else cfg.deepnvme_tunings[:1]:
                         yield wl, name, tuning
+        if "randread" not in cfg.ops:
+            return
         for qd in (1, 32):
             wl = random_workload(qd, cfg, self.file_size, seed=qd)
             for name in self.engines:
                 if name != "deepnvme":  # its API has no one-request-at-a-time mode to compare
                     yield wl, name, None
+                if name == "uring" and qd > 1:
+                    yield wl, PAGES, None
 
     def run(self, progress: bool = True) -> list[Cell]:
         cells = list(self.cells())
@@ -305,6 +322,11 @@ def _engine_run(eng: Engine, wl: Workload, path: str, views: list[np.ndarray]) -
         else:
             f.pwrite_many(views, wl.offsets).result()
             f.sync()
+
+
+def _pages_run(eng: Engine, path: str, buf: np.ndarray, offsets: np.ndarray, page: int) -> None:
+    with eng.open(path, "r") as f:
+        f.pread_pages(buf, offsets, page).result()
 
 
 def _fields(s: Settings) -> dict[str, Any]:

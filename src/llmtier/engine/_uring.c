@@ -494,6 +494,26 @@ parse_request(PyObject *item, req_t *rq, Py_buffer *view)
     return 0;
 }
 
+/* Fill the pieces of one request of `len` bytes (buffer `buf`, file offset
+ * `off`), each at most `chunk` bytes; returns the slot after the last. */
+static piece_t *
+add_pieces(piece_t *p, char *buf, uint64_t off, size_t len, size_t chunk,
+           Py_ssize_t req, int fd, int op)
+{
+    for (size_t pos = 0; pos < len; pos += chunk, p++) {
+        p->buf = buf + pos;
+        p->off = off + pos;
+        p->left = (uint32_t)(len - pos < chunk ? len - pos : chunk);
+        p->done = 0;
+        p->req = req;
+        p->fd = fd;
+        p->err = 0;
+        p->opcode = op == OP_READ ? IORING_OP_READ : IORING_OP_WRITE;
+        p->eof = 0;
+    }
+    return p;
+}
+
 /* Split every request into pieces of at most `chunk` bytes. */
 static piece_t *
 split_pieces(const req_t *rq, const Py_buffer *views, const char *bad,
@@ -508,48 +528,45 @@ split_pieces(const req_t *rq, const Py_buffer *views, const char *bad,
     piece_t *pc = malloc(n ? n * sizeof *pc : 1);
     if (pc == NULL)
         return NULL;
-    size_t k = 0;
-    for (Py_ssize_t r = 0; r < nreq; r++) {
-        size_t len = bad[r] ? 0 : (size_t)views[r].len;  /* bad: no pieces */
-        for (size_t pos = 0; pos < len; pos += chunk, k++) {
-            piece_t *p = &pc[k];
-            p->buf = (char *)views[r].buf + pos;
-            p->off = rq[r].off + pos;
-            p->left = (uint32_t)(len - pos < chunk ? len - pos : chunk);
-            p->done = 0;
-            p->req = r;
-            p->fd = rq[r].fd;
-            p->err = 0;
-            p->opcode = rq[r].op == OP_READ ? IORING_OP_READ : IORING_OP_WRITE;
-            p->eof = 0;
-        }
-    }
+    piece_t *p = pc;
+    for (Py_ssize_t r = 0; r < nreq; r++)
+        if (!bad[r])                                    /* bad: no pieces */
+            p = add_pieces(p, (char *)views[r].buf, rq[r].off,
+                           (size_t)views[r].len, chunk, r, rq[r].fd, rq[r].op);
     *npieces = n;
     return pc;
 }
 
+/* The result of request `r`, whose pieces start at pc[*i] (advanced past
+ * them): -errno of its first failed piece, else the byte count of the prefix
+ * up to and including the first piece that ended short. */
+static long long
+req_result(const piece_t *pc, size_t np, size_t *i, Py_ssize_t r)
+{
+    long long total = 0;
+    int err = 0, stopped = 0;
+    for (; *i < np && pc[*i].req == r; (*i)++) {
+        const piece_t *p = &pc[*i];
+        if (err == 0 && p->err != 0)
+            err = p->err;
+        else if (err == 0 && !stopped) {
+            total += p->done;
+            stopped = p->eof;
+        }
+    }
+    return err ? err : total;
+}
+
 /* Per request: -EINVAL if its buffer was misaligned (never submitted),
- * -errno of its first failed piece, else the byte count of the prefix up to
- * and including the first piece that ended short. */
+ * else req_result(). */
 static PyObject *
 build_results(const piece_t *pc, size_t np, const char *bad, Py_ssize_t nreq)
 {
     PyObject *list = PyList_New(nreq);
     size_t i = 0;
     for (Py_ssize_t r = 0; list != NULL && r < nreq; r++) {
-        long long total = 0;
-        int err = 0, stopped = 0;
-        for (; i < np && pc[i].req == r; i++) {
-            if (err == 0 && pc[i].err != 0)
-                err = pc[i].err;
-            else if (err == 0 && !stopped) {
-                total += pc[i].done;
-                stopped = pc[i].eof;
-            }
-        }
-        if (bad[r])
-            err = -EINVAL;
-        PyObject *v = PyLong_FromLongLong(err ? err : total);
+        long long res = req_result(pc, np, &i, r);
+        PyObject *v = PyLong_FromLongLong(bad[r] ? -EINVAL : res);
         if (v == NULL)
             Py_CLEAR(list);
         else
@@ -603,6 +620,30 @@ run_locked(RingObject *self, run_t *c)
     return closed ? -1 : 0;
 }
 
+/* Checks shared by run() and gather(); 0, or -1 with an exception set. */
+static int
+check_loop_args(RingObject *self, Py_ssize_t chunk, Py_ssize_t depth,
+                Py_ssize_t align)
+{
+    if (align < 0) {
+        PyErr_SetString(PyExc_ValueError, "align must be >= 0");
+        return -1;
+    }
+    if (self->closed) {
+        raise_closed();
+        return -1;
+    }
+    if (chunk <= 0) {
+        PyErr_SetString(PyExc_ValueError, "chunk_size must be > 0");
+        return -1;
+    }
+    if (depth < 1 || (size_t)depth > self->entries) {
+        PyErr_Format(PyExc_ValueError, "depth must be in 1..%u", self->entries);
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(Ring_run_doc,
 "run($self, /, requests, chunk_size, depth, record=False, align=0)\n--\n\n"
 "Perform a batch of I/O requests and return (results, events).  Each\n"
@@ -639,20 +680,8 @@ Ring_run(RingObject *self, PyObject *args, PyObject *kw)
                                      &reqs_obj, &chunk, &depth, &record,
                                      &align))
         return NULL;
-    if (align < 0) {
-        PyErr_SetString(PyExc_ValueError, "align must be >= 0");
+    if (check_loop_args(self, chunk, depth, align) < 0)
         return NULL;
-    }
-    if (self->closed)
-        return raise_closed();
-    if (chunk <= 0) {
-        PyErr_SetString(PyExc_ValueError, "chunk_size must be > 0");
-        return NULL;
-    }
-    if (depth < 1 || (size_t)depth > self->entries) {
-        PyErr_Format(PyExc_ValueError, "depth must be in 1..%u", self->entries);
-        return NULL;
-    }
     if ((seq = PySequence_Fast(reqs_obj, "requests must be a sequence")) == NULL)
         return NULL;
     nreq = PySequence_Fast_GET_SIZE(seq);
@@ -717,6 +746,204 @@ done:
     Py_XDECREF(results);
     Py_XDECREF(events);
     Py_XDECREF(seq);
+    return ret;
+}
+
+/* ------------------------------------------------------------------------ */
+/* gather(): fixed-size pages at arbitrary offsets, one contiguous buffer   */
+/* ------------------------------------------------------------------------ */
+
+/* True if a buffer format string describes a native int64 ('q' or 'l',
+ * optionally with a native byte-order prefix); the item size is checked
+ * separately (a C long is 8 bytes only on LP64). */
+static int
+is_int64_format(const char *f)
+{
+    if (f == NULL)
+        return 0;                   /* NULL means unsigned bytes */
+    if (*f == '@' || *f == '=')
+        f++;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    else if (*f == '<')
+        f++;
+#else
+    else if (*f == '>' || *f == '!')
+        f++;
+#endif
+    return (f[0] == 'q' || f[0] == 'l') && f[1] == '\0';
+}
+
+/* Check every page offset (>= 0, the page's end fits in int64, a multiple of
+ * align when align > 1); 0, or -1 with ValueError set. */
+static int
+check_offsets(const int64_t *o, Py_ssize_t n, Py_ssize_t page,
+              Py_ssize_t align)
+{
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (o[k] < 0 || o[k] > INT64_MAX - (int64_t)page) {
+            PyErr_Format(PyExc_ValueError,
+                         "offsets[%zd] = %lld is out of range", k,
+                         (long long)o[k]);
+            return -1;
+        }
+        if (align > 1 && o[k] % align != 0) {
+            PyErr_Format(PyExc_ValueError,
+                         "offsets[%zd] = %lld is not a multiple of align %zd",
+                         k, (long long)o[k], align);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(Ring_gather_doc,
+"gather($self, /, op, fd, buf, offsets, page_size, chunk_size, depth,\n"
+"       record=False, align=0)\n--\n\n"
+"Move len(offsets) pages of page_size bytes between one contiguous buffer\n"
+"and the file fd: page k is buf[k*page_size:(k+1)*page_size] and the file\n"
+"bytes [offsets[k], offsets[k] + page_size).  op 0 = read into buf (which\n"
+"must be writable), 1 = write from buf.  buf must be C-contiguous and\n"
+"exactly len(offsets) * page_size bytes; offsets is a buffer of int64\n"
+"(a numpy int64 array, array('q'), ...), each >= 0.  Offsets may repeat and\n"
+"need not be sorted.\n"
+"Pages are split into pieces of at most chunk_size bytes and handled like\n"
+"the requests of run() (depth SQEs in flight, short transfers, EINTR and\n"
+"EAGAIN resubmitted), without a Python object per page.\n\n"
+"Returns (total_bytes, first_bad_page, first_bad_result, events).\n"
+"total_bytes sums what every page moved (its prefix, as run() counts a\n"
+"request).  first_bad_page is -1 if every page moved in full, else the\n"
+"lowest page index that did not; first_bad_result is then that page's\n"
+"-errno, or the bytes it moved before end of file (0 otherwise).  events\n"
+"is None unless record is true; then it is a list in run()'s format with\n"
+"the page index as req_index.  With align > 1, the buffer address,\n"
+"page_size and every offset must be multiples of align (ValueError\n"
+"otherwise; nothing is submitted).  Raises TypeError for offsets of\n"
+"another type and OSError if io_uring_enter fails.");
+
+static PyObject *
+Ring_gather(RingObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"op", "fd", "buf", "offsets", "page_size",
+                             "chunk_size", "depth", "record", "align", NULL};
+    PyObject *buf_obj, *offs_obj, *events = NULL, *ret = NULL;
+    Py_ssize_t page, chunk, depth, align = 0, n = 0, bad = -1;
+    int op, fd, record = 0, have_buf = 0, have_offs = 0;
+    long long total = 0, bad_res = 0;
+    const int64_t *o;
+    size_t piece, per_page, i = 0;
+    piece_t *p;
+    Py_buffer buf, offs;
+    run_t c;
+
+    memset(&c, 0, sizeof c);
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiOOnnn|pn:gather", kwlist,
+                                     &op, &fd, &buf_obj, &offs_obj, &page,
+                                     &chunk, &depth, &record, &align))
+        return NULL;
+    if (op != OP_READ && op != OP_WRITE) {
+        PyErr_SetString(PyExc_ValueError, "op must be 0 (read) or 1 (write)");
+        return NULL;
+    }
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "fd must be >= 0");
+        return NULL;
+    }
+    if (page <= 0) {
+        PyErr_SetString(PyExc_ValueError, "page_size must be > 0");
+        return NULL;
+    }
+    if (check_loop_args(self, chunk, depth, align) < 0)
+        return NULL;
+
+    /* Validate everything and pin both buffers before any I/O starts. */
+    if (PyObject_GetBuffer(offs_obj, &offs,
+                           PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        goto done;
+    have_offs = 1;
+    if (offs.itemsize != 8 || !is_int64_format(offs.format)) {
+        PyErr_Format(PyExc_TypeError,
+                     "offsets must be a buffer of int64 (format 'q' or 'l'),"
+                     " got format '%s' with item size %zd",
+                     offs.format ? offs.format : "B", offs.itemsize);
+        goto done;
+    }
+    n = offs.len / 8;
+    if (PyObject_GetBuffer(buf_obj, &buf, PyBUF_C_CONTIGUOUS |
+                           (op == OP_READ ? PyBUF_WRITABLE : 0)) < 0)
+        goto done;
+    have_buf = 1;
+    if (n > PY_SSIZE_T_MAX / page || buf.len != n * page) {
+        PyErr_Format(PyExc_ValueError,
+                     "buf is %zd bytes; %zd pages of %zd bytes need %zd",
+                     buf.len, n, page,
+                     n > PY_SSIZE_T_MAX / page ? PY_SSIZE_T_MAX : n * page);
+        goto done;
+    }
+    if (align > 1 && ((uintptr_t)buf.buf % (uintptr_t)align != 0 ||
+                      page % align != 0)) {
+        PyErr_Format(PyExc_ValueError,
+                     "buf address and page_size must be multiples of align %zd",
+                     align);
+        goto done;
+    }
+    o = offs.buf;
+    if (check_offsets(o, n, page, align) < 0)
+        goto done;
+
+    piece = (size_t)chunk < MAX_PIECE ? (size_t)chunk : MAX_PIECE;
+    per_page = ((size_t)page + piece - 1) / piece;
+    if ((size_t)n > SIZE_MAX / sizeof(piece_t) / per_page) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    c.npieces = (size_t)n * per_page;
+    c.pieces = malloc(c.npieces ? c.npieces * sizeof *c.pieces : 1);
+    if (c.pieces == NULL || (record && alloc_record(&c) < 0)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    p = c.pieces;
+    for (Py_ssize_t k = 0; k < n; k++)
+        p = add_pieces(p, (char *)buf.buf + k * page, (uint64_t)o[k],
+                       (size_t)page, piece, k, fd, op);
+    c.ring = self;
+    c.depth = (unsigned)depth;
+    if (run_locked(self, &c) < 0) {
+        raise_closed();
+        goto done;
+    }
+    if (c.enter_err) {
+        raise_errno(c.enter_err, "io_uring_enter");
+        goto done;
+    }
+    if (c.events_oom) {
+        PyErr_NoMemory();
+        goto done;
+    }
+
+    /* Total of every page's prefix; the first page that is not complete. */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        long long res = req_result(c.pieces, c.npieces, &i, k);
+        if (res > 0)
+            total += res;
+        if (bad < 0 && res < page) {
+            bad = k;
+            bad_res = res;
+        }
+    }
+    events = record ? build_events(&c) : Py_NewRef(Py_None);
+    if (events != NULL)
+        ret = Py_BuildValue("(LnLO)", total, bad, bad_res, events);
+done:
+    /* Every SQE has completed by now, so the buffers can be let go. */
+    if (have_buf)
+        PyBuffer_Release(&buf);
+    if (have_offs)
+        PyBuffer_Release(&offs);
+    free(c.pieces);
+    free(c.stamps);
+    free(c.events);
+    Py_XDECREF(events);
     return ret;
 }
 
@@ -813,6 +1040,8 @@ Ring_get_closed(RingObject *self, void *Py_UNUSED(closure))
 static PyMethodDef Ring_methods[] = {
     {"run", (PyCFunction)(void (*)(void))Ring_run,
      METH_VARARGS | METH_KEYWORDS, Ring_run_doc},
+    {"gather", (PyCFunction)(void (*)(void))Ring_gather,
+     METH_VARARGS | METH_KEYWORDS, Ring_gather_doc},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, Ring_close_doc},
     {"__enter__", (PyCFunction)Ring_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)Ring_exit, METH_VARARGS, NULL},

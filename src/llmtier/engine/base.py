@@ -13,6 +13,7 @@ registered nothing is timed or recorded.
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import queue
 import threading
@@ -24,10 +25,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import ClosedError, PermissionDeniedError
-from .batch import Batch, count_per_file, tally
+from .batch import LIST, SUM, Batch, count_per_file, tally
 from .buffers import as_bytes_view, view_and_address
 from .file import File
-from .plan import READ, WRITE, Op, plan_request
+from .plan import READ, WRITE, Op, PagesOp, plan_request
 from .settings import Settings
 
 _STOP = object()
@@ -75,6 +76,9 @@ class Engine:
     _split = True
     #: a worker takes every queued operation at once (True) or one at a time
     _take_all = False
+    #: ``_execute`` accepts a :class:`PagesOp` (all pages of a ``pread_pages``
+    #: call in one operation); False: such calls become one request per page
+    _gather = False
 
     def __init__(self, settings: Settings, reason: str = "") -> None:
         self.settings = settings
@@ -128,7 +132,7 @@ class Engine:
             if op not in ("read", "write"):
                 raise ValueError(f"op must be 'read' or 'write', got {op!r}")
             items.append((file, READ if op == "read" else WRITE, buf, offset, rest[0] if rest else None))
-        return self._submit(items, single=False, exact=exact)
+        return self._submit(items, mode=LIST, exact=exact)
 
     def add_observer(self, observer: Observer) -> None:
         """Call ``observer(events)`` after each group of operations completes."""
@@ -175,11 +179,13 @@ class Engine:
         with self._lock:
             self._files.discard(f)
 
-    def _submit(self, items: Iterable[tuple], *, single: bool, exact: bool = True) -> Future:
+    def _submit(self, items: Iterable[tuple], *, mode: str, exact: bool = True) -> Future:
+        """Submit ``(file, kind, buf, offset, tag)`` requests as one batch;
+        ``mode`` (batch.LIST/SINGLE/SUM) says what the future gives."""
         self._check_open()
         align = self.settings.alignment
         chunk = self.settings.chunk_size if self._split else None
-        batch = Batch(self, single, exact)
+        batch = Batch(self, mode, exact)
         entries = batch.entries
         # Pass 1: validate everything before any I/O starts, so a bad request
         # raises here and nothing of the batch is in flight.  Aligned direct
@@ -235,6 +241,39 @@ class Engine:
             self._enqueue(batch, group)
         batch.done(1)  # release the submitter's guard
         return batch.future
+
+    def _submit_pages(self, file: File, kind: int, buf: Any, offsets: Any, page_size: int, tag: Any) -> Future:
+        """``File.pread_pages``/``pwrite_pages``: validate, then one :class:`PagesOp`
+        (backends with ``_gather``, everything aligned and direct) or one
+        request per page through :meth:`_submit`; the future gives the total."""
+        self._check_open()
+        self._check_file(file)
+        page = operator.index(page_size)
+        if page <= 0:
+            raise ValueError(f"page_size must be > 0, got {page}")
+        offs = _page_offsets(offsets, page)
+        if kind == WRITE and file.mode == "r":
+            raise PermissionDeniedError("cannot write: file was opened read-only (mode 'r')",
+                                        path=file.path, offset=int(offs[0]) if len(offs) else None, size=page)
+        view, addr = view_and_address(buf, writable=kind == READ)
+        n = len(offs)
+        if view.nbytes != n * page:
+            raise ValueError(f"buffer is {view.nbytes} bytes; {n} pages of {page} bytes need {n * page}")
+        direct_fd = file._direct_fd
+        mask = self.settings.alignment - 1  # a power of two
+        if (self._gather and n and direct_fd is not None and not addr & mask and not page & mask
+                and not (offs & mask).any()):
+            if kind == WRITE:
+                file._extend_to(int(offs.max()) + page)
+            batch = Batch(self, SUM, True)
+            op = PagesOp(kind, direct_fd, view, offs, page, file, tag)
+            batch.entries.append(op)
+            self._enqueue(batch, [op])
+            batch.done(1)  # release the submitter's guard
+            return batch.future
+        arr = np.frombuffer(view, dtype=np.uint8) if n else view
+        return self._submit([(file, kind, arr[k * page : (k + 1) * page], off, tag)
+                             for k, off in enumerate(offs.tolist())], mode=SUM)
 
     def _check_file(self, file: File) -> None:
         if file.engine is not self:
@@ -319,7 +358,7 @@ class Engine:
     def _replan_misaligned(self, ops: list[Op]) -> None:
         """Fast-path ops whose buffer address O_DIRECT refused: bounce them, here and now."""
         for op in ops:
-            if op.plan is None and op.res == -errno.EINVAL:
+            if op.plan is None and op.res == -errno.EINVAL and type(op) is Op:  # a PagesOp is never re-planned
                 view, addr = view_and_address(op.view, writable=op.kind == READ)
                 op.plan = plan_request(op.kind, op.file, view, addr, op.offset, op.tag, direct_fd=op.fd,
                                        buffered_fd=op.file._fd, align=self.settings.alignment,
@@ -354,6 +393,27 @@ class Engine:
 def _nbytes(buf: Any) -> int:
     """Byte length of a buffer (cheap for numpy arrays)."""
     return buf.nbytes if type(buf) is np.ndarray else as_bytes_view(buf, writable=False).nbytes
+
+
+def _page_offsets(offsets: Any, page: int) -> np.ndarray:
+    """``offsets`` as a fresh 1-D int64 array (a snapshot: the caller may reuse
+    theirs at once), each >= 0 with the page's end representable."""
+    arr = np.asarray(offsets)
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise TypeError(f"offsets must be a 1-D sequence of ints, got {arr.dtype} with shape {arr.shape}")
+    if arr.dtype.kind == "u" and int(arr.max()) > _INT64_MAX - page:
+        raise ValueError(f"page offset {int(arr.max())} is out of range")
+    offs = np.array(arr, dtype=np.int64)
+    if (offs < 0).any():
+        raise ValueError(f"offsets must be >= 0, got {int(offs.min())}")
+    if int(offs.max()) > _INT64_MAX - page:
+        raise ValueError(f"page offset {int(offs.max())} + page size {page} is out of range")
+    return offs
+
+
+_INT64_MAX = (1 << 63) - 1
 
 
 def now_ns() -> int:

@@ -7,7 +7,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ShortReadError, io_failure
-from .plan import READ, Op, Plan
+from .plan import READ, Op, PagesOp, Plan
 
 if TYPE_CHECKING:
     from .base import Engine
@@ -31,24 +31,31 @@ class EngineFuture(Future):
         return super().exception(timeout)
 
 
+#: what a batch's future gives: a count per request, the only request's
+#: count, or the sum of the counts (``pread_pages``: one int for all pages)
+LIST, SINGLE, SUM = "list", "single", "sum"
+
+
 class Batch:
     """Completion bookkeeping for one ``submit`` call.
 
     ``entries`` holds, per user request in order, its :class:`Plan` or (fast
-    path) its single bare :class:`Op`.  ``pending`` counts operations not yet
+    path) its single bare :class:`Op`, or (pages fast path) one
+    :class:`PagesOp` for all pages.  ``pending`` counts operations not yet
     completed plus one guard held by the submitter while it is still
     enqueueing, so a batch cannot finish before all of it has been submitted.
+    ``mode`` (LIST, SINGLE or SUM) says what the future gives.
     """
 
-    __slots__ = ("entries", "future", "pending", "lock", "single", "exact")
+    __slots__ = ("entries", "future", "pending", "lock", "mode", "exact")
 
-    def __init__(self, engine: Engine, single: bool, exact: bool) -> None:
+    def __init__(self, engine: Engine, mode: str, exact: bool) -> None:
         self.entries: list[Plan | Op] = []
         self.future: Future = EngineFuture(engine)
         self.future.set_running_or_notify_cancel()
         self.pending = 1
         self.lock = threading.Lock()
-        self.single = single
+        self.mode = mode
         self.exact = exact
 
     def done(self, n: int) -> None:
@@ -67,6 +74,10 @@ class Batch:
             try:
                 if type(e) is Op:
                     got = e.res if e.plan is None else e.plan.resolve()
+                elif type(e) is PagesOp:
+                    error = error or _pages_failure(e, self.exact)
+                    results.append(e.res)
+                    continue
                 else:
                     got = e.resolve()  # type: ignore[union-attr]
             except BaseException as exc:  # noqa: BLE001 - delivered through the future
@@ -81,8 +92,31 @@ class Batch:
             results.append(got)
         if error is not None:
             self.future.set_exception(error)
+        elif self.mode == SINGLE:
+            self.future.set_result(results[0])
+        elif self.mode == SUM:
+            self.future.set_result(sum(results))
         else:
-            self.future.set_result(results[0] if self.single else results)
+            self.future.set_result(results)
+
+
+def _pages_failure(op: PagesOp, exact: bool) -> BaseException | None:
+    """The error of a pages operation, as the per-page requests would report
+    it: the lowest page that failed (typed by errno) or, reading exactly,
+    ended short; each with that page's offset and size."""
+    if op.res < 0:  # the whole call failed (the backend raised): report page 0
+        page, got = 0, op.res
+    elif op.bad >= 0:
+        page, got = op.bad, op.bad_res
+    else:
+        return None
+    offset = int(op.offsets[page])
+    if got < 0:
+        verb = "read" if op.kind == READ else "write"
+        return io_failure(f"{verb} failed", path=op.file.path, offset=offset, size=op.page, errno=-got)
+    if op.kind == READ and exact:
+        return ShortReadError(path=op.file.path, offset=offset, size=op.page, got=got)
+    return None
 
 
 def tally(objs: Iterable[Any]) -> list[tuple[Any, int]]:

@@ -8,6 +8,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ClosedError, io_failure
+from .batch import LIST, SINGLE
 from .plan import READ, WRITE
 
 if TYPE_CHECKING:
@@ -61,21 +62,50 @@ class File:
         with ``exact=False`` it returns the shorter count.  Bytes past the
         count are left untouched.
         """
-        return self.engine._submit([(self, READ, buf, offset, tag)], single=True, exact=exact)
+        return self.engine._submit([(self, READ, buf, offset, tag)], mode=SINGLE, exact=exact)
 
     def pwrite(self, buf: Any, offset: int = 0, *, tag: Any = None) -> Future[int]:
         """Write all of ``buf`` at ``offset``; the future gives the byte count."""
-        return self.engine._submit([(self, WRITE, buf, offset, tag)], single=True)
+        return self.engine._submit([(self, WRITE, buf, offset, tag)], mode=SINGLE)
 
     def pread_many(self, bufs: Sequence[Any], offsets: Sequence[int], *, tags: Sequence[Any] | None = None,
                    exact: bool = True) -> Future[list[int]]:
         """Read many buffers in one submission; the future gives a count per buffer."""
-        return self.engine._submit(_zip(self, READ, bufs, offsets, tags), single=False, exact=exact)
+        return self.engine._submit(_zip(self, READ, bufs, offsets, tags), mode=LIST, exact=exact)
 
     def pwrite_many(self, bufs: Sequence[Any], offsets: Sequence[int], *,
                     tags: Sequence[Any] | None = None) -> Future[list[int]]:
         """Write many buffers in one submission; the future gives a count per buffer."""
-        return self.engine._submit(_zip(self, WRITE, bufs, offsets, tags), single=False)
+        return self.engine._submit(_zip(self, WRITE, bufs, offsets, tags), mode=LIST)
+
+    def pread_pages(self, buf: Any, offsets: Sequence[int] | Any, page_size: int, *, tag: Any = None) -> Future[int]:
+        """Read ``len(offsets)`` pages of ``page_size`` bytes into one buffer.
+
+        Page ``k`` is the file bytes ``[offsets[k], offsets[k] + page_size)``
+        and lands in ``buf[k*page_size:(k+1)*page_size]``.  ``buf`` (numpy
+        array, torch CPU tensor, memoryview; C-contiguous, writable) must be
+        exactly ``len(offsets) * page_size`` bytes; ``offsets`` (a sequence or
+        numpy array of ints >= 0, copied at the call) may repeat and need not
+        be sorted.  The future gives the total byte count.  Always exact: the
+        lowest page that hits end of file raises
+        :class:`~llmtier.errors.ShortReadError` with that page's offset; a
+        failed page raises the typed error of :func:`~llmtier.errors.io_failure`.
+
+        With ``uring`` and everything ``O_DIRECT``-aligned (buffer address,
+        ``page_size`` and every offset) all pages go to the kernel in one
+        call, with no Python object per page; otherwise, and on the other
+        backends, each page is an ordinary request (same results and errors).
+        """
+        return self.engine._submit_pages(self, READ, buf, offsets, page_size, tag)
+
+    def pwrite_pages(self, buf: Any, offsets: Sequence[int] | Any, page_size: int, *, tag: Any = None) -> Future[int]:
+        """Write page ``k`` of ``buf`` (``buf[k*page_size:(k+1)*page_size]``) at
+        ``offsets[k]``, for every ``k``; the future gives the total byte count.
+
+        The counterpart of :meth:`pread_pages`, with the same rules.  With
+        repeated offsets, which page's bytes end up there is unspecified.
+        """
+        return self.engine._submit_pages(self, WRITE, buf, offsets, page_size, tag)
 
     def sync(self) -> None:
         """Flush written data and metadata to stable storage (``fsync``)."""

@@ -61,6 +61,28 @@ class Op:
         self.qd = 0
 
 
+class PagesOp(Op):
+    """The pages fast path (``File.pread_pages``): ``len(offsets)`` pages of
+    ``page`` bytes between one contiguous buffer (``view``) and the file.
+
+    Page ``k`` is ``view[k*page:(k+1)*page]`` and file bytes
+    ``[offsets[k], offsets[k] + page)``.  The backend moves all of it in one
+    call (``Ring.gather``) and sets ``res`` to the total bytes moved, ``bad``
+    to the lowest page that did not move in full (-1: none) and ``bad_res``
+    to that page's ``-errno`` or byte count.  ``plan`` stays None: nothing is
+    ever re-planned (the submitter checked every alignment up front).
+    """
+
+    __slots__ = ("bad", "bad_res", "offsets", "page")
+
+    def __init__(self, kind: int, fd: int, view: Any, offsets: np.ndarray, page: int, file: Any, tag: Any) -> None:
+        super().__init__(kind, fd, view, int(offsets[0]), file, tag, None)
+        self.offsets = offsets
+        self.page = page
+        self.bad = -1
+        self.bad_res = 0
+
+
 class Plan:
     """How one user request is carried out, and how its result is computed.
 
