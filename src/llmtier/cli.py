@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Sequence
 
 from . import __version__
+from .errors import LLMTierError
 
 
 def _size(text: str) -> int:
@@ -19,7 +20,7 @@ def _size(text: str) -> int:
 
 def cmd_bench_io(args: argparse.Namespace) -> int:
     from .bench import io_report  # noqa: PLC0415 - keep `llmtier --help` fast
-    from .bench.io import StudyConfig, run_io_study  # noqa: PLC0415
+    from .bench.io import OPS, StudyConfig, run_io_study  # noqa: PLC0415
     from .engine import current_settings  # noqa: PLC0415
 
     directory = args.dir or tempfile.gettempdir()
@@ -32,6 +33,11 @@ def cmd_bench_io(args: argparse.Namespace) -> int:
         kw["sizes"] = tuple(_size(s) for s in args.sizes.split(","))
     if args.ops:
         kw["ops"] = tuple(args.ops.split(","))
+        unknown = set(kw["ops"]) - set(OPS)
+        if unknown:
+            print(f"llmtier bench io: unknown op(s) {','.join(sorted(unknown))}; choose from {','.join(OPS)}",
+                  file=sys.stderr)
+            return 2
     if args.rounds:
         kw["rounds"] = args.rounds
     cfg = StudyConfig.quick(directory, **kw) if args.quick else StudyConfig(directory, **kw)
@@ -74,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--dir", help="directory on the file system to measure (default: the temp dir)")
     io.add_argument("--engines", help="comma list of posix,threads,uring,deepnvme")
     io.add_argument("--sizes", help="comma list of tensor sizes, e.g. 4k,1m,1g")
-    io.add_argument("--ops", help="comma list of read,write,write-fresh")
+    io.add_argument("--ops", help="comma list of read,write,write-fresh,randread (4 KiB random reads, "
+                    "queue depth 1 and 32); default all")
     io.add_argument("--rounds", type=int, help="measured rounds per cell (median reported)")
     io.add_argument("--chunk-size", type=_size, help="engine piece size (default from settings)")
     io.add_argument("--queue-depth", type=int, help="engine queue depth")
@@ -83,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--plot", metavar="PATH", help="write a PNG of bandwidth vs tensor size")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
     io.set_defaults(func=cmd_bench_io)
+
+    from .cli_store import add_store_verbs  # noqa: PLC0415
+
+    add_store_verbs(sub, bench)
     return p
 
 
@@ -93,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (LLMTierError, OSError, ValueError) as exc:
+        print(f"llmtier: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
