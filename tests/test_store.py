@@ -411,3 +411,9 @@ def test_get_many_into_caller_buffers(tmp_path, monkeypatch):
             s.get_many(out={"t0": np.empty(3, np.float32)})
         with pytest.raises(ValueError, match="no buffer"):
             s.get_many(["t1"], out={})
+
+
+def test_numpy_scalars_are_stored_as_0d(tmp_path):
+    write_store(tmp_path / "s.lts", {"s": np.float64(2.5), "i": np.int32(-7)})
+    with open_store(tmp_path / "s.lts") as s:
+        assert s.get("s").shape == () and float(s.get("s")) == 2.5 and int(s.get("i")) == -7

@@ -215,7 +215,7 @@ class Study:
         made outside the timing), all ops issued then one wait."""
         bs, qd = tuning
         if wl.op == "write-fresh":
-            open(path, "wb").close()  # noqa: SIM115 - DeepNVMe creates no file of its own in place
+            open(path, "wb").close()
         with DeepNVMe(bs, qd) as dn:
             bufs = [dn.alloc(wl.size) for _ in wl.offsets]
             if wl.op == "read":

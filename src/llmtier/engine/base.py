@@ -384,7 +384,7 @@ class Engine:
         for obs in observers:
             try:
                 obs(events)
-            except Exception:  # noqa: BLE001 - a broken observer must not break I/O
+            except Exception:
                 import logging  # noqa: PLC0415
 
                 logging.getLogger("llmtier.engine").exception("engine observer %r failed", obs)

@@ -84,6 +84,9 @@ def parse_preamble(raw: bytes, file_size: int, path: str) -> tuple[int, int, int
                           "unfinished write)", path=path, field="magic")
     if pcrc != crc32c(raw[: _HEAD.size - 4]):
         raise FormatError("preamble checksum mismatch (damaged file)", path=path, field="preamble_crc32c")
+    if any(raw[_HEAD.size : PREAMBLE]):
+        raise FormatError(f"preamble bytes {_HEAD.size}-{PREAMBLE - 1} must be zero (damaged file)", path=path,
+                          field="preamble")
     if version != VERSION:
         raise FormatError(f"format version {version}; this llmtier reads version {VERSION}", path=path,
                           field="version")
@@ -94,7 +97,10 @@ def parse_preamble(raw: bytes, file_size: int, path: str) -> tuple[int, int, int
                           field="index_offset")
     if ilen == 0 or ilen > MAX_INDEX:
         raise FormatError(f"index_length {ilen} outside 1..{MAX_INDEX}", path=path, field="index_length")
-    if ioff > file_size or ilen > file_size - ioff:
+    if ioff > file_size:
+        raise FormatError(f"index_offset {ioff} is past the end of the {file_size}-byte file (truncated?)", path=path,
+                          field="index_offset")
+    if ilen > file_size - ioff:
         raise FormatError(f"index [{ioff}, {ioff + ilen}) runs past the end of the {file_size}-byte file "
                           "(truncated?)", path=path, field="index_length")
     return ioff, ilen, icrc
@@ -107,10 +113,28 @@ def pack_index(tensors: list[TensorInfo], metadata: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return obj
+
+
 def load_json(raw: bytes, path: str, what: str) -> Any:
-    """Parse JSON bytes; any failure (bad UTF-8, syntax, nesting) is a FormatError."""
+    """Parse JSON bytes; any failure (bad UTF-8, syntax, nesting, a key twice in one object) is a FormatError."""
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise FormatError(f"key {str(exc.args[0])[:80]!r} appears twice in one object (ambiguous)", path=path,
+                          field=what) from None
     except UnicodeDecodeError as exc:
         raise FormatError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", path=path, field=what) from None
     except (ValueError, RecursionError) as exc:
@@ -122,7 +146,7 @@ def parse_index(raw: bytes, index_offset: int, path: str) -> tuple[list[TensorIn
     doc = load_json(raw, path, "index")
     if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT:
         raise FormatError(f"index is not an {INDEX_FORMAT!r} document", path=path, field="index.format")
-    if doc.get("version") != VERSION:
+    if not _is_int(doc.get("version")) or doc["version"] != VERSION:
         raise FormatError(f"index version {doc.get('version')!r}, expected {VERSION}", path=path,
                           field="index.version")
     metadata = doc.get("metadata", {})

@@ -20,8 +20,7 @@ from ..engine import Engine, File, alloc, open_engine
 from ..engine.buffers import as_bytes_view
 from ..errors import ChecksumError, FormatError, TensorNotFoundError
 from .dtypes import DType, torch_dtype
-from .format import (ALIGN, MAX_INDEX, PREAMBLE, SHARD_INDEX, SHARDED_FORMAT, TensorInfo, crc32c, load_json,
-                     parse_index, parse_preamble)
+from .format import ALIGN, MAX_INDEX, PREAMBLE, SHARD_INDEX, SHARDED_FORMAT, TensorInfo, crc32c, load_json, parse_index, parse_preamble
 
 WINDOW_BYTES = 256 << 20  # bytes per get_many read window
 _GAP = 1 << 20  # tensors closer than this share a window read
@@ -361,7 +360,8 @@ def _open_sharded(path: str, verify: bool, engine: Engine | None) -> Store:
         raise FormatError(f"index.json is {size} bytes (limit {MAX_INDEX})", path=index_path, field="size")
     with open(index_path, "rb") as f:
         doc = load_json(f.read(MAX_INDEX + 1), index_path, "index")
-    if not isinstance(doc, dict) or doc.get("format") != SHARDED_FORMAT or doc.get("version") != 1:
+    if not isinstance(doc, dict) or doc.get("format") != SHARDED_FORMAT or type(doc.get("version")) is not int \
+            or doc["version"] != 1:
         raise FormatError(f"not an {SHARDED_FORMAT!r} version 1 index", path=index_path, field="format")
     shards, mapping, meta = doc.get("shards"), doc.get("tensors"), doc.get("metadata", {})
     if not isinstance(shards, list) or not isinstance(mapping, dict) or not isinstance(meta, dict):

@@ -45,15 +45,16 @@ def read_header(path: str) -> tuple[list[TensorInfo], dict[str, Any]]:
     doc = load_json(raw, path, "header")
     if not isinstance(doc, dict):
         raise FormatError("header must be a JSON object", path=path, field="header")
-    meta = doc.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+    meta = doc.pop("__metadata__", None)
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict) or not all(isinstance(v, str) and _unicode(k + v) for k, v in meta.items()):
         raise FormatError("__metadata__ must map strings to strings", path=path, field="__metadata__")
     base, data_len = 8 + n, size - 8 - n
     infos = []
     for name, e in doc.items():
         where = f"{name!r}"
-        if not name or "\0" in name:
-            raise FormatError("tensor names must be non-empty and free of NUL", path=path, field=where)
+        if not name or "\0" in name or not _unicode(name):
+            raise FormatError("tensor names must be non-empty, valid Unicode and free of NUL", path=path, field=where)
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
             raise FormatError("entry needs dtype, shape and data_offsets", path=path, field=where)
         dt = FROM_SAFETENSORS.get(e["dtype"]) if isinstance(e["dtype"], str) else None
@@ -75,6 +76,15 @@ def read_header(path: str) -> tuple[list[TensorInfo], dict[str, Any]]:
             raise FormatError(f"tensor {t.name!r} overlaps {prev!r}", path=path, field="data_offsets")
         end, prev = t.offset + t.nbytes, t.name
     return infos, meta
+
+
+def _unicode(s: str) -> bool:
+    """False for strings JSON can carry but UTF-8 cannot (lone surrogates from ``\\ud800`` escapes)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def open_safetensors(path: str | os.PathLike[str], *, verify: bool = True,

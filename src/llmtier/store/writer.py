@@ -35,8 +35,20 @@ from ..engine.buffers import as_bytes_view
 from ..errors import DiskFullError, FormatError, LLMTierError
 from . import dtypes
 from .dtypes import DType
-from .format import (ALIGN, INDEX_FORMAT, PREAMBLE, SHARD_INDEX, SHARDED_FORMAT, TensorInfo, align_up, check_name,
-                     check_shape, crc32c, pack_index, pack_preamble)
+from .format import (
+    ALIGN,
+    INDEX_FORMAT,
+    PREAMBLE,
+    SHARD_INDEX,
+    SHARDED_FORMAT,
+    TensorInfo,
+    align_up,
+    check_name,
+    check_shape,
+    crc32c,
+    pack_index,
+    pack_preamble,
+)
 
 STAGE_BYTES = 64 << 20  # per staging buffer (two of them)
 
@@ -165,7 +177,7 @@ class TensorSink:
             self._writer._broken(ValueError(f"tensor {self.name!r}: got more than its {self.nbytes} bytes"))
         try:
             self._fw.stream.write(view)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - aborts, then re-raises
             self._writer._broken(exc)
         self.crc = crc32c(view, self.crc)
         self.written += view.nbytes
@@ -250,8 +262,11 @@ class StoreWriter:
         if self.sharded and self._shard.tensors and self._shard.data_bytes + nbytes > self.max_shard_bytes:  # type: ignore[operator]
             layer = tags.get("layer")
             if layer is None or layer != self._last_layer:
-                self._close_shard()
-                self._shard = self._new_shard()
+                try:
+                    self._close_shard()
+                    self._shard = self._new_shard()
+                except BaseException as exc:  # noqa: BLE001 - aborts, then re-raises
+                    self._broken(exc)
         self._last_layer = tags.get("layer")
         self._names.add(name)
         self._sink = TensorSink(self, self._shard, name, dt, shape_t, tags)
@@ -270,7 +285,7 @@ class StoreWriter:
             else:
                 self._shard.commit(self.metadata)
             self._state = "committed"
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - aborts, then re-raises
             self.abort()
             _reraise(exc, self.path)
         finally:
@@ -369,6 +384,8 @@ def write_store(path: str | os.PathLike[str], tensors: dict[str, Any], *,
 
 # -- helpers -----------------------------------------------------------------
 def _tensor_bytes(tensor: Any) -> tuple[DType, tuple[int, ...], memoryview]:
+    if isinstance(tensor, np.generic):  # a numpy scalar such as np.float64(2.5)
+        tensor = np.asarray(tensor)
     dt = dtypes.of(tensor)
     if isinstance(tensor, np.ndarray):
         arr = tensor if tensor.flags.c_contiguous else np.ascontiguousarray(tensor)  # (keeps 0-d arrays 0-d)
@@ -382,7 +399,7 @@ def _tensor_bytes(tensor: Any) -> tuple[DType, tuple[int, ...], memoryview]:
 
 def _check_json(obj: Any, what: str) -> None:
     try:
-        json.dumps(obj, allow_nan=False)
+        json.dumps(obj, allow_nan=False, ensure_ascii=False).encode("utf-8")  # as the index will be written
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be JSON-serialisable: {exc}") from None
 

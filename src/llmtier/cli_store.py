@@ -1,0 +1,85 @@
+"""CLI verbs of the store: ``convert``, ``inspect`` and ``bench store``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def _gib(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GiB" else f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .store.convert import convert  # noqa: PLC0415
+
+    r = convert(args.src, args.dst, dtype=args.dtype, max_shard_bytes=args.shard_size,
+                progress=not args.no_progress)
+    print(f"converted {r.tensors} tensors, {_gib(r.bytes_read)} read, {_gib(r.bytes_written)} written in "
+          f"{r.seconds:.1f} s ({r.gbps:.2f} GB/s) -> {r.path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .store.convert import describe  # noqa: PLC0415
+
+    d = describe(args.path, verify=args.verify)
+    if args.json:
+        json.dump(d, sys.stdout, indent=1)
+        print()
+        return 0 if not d.get("bad_tensors") else 2
+    print(f"{d['path']}: {d['format']} store, {d['files']} file(s), {d['file_bytes']:,} bytes on disk")
+    print(f"  tensors    {d['tensors']}, {_gib(d['bytes'])} of data")
+    print(f"  alignment  {d['aligned_tensors']} of {d['tensors']} tensors start on a 4 KiB boundary"
+          + ("" if d["aligned_tensors"] == d["tensors"] else " (the rest need widened reads)"))
+    print(f"  checksums  {d['checksums']}")
+    print("  dtypes     " + ", ".join(f"{k} {_gib(v)}" for k, v in sorted(d["per_dtype"].items())))
+    print("  kinds      " + ", ".join(f"{k} {_gib(v)}" for k, v in sorted(d["per_kind"].items())))
+    layers = d["per_layer"]
+    numbered = sorted((int(k), v) for k, v in layers.items() if k != "-")
+    if numbered:
+        sizes = sorted({v for _, v in numbered})
+        span = _gib(sizes[0]) if len(sizes) == 1 else f"{_gib(sizes[0])}..{_gib(sizes[-1])}"
+        print(f"  layers     {len(numbered)} decoder layers of {span} each; outside layers {_gib(layers.get('-', 0))}")
+    if d.get("bad_tensors"):
+        print("  DAMAGED    " + ", ".join(d["bad_tensors"][:20]))
+    if args.tensors:
+        print(f"\n  {'name':60s} {'dtype':14s} {'shape':22s} {'offset':>14s} {'bytes':>12s}  tags")
+        for t in d["tensor_list"]:
+            shape = "x".join(map(str, t["shape"])) or "scalar"
+            print(f"  {t['name'][:60]:60s} {t['dtype']:14s} {shape:22s} {t['offset']:14,d} {t['nbytes']:12,d}  "
+                  f"{json.dumps(t['tags'])}")
+    return 0 if not d.get("bad_tensors") else 2
+
+
+def add_store_verbs(sub: Any, bench: Any) -> None:
+    conv = sub.add_parser("convert", help="convert a safetensors file / Hugging Face model directory to a store")
+    conv.add_argument("src", help="a .safetensors file, a model directory (config + shards), or a store")
+    conv.add_argument("dst", help="the store to write (a file, or a directory with --shard-size)")
+    conv.add_argument("--dtype", help="cast floating-point tensors, e.g. bf16, fp16, fp32")
+    conv.add_argument("--shard-size", type=_size, help="write a sharded directory, shards of about this size (4G)")
+    conv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    conv.set_defaults(func=cmd_convert)
+
+    ins = sub.add_parser("inspect", help="describe a store or safetensors file: tensors, layers, alignment, checksums")
+    ins.add_argument("path")
+    ins.add_argument("--tensors", action="store_true", help="list every tensor")
+    ins.add_argument("--verify", action="store_true", help="read everything and check the checksums")
+    ins.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ins.set_defaults(func=cmd_inspect)
+
+    from .bench.store import add_cli  # noqa: PLC0415 - imports only the stdlib at load time
+
+    add_cli(bench, _size)
