@@ -1,4 +1,4 @@
-"""CLI verbs of the store: ``convert``, ``inspect`` and ``bench store``."""
+"""CLI verbs of the store (``convert``, ``inspect``, ``bench store``) and ``trace``."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def add_store_verbs(sub: Any, bench: Any) -> None:
+    add_trace_verb(sub)
     conv = sub.add_parser("convert", help="convert a safetensors file / Hugging Face model directory to a store")
     conv.add_argument("src", help="a .safetensors file, a model directory (config + shards), or a store")
     conv.add_argument("dst", help="the store to write (a file, or a directory with --shard-size)")
@@ -83,3 +84,49 @@ def add_store_verbs(sub: Any, bench: Any) -> None:
     from .bench.store import add_cli  # noqa: PLC0415 - imports only the stdlib at load time
 
     add_cli(bench, _size)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("llmtier trace: give a command after --, e.g. llmtier trace -o run.npz -- python -m mymodule",
+              file=sys.stderr)
+        return 2
+    out = os.path.abspath(args.output)
+    for stale in (out, out + ".claim"):
+        if os.path.exists(stale):
+            os.unlink(stale)
+    env = dict(os.environ, LLMTIER_TRACE=out)
+    if args.device_path:
+        env["LLMTIER_TRACE_DEVICE"] = os.path.abspath(args.device_path)
+    rc = subprocess.call(cmd, env=env)
+    if os.path.exists(out + ".claim"):
+        os.unlink(out + ".claim")
+    if not os.path.exists(out):
+        print(f"llmtier trace: {' '.join(cmd)} exited {rc} without writing a trace (did it import llmtier?)",
+              file=sys.stderr)
+        return rc or 1
+    from .trace import load  # noqa: PLC0415
+
+    t = load(out)
+    app = t.app
+    print(f"llmtier trace: {len(t)} operations, {int(app['size'].sum()):,} bytes "
+          f"({int(app['size'][app['op'] == 0].sum()):,} read, {int(app['size'][app['op'] == 1].sum()):,} written) "
+          f"-> {out}", file=sys.stderr)
+    for m in t.meta.get("missing", []):
+        print(f"llmtier trace: not recorded: {m}", file=sys.stderr)
+    return rc
+
+
+def add_trace_verb(sub: Any) -> None:
+    p = sub.add_parser("trace", help="run a command with I/O recording on (any program that uses llmtier)")
+    p.add_argument("-o", "--output", required=True, help="trace file to write (.npz)")
+    p.add_argument("--device-path", help="sample the counters of the device holding this path (default: "
+                   "the trace's directory)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    p.set_defaults(func=cmd_trace)

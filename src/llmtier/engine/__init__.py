@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import EngineUnavailableError
-from .base import Engine, File, IOEvent, IORequest, Observer
+from .base import Engine, File, IOEvent, IORequest, Observer, add_global_observer, remove_global_observer
 from .buffers import PAGE, BufferPool, alloc, as_bytes_view
 from .settings import Settings, current_settings, settings
 from .sync import PosixEngine, ThreadsEngine
@@ -56,5 +56,5 @@ def open_engine(name: str = "auto", **overrides: Any) -> Engine:
 __all__ = [
     "PAGE", "BACKENDS", "BufferPool", "Engine", "EngineUnavailableError", "File", "IOEvent", "IORequest",
     "Observer", "Settings", "alloc", "as_bytes_view", "available_engines", "current_settings", "open_engine",
-    "settings",
+    "settings", "add_global_observer", "remove_global_observer",
 ]

@@ -62,6 +62,23 @@ class IOEvent(NamedTuple):
 
 Observer = Callable[[list[IOEvent]], None]
 
+# Observers of every engine in the process (the tracer's switch); replaced, never mutated.
+_global_observers: list[Observer] = []
+_global_lock = threading.Lock()
+
+
+def add_global_observer(observer: Observer) -> None:
+    """Call ``observer(events)`` for the operations of every engine, present and future."""
+    global _global_observers
+    with _global_lock:
+        _global_observers = [*_global_observers, observer]
+
+
+def remove_global_observer(observer: Observer) -> None:
+    global _global_observers
+    with _global_lock:
+        _global_observers = [o for o in _global_observers if o is not observer]
+
 
 class Engine:
     """Moves bytes between host buffers and files. Backends subclass this.
@@ -345,7 +362,7 @@ class Engine:
 
     def _run(self, ops: list[Op]) -> None:
         """Execute ``ops`` (results land in ``op.res``) and tell the observers."""
-        observers = self._observers
+        observers = self._observers + _global_observers if _global_observers else self._observers
         events = None
         try:
             events = self._execute(ops, bool(observers))

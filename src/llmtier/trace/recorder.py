@@ -1,0 +1,150 @@
+"""The application-level recorder: every engine request, both ends, in columns.
+
+The engine reports each kernel-level operation (an :class:`IOEvent`) to its
+observers; the recorder is one.  Events go into preallocated numpy columns
+(grown by doubling, so recording costs a few array stores per event, no
+Python object kept per request).  Paths and tags are interned into tables and
+stored as small integers.
+
+Columns (one row per operation the kernel saw)::
+
+    submit_ns, complete_ns  int64   CLOCK_MONOTONIC (time.monotonic_ns)
+    op                      uint8   0 read, 1 write
+    file                    uint32  index into ``files``
+    offset, size            int64   bytes
+    result                  int64   bytes moved, or -errno
+    tag                     uint32  index into ``tags`` (0 is "no tag")
+    queue_depth             uint32  operations in flight at submit, this one included
+    backend                 uint8   index into ``backends``
+
+Saved as one ``.npz`` (numpy's zip of arrays) with the tables and metadata as
+JSON in the array ``meta``: readable without llmtier (``numpy.load``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+COLUMNS: dict[str, Any] = {
+    "submit_ns": np.int64, "complete_ns": np.int64, "op": np.uint8, "file": np.uint32, "offset": np.int64,
+    "size": np.int64, "result": np.int64, "tag": np.uint32, "queue_depth": np.uint32, "backend": np.uint8,
+}
+TRACE_FORMAT = "llmtier-trace"
+TRACE_VERSION = 1
+
+
+def tag_name(tag: Any) -> str:
+    """How a request's tag is recorded: its string form (None → "")."""
+    return "" if tag is None else str(tag)
+
+
+class Recorder:
+    """Collects engine events into growable columns. Thread-safe."""
+
+    def __init__(self, capacity: int = 1 << 16) -> None:
+        self._lock = threading.Lock()
+        self._n = 0
+        self._cols = {k: np.empty(capacity, dtype=t) for k, t in COLUMNS.items()}
+        self.files: list[str] = []
+        self.tags: list[str] = [""]
+        self.backends: list[str] = []
+        self._file_ids: dict[str, int] = {}
+        self._tag_ids: dict[str, int] = {"": 0}
+        self._backend_ids: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __call__(self, events: list[Any]) -> None:
+        """The engine observer: append ``events``."""
+        if not events:
+            return
+        with self._lock:
+            need = self._n + len(events)
+            if need > len(self._cols["size"]):
+                self._grow(need)
+            i = self._n
+            c = self._cols
+            fid, tid, bid = self._file_ids, self._tag_ids, self._backend_ids
+            for e in events:
+                f = fid.get(e.path)
+                if f is None:
+                    f = fid[e.path] = len(self.files)
+                    self.files.append(e.path)
+                name = tag_name(e.tag)
+                t = tid.get(name)
+                if t is None:
+                    t = tid[name] = len(self.tags)
+                    self.tags.append(name)
+                b = bid.get(e.backend)
+                if b is None:
+                    b = bid[e.backend] = len(self.backends)
+                    self.backends.append(e.backend)
+                c["submit_ns"][i] = e.submit_ns
+                c["complete_ns"][i] = e.complete_ns
+                c["op"][i] = 0 if e.op == "read" else 1
+                c["file"][i] = f
+                c["offset"][i] = e.offset
+                c["size"][i] = e.size
+                c["result"][i] = e.result
+                c["tag"][i] = t
+                c["queue_depth"][i] = e.queue_depth
+                c["backend"][i] = b
+                i += 1
+            self._n = i
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * len(self._cols["size"]))
+        for k, a in self._cols.items():
+            b = np.empty(cap, dtype=a.dtype)
+            b[: self._n] = a[: self._n]
+            self._cols[k] = b
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """A copy of the recorded columns, trimmed to the events recorded."""
+        with self._lock:
+            return {k: a[: self._n].copy() for k, a in self._cols.items()}
+
+    def save(self, path: str | os.PathLike[str], meta: dict[str, Any] | None = None,
+             extra: dict[str, np.ndarray] | None = None) -> None:
+        """Write the trace (and ``extra`` arrays, e.g. device samples) as one ``.npz``, atomically."""
+        doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "files": self.files, "tags": self.tags,
+               "backends": self.backends, **(meta or {})}
+        arrays = {f"app_{k}": v for k, v in self.columns().items()}
+        arrays.update(extra or {})
+        arrays["meta"] = np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)
+        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class Trace:
+    """A saved trace, loaded: ``app`` columns, ``files``/``tags`` tables, ``meta``, extra arrays."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        try:
+            self.meta = json.loads(arrays.pop("meta").tobytes())
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: not an llmtier trace (no valid meta)") from exc
+        if self.meta.get("format") != TRACE_FORMAT:
+            raise ValueError(f"{path}: not an llmtier trace")
+        self.app = {k[4:]: v for k, v in arrays.items() if k.startswith("app_")}
+        self.extra = {k: v for k, v in arrays.items() if not k.startswith("app_")}
+        self.files: list[str] = self.meta["files"]
+        self.tags: list[str] = self.meta["tags"]
+        self.backends: list[str] = self.meta["backends"]
+
+    def __len__(self) -> int:
+        return len(self.app["size"])
+
+    def tag_of(self, i: int) -> str:
+        return self.tags[int(self.app["tag"][i])]
