@@ -417,3 +417,54 @@ def test_numpy_scalars_are_stored_as_0d(tmp_path):
     write_store(tmp_path / "s.lts", {"s": np.float64(2.5), "i": np.int32(-7)})
     with open_store(tmp_path / "s.lts") as s:
         assert s.get("s").shape == () and float(s.get("s")) == 2.5 and int(s.get("i")) == -7
+
+
+def test_big_endian_arrays_round_trip_by_value(tmp_path):
+    a = np.arange(6, dtype=">f4").reshape(2, 3)
+    write_store(tmp_path / "s.lts", {"a": a})
+    with open_store(tmp_path / "s.lts") as s:
+        np.testing.assert_array_equal(s.get("a"), a.astype("<f4"))
+
+
+def test_open_store_keeps_reading_the_file_it_opened(tmp_path):
+    path = tmp_path / "s.lts"
+    write_store(path, {"a": np.arange(100_000, dtype=np.int64)})
+    with open_store(path) as s:
+        write_store(path, {"b": np.zeros(7)})  # renamed over the path after the index was read
+        assert s.get("a", rows=slice(10, 12)).tolist() == [10, 11]
+        assert s.get("a", verify=False)[-1] == 99_999
+    with open_store(path) as s:
+        assert s.keys() == ["b"]
+
+
+def test_one_sharded_writer_at_a_time(tmp_path):
+    from llmtier.errors import LLMTierError
+
+    d = tmp_path / "d"
+    w1 = StoreWriter(d, max_shard_bytes=1 << 20)
+    with pytest.raises(LLMTierError, match="another process"):
+        StoreWriter(d, max_shard_bytes=1 << 20)
+    w1.add("x", np.ones(3))
+    w1.close()
+    write_store(d, {"y": np.zeros(2)}, max_shard_bytes=1 << 20)  # the lock was released
+    with open_store(d) as s:
+        assert s.keys() == ["y"]
+
+
+def test_get_many_error_waits_for_reads_in_flight(tmp_path, monkeypatch):
+    monkeypatch.setattr(reader_mod, "WINDOW_BYTES", 64 << 10)
+    path = tmp_path / "s.lts"
+    write_store(path, {f"t{i}": np.full(60_000, i, np.uint8) for i in range(4)})
+    with open_store(path) as s:
+        off = s.info("t0").offset
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(b"\xff")
+    out = {f"t{i}": np.zeros(60_000, np.uint8) for i in range(4)}
+    with open_store(path) as s, pytest.raises(ChecksumError):
+        s.get_many(out=out)
+    snapshot = {n: v.copy() for n, v in out.items()}
+    import time
+
+    time.sleep(0.2)
+    assert all(np.array_equal(snapshot[n], out[n]) for n in out)  # nothing still writing into them

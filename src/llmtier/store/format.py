@@ -142,7 +142,7 @@ def load_json(raw: bytes, path: str, what: str) -> Any:
 
 
 def parse_index(raw: bytes, index_offset: int, path: str) -> tuple[list[TensorInfo], dict[str, Any]]:
-    """Validate the index of a single-file store; tensors sorted by name order of the file."""
+    """Validate the index of a single-file store; tensors in index order."""
     doc = load_json(raw, path, "index")
     if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT:
         raise FormatError(f"index is not an {INDEX_FORMAT!r} document", path=path, field="index.format")

@@ -10,6 +10,7 @@ CRC-32C of window *k* while window *k+1* is already on its way from the disk.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -32,14 +33,16 @@ class TensorSource:
     kind = "weights"  # the tag of window reads, for the tracer
 
     def __init__(self, path: str, infos: list[TensorInfo], metadata: dict[str, Any], *, verify: bool,
-                 engine: Engine | None) -> None:
+                 engine: Engine | None, files: dict[str, File] | None = None, own_engine: bool | None = None) -> None:
         self.path = path
         self.metadata = metadata
         self.verify_default = verify
         self._infos = {t.name: t for t in infos}
-        self._own_engine = engine is None
+        self._own_engine = engine is None if own_engine is None else own_engine
         self.engine = engine or open_engine()
-        self._files: dict[str, File] = {}
+        # The files whose index was read, kept open: a store renamed over the
+        # path later never mixes with the index read here.
+        self._files: dict[str, File] = dict(files or {})
 
     # -- mapping-like ---------------------------------------------------------
     def keys(self) -> list[str]:
@@ -160,16 +163,25 @@ class TensorSource:
         then check k's checksums while k+1 is on its way."""
         got: dict[str, Any] = {}
         pending = None
-        for w in _windows(infos):
+        try:
+            for w in _windows(infos):
+                if pending is not None:
+                    self._wait_window(*pending)
+                nxt = self._submit_window(w, dest)
+                if pending is not None:
+                    done, pending = pending, nxt
+                    self._keep_window(done[1], verify, got)
+                else:
+                    pending = nxt
             if pending is not None:
-                self._wait_window(*pending)
-            nxt = self._submit_window(w, dest)
-            if pending is not None:
-                self._keep_window(pending[1], verify, got)
-            pending = nxt
-        if pending is not None:
-            self._wait_window(*pending)
-            self._keep_window(pending[1], verify, got)
+                done, pending = pending, None
+                self._wait_window(*done)
+                self._keep_window(done[1], verify, got)
+        except BaseException:
+            if pending is not None:  # never return while a read still writes into buffers
+                with contextlib.suppress(Exception):
+                    pending[0].result()
+            raise
         return got
 
     def _submit_window(self, w: list[TensorInfo], dest: dict[str, Any] | None) -> tuple[Any, list, list[int]]:
@@ -240,7 +252,10 @@ class TensorSource:
         start = off - off % ALIGN
         arena = alloc(-(-(off + n) // ALIGN) * ALIGN - start)
         if n:
-            self._file(info.file).pread(arena, start, tag=info.name, exact=False).result()
+            got = self._file(info.file).pread(arena, start, tag=info.name, exact=False).result()
+            if got < off - start + n:
+                raise FormatError(f"the file ends inside tensor {info.name!r} (truncated after it was opened?)",
+                                  path=info.file, field="size")
         return arena[off - start : off - start + n]
 
     @staticmethod
@@ -329,23 +344,52 @@ def open_store(path: str | os.PathLike[str], *, verify: bool = True, engine: Eng
     with open(p, "rb") as f:
         head = f.read(8)
     if head == b"LLMTSTOR" or not p.endswith(".safetensors"):
-        infos, meta = read_index(p)
-        return Store(p, infos, meta, verify=verify, engine=engine)
+        return open_parsed(Store, p, [p], read_index, verify, engine)
     from .safetensors import open_safetensors  # noqa: PLC0415
 
     return open_safetensors(p, verify=verify, engine=engine)
 
 
-def read_index(path: str) -> tuple[list[TensorInfo], dict[str, Any]]:
-    """Validate a single-file store's preamble and index (reads at most the index)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def open_parsed(cls: type[TensorSource], path: str, files: list[str], parse: Any, verify: bool,
+                engine: Engine | None, meta: dict[str, Any] | None = None, check: Any = None) -> Any:
+    """Open ``files`` through the engine, parse each one's index from the open
+    descriptor (``parse(path, fd) -> (infos, meta)``) and build ``cls``; on any
+    failure close what was opened."""
+    eng = engine or open_engine()
+    opened: dict[str, File] = {}
+    try:
+        infos: list[TensorInfo] = []
+        for fp in files:
+            opened[fp] = eng.open(fp, "r")
+            got, m = parse(fp, opened[fp]._fd)
+            infos.extend(got)
+            if meta is None:
+                meta = m
+        if check is not None:
+            check(infos)
+        return cls(path, infos, meta or {}, verify=verify, engine=eng, files=opened, own_engine=engine is None)
+    except BaseException:
+        for f in opened.values():
+            f.close()
+        if engine is None:
+            eng.close()
+        raise
+
+
+def read_index(path: str, fd: int | None = None) -> tuple[list[TensorInfo], dict[str, Any]]:
+    """Validate a single-file store's preamble and index (reads at most the
+    index), through ``fd`` if given (an open descriptor of ``path``)."""
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
         raw = os.pread(fd, PREAMBLE, 0)
         ioff, ilen, icrc = parse_preamble(raw, size, path)
         index = os.pread(fd, ilen, ioff)
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
     if len(index) != ilen:
         raise FormatError("index shorter than recorded (file changed while reading?)", path=path, field="index")
     if crc32c(index) != icrc:
@@ -366,22 +410,26 @@ def _open_sharded(path: str, verify: bool, engine: Engine | None) -> Store:
     shards, mapping, meta = doc.get("shards"), doc.get("tensors"), doc.get("metadata", {})
     if not isinstance(shards, list) or not isinstance(mapping, dict) or not isinstance(meta, dict):
         raise FormatError("shards must be a list, tensors and metadata objects", path=index_path, field="shards")
-    infos: list[TensorInfo] = []
+    paths = []
     for i, name in enumerate(shards):
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
             raise FormatError(f"bad shard file name {name!r}", path=index_path, field=f"shards[{i}]")
         shard_path = os.path.join(path, name)
         if not os.path.isfile(shard_path):
             raise FormatError(f"shard {name} is missing", path=index_path, field=f"shards[{i}]")
-        for t in read_index(shard_path)[0]:
-            if mapping.get(t.name) != i:
-                raise FormatError(f"tensor {t.name!r} is in shard {i} but the index maps it to "
+        paths.append(shard_path)
+    number = {p: i for i, p in enumerate(paths)}
+
+    def check(infos: list[TensorInfo]) -> None:
+        for t in infos:
+            if mapping.get(t.name) != number[t.file]:
+                raise FormatError(f"tensor {t.name!r} is in shard {number[t.file]} but the index maps it to "
                                   f"{mapping.get(t.name)!r}", path=index_path, field="tensors")
-            infos.append(t)
-    if len(infos) != len(mapping) or len({t.name for t in infos}) != len(infos):
-        raise FormatError("the index's tensor map does not match the shards' contents", path=index_path,
-                          field="tensors")
-    return Store(path, infos, meta, verify=verify, engine=engine)
+        if len(infos) != len(mapping) or len({t.name for t in infos}) != len(infos):
+            raise FormatError("the index's tensor map does not match the shards' contents", path=index_path,
+                              field="tensors")
+
+    return open_parsed(Store, path, paths, read_index, verify, engine, meta=meta, check=check)
 
 
 __all__ = ["DType", "SafetensorsSource", "Store", "TensorSource", "open_store", "read_index"]

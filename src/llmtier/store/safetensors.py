@@ -20,15 +20,18 @@ from ..engine import Engine
 from ..errors import FormatError
 from .dtypes import FROM_SAFETENSORS
 from .format import TensorInfo, check_shape, load_json
-from .reader import SafetensorsSource
+from .reader import SafetensorsSource, open_parsed
 
 MAX_HEADER = 100 << 20  # what the safetensors library itself accepts
 HF_INDEX = "model.safetensors.index.json"
 
 
-def read_header(path: str) -> tuple[list[TensorInfo], dict[str, Any]]:
-    """Validate a safetensors header; returns tensor infos (absolute offsets) and ``__metadata__``."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def read_header(path: str, fd: int | None = None) -> tuple[list[TensorInfo], dict[str, Any]]:
+    """Validate a safetensors header; returns tensor infos (absolute offsets) and
+    ``__metadata__``.  Reads through ``fd`` if given (an open descriptor of ``path``)."""
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, 8, 0)
@@ -41,7 +44,8 @@ def read_header(path: str) -> tuple[list[TensorInfo], dict[str, Any]]:
                               "bytes)", path=path, field="header_length")
         raw = os.pread(fd, n, 8)
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
     doc = load_json(raw, path, "header")
     if not isinstance(doc, dict):
         raise FormatError("header must be a JSON object", path=path, field="header")
@@ -91,8 +95,12 @@ def open_safetensors(path: str | os.PathLike[str], *, verify: bool = True,
                      engine: Engine | None = None) -> SafetensorsSource:
     """Read one ``.safetensors`` file in place (it has no checksums to verify)."""
     p = os.fspath(path)
-    infos, meta = read_header(p)
-    return SafetensorsSource(p, infos, {"safetensors": meta}, verify=verify, engine=engine)
+
+    def parse(fp: str, fd: int) -> tuple[list[TensorInfo], dict[str, Any]]:
+        infos, meta = read_header(fp, fd)
+        return infos, {"safetensors": meta}
+
+    return open_parsed(SafetensorsSource, p, [p], parse, verify, engine)
 
 
 def hf_files(path: str) -> list[str]:
@@ -118,16 +126,19 @@ def hf_files(path: str) -> list[str]:
 
 def open_hf_dir(path: str, *, verify: bool = True, engine: Engine | None = None) -> SafetensorsSource:
     """Read a Hugging Face model directory's safetensors shards in place."""
-    infos: list[TensorInfo] = []
-    seen: dict[str, str] = {}
-    for f in hf_files(path):
+    files = hf_files(path)
+    for f in files:
         if not os.path.isfile(f):
             raise FormatError(f"shard {os.path.basename(f)} listed in the index is missing", path=path, field="shards")
-        for t in read_header(f)[0]:
+
+    def check(infos: list[TensorInfo]) -> None:
+        seen: dict[str, str] = {}
+        for t in infos:
             if t.name in seen:
-                raise FormatError(f"tensor {t.name!r} is in both {seen[t.name]} and {f}", path=path, field="shards")
-            seen[t.name] = f
-            infos.append(t)
+                raise FormatError(f"tensor {t.name!r} is in both {seen[t.name]} and {t.file}", path=path,
+                                  field="shards")
+            seen[t.name] = t.file
+
     meta: dict[str, Any] = {}
     config = os.path.join(path, "config.json")
     if os.path.isfile(config) and os.path.getsize(config) < 1 << 20:
@@ -136,7 +147,7 @@ def open_hf_dir(path: str, *, verify: bool = True, engine: Engine | None = None)
                 meta["hf_config"] = json.loads(fh.read())
             except ValueError:
                 pass
-    return SafetensorsSource(path, infos, meta, verify=verify, engine=engine)
+    return open_parsed(SafetensorsSource, path, files, read_header, verify, engine, meta=meta, check=check)
 
 
 __all__ = ["hf_files", "open_hf_dir", "open_safetensors", "read_header"]

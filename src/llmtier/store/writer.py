@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -230,6 +231,7 @@ class StoreWriter:
         self._state = "open"
         self._last_layer: Any = None
         self.generation = secrets.token_hex(4)
+        self._lock_fd: int | None = None
         try:
             self._prepare_target()
             self._shard = self._new_shard()
@@ -325,6 +327,9 @@ class StoreWriter:
     def _release_engine(self) -> None:
         if self._own_engine:
             self.engine.close()
+        if self._lock_fd is not None:  # the sharded store's directory lock
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _prepare_target(self) -> None:
         parent = os.path.dirname(self.path)
@@ -338,11 +343,20 @@ class StoreWriter:
         if os.path.exists(self.path):
             if not os.path.isdir(self.path):
                 raise NotADirectoryError(f"{self.path} exists and is not a directory")
-            if os.listdir(self.path) and not _is_sharded_store(self.path):
+            foreign = [e for e in os.listdir(self.path) if not _TEMP.match(e) and e not in _shard_files(self.path)]
+            if foreign and not _is_sharded_store(self.path):
                 raise FileExistsError(f"{self.path} is a non-empty directory that is not an llmtier store; "
                                       "refusing to write into it")
         else:
             os.mkdir(self.path)
+        self._lock_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise LLMTierError(f"another process is writing the sharded store {self.path}; try again when it "
+                               "has finished") from None
         _remove_stale_temps(self.path, None)
 
     def _new_shard(self) -> _FileWriter:
@@ -363,13 +377,23 @@ class StoreWriter:
                "tensors": {t.name: i for i, fw in enumerate(self._shards) for t in fw.tensors}}
         target = os.path.join(self.path, SHARD_INDEX)
         tmp = _temp_name(target)
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, target)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        # From here the new generation is the store: nothing may delete it.
+        self._shards = []
+        self._state = "committed"
         fsync_dir(self.path)
-        for name in old - set(names):  # the previous generation, now unreferenced
+        # Under the directory lock no other writer is running: every shard
+        # not in the new index is the previous generation or a dead writer's.
+        for name in old - set(names):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.path, name))
 
@@ -389,6 +413,8 @@ def _tensor_bytes(tensor: Any) -> tuple[DType, tuple[int, ...], memoryview]:
     dt = dtypes.of(tensor)
     if isinstance(tensor, np.ndarray):
         arr = tensor if tensor.flags.c_contiguous else np.ascontiguousarray(tensor)  # (keeps 0-d arrays 0-d)
+        if not arr.dtype.isnative:  # the format is little-endian (this machine's order)
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         return dt, tuple(tensor.shape), memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
     t = tensor.detach()
     if t.device.type != "cpu":
@@ -437,10 +463,14 @@ def _alive(pid: int) -> bool:
 def _is_sharded_store(path: str) -> bool:
     try:
         with open(os.path.join(path, SHARD_INDEX), "rb") as f:
-            head = f.read(4096)
+            head = f.read(64 << 20)
     except OSError:
         return False
-    return SHARDED_FORMAT.encode() in head or INDEX_FORMAT.encode() in head
+    try:
+        doc = json.loads(head)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("format") == SHARDED_FORMAT
 
 
 def _shard_files(path: str) -> set[str]:
