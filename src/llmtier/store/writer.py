@@ -38,7 +38,6 @@ from . import dtypes
 from .dtypes import DType
 from .format import (
     ALIGN,
-    INDEX_FORMAT,
     PREAMBLE,
     SHARD_INDEX,
     SHARDED_FORMAT,
