@@ -7,15 +7,8 @@ import tempfile
 from collections.abc import Sequence
 
 from . import __version__
+from .cli_store import _size
 from .errors import LLMTierError
-
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
 
 
 def cmd_bench_io(args: argparse.Namespace) -> int:
