@@ -468,3 +468,11 @@ def test_get_many_error_waits_for_reads_in_flight(tmp_path, monkeypatch):
 
     time.sleep(0.2)
     assert all(np.array_equal(snapshot[n], out[n]) for n in out)  # nothing still writing into them
+
+
+def test_hf_directory_with_broken_config_still_reads(tmp_path):
+    sd = _hf_dir(tmp_path / "hf", n_layers=1)
+    (tmp_path / "hf" / "config.json").write_text("{not json")
+    with open_store(tmp_path / "hf") as s:
+        assert "hf_config" not in s.metadata and "not valid JSON" in s.metadata["hf_config_error"]
+        assert _same(s.get_torch("lm_head.weight"), sd["lm_head.weight"])

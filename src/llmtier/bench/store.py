@@ -639,8 +639,8 @@ def _status(field_name: str) -> int:
             for line in f:
                 if line.startswith(field_name + ":"):
                     return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    except OSError:  # no procfs (not Linux): the RSS columns read 0
+        return 0
     return 0
 
 

@@ -644,6 +644,26 @@ check_loop_args(RingObject *self, Py_ssize_t chunk, Py_ssize_t depth,
     return 0;
 }
 
+/* Run the loop, then turn what went wrong into a Python exception:
+ * 0 on success, -1 with an exception set. */
+static int
+run_checked(RingObject *self, run_t *c)
+{
+    if (run_locked(self, c) < 0) {
+        raise_closed();
+        return -1;
+    }
+    if (c->enter_err) {
+        raise_errno(c->enter_err, "io_uring_enter");
+        return -1;
+    }
+    if (c->events_oom) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(Ring_run_doc,
 "run($self, /, requests, chunk_size, depth, record=False, align=0)\n--\n\n"
 "Perform a batch of I/O requests and return (results, events).  Each\n"
@@ -713,18 +733,8 @@ Ring_run(RingObject *self, PyObject *args, PyObject *kw)
         PyErr_NoMemory();
         goto done;
     }
-    if (run_locked(self, &c) < 0) {
-        raise_closed();
+    if (run_checked(self, &c) < 0)
         goto done;
-    }
-    if (c.enter_err) {
-        raise_errno(c.enter_err, "io_uring_enter");
-        goto done;
-    }
-    if (c.events_oom) {
-        PyErr_NoMemory();
-        goto done;
-    }
     if ((results = build_results(c.pieces, c.npieces, bad, nreq)) == NULL)
         goto done;
     if (record)
@@ -908,18 +918,8 @@ Ring_gather(RingObject *self, PyObject *args, PyObject *kw)
                        (size_t)page, piece, k, fd, op);
     c.ring = self;
     c.depth = (unsigned)depth;
-    if (run_locked(self, &c) < 0) {
-        raise_closed();
+    if (run_checked(self, &c) < 0)
         goto done;
-    }
-    if (c.enter_err) {
-        raise_errno(c.enter_err, "io_uring_enter");
-        goto done;
-    }
-    if (c.events_oom) {
-        PyErr_NoMemory();
-        goto done;
-    }
 
     /* Total of every page's prefix; the first page that is not complete. */
     for (Py_ssize_t k = 0; k < n; k++) {

@@ -114,7 +114,7 @@ def pack_index(tensors: list[TensorInfo], metadata: dict[str, Any]) -> bytes:
 
 
 class _DuplicateKey(ValueError):
-    pass
+    """Raised by the JSON decoder hook when one object names a key twice."""
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

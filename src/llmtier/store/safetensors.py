@@ -145,8 +145,8 @@ def open_hf_dir(path: str, *, verify: bool = True, engine: Engine | None = None)
         with open(config, "rb") as fh:
             try:
                 meta["hf_config"] = json.loads(fh.read())
-            except ValueError:
-                pass
+            except ValueError as exc:  # the weights are still readable; say why the config is missing
+                meta["hf_config_error"] = f"config.json is not valid JSON: {str(exc)[:120]}"
     return open_parsed(SafetensorsSource, path, files, read_header, verify, engine, meta=meta, check=check)
 
 
