@@ -1,5 +1,7 @@
-"""The application-level recorder and device counters (issue 4, first part)."""
+"""Recording: the application-level recorder, device counters, the trace CLI."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -38,7 +40,8 @@ def test_record_counts_and_bytes_are_exact(tmp_path, backend):
     assert (app["result"] == app["size"]).all()
     assert (app["complete_ns"] >= app["submit_ns"]).all() and (app["queue_depth"] >= 1).all()
     assert t.files == [str(data)] and t.backends == [backend]
-    assert any("block layer" in m for m in t.meta["missing"])
+    # block capture: recorded (root, tracefs) or said why not
+    assert t.has_block or any(m.startswith("block layer: ") for m in t.missing)
 
 
 def test_nothing_recorded_outside_the_block(tmp_path):
@@ -81,9 +84,9 @@ def test_trace_cli_runs_a_program(tmp_path):
     cli = [sys.executable, "-m", "llmtier.cli", "trace", "-o", str(out), "--", sys.executable, str(prog)]
     r = subprocess.run(cli, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "not recorded: block layer" in r.stderr
+    assert "block requests on" in r.stderr or "not recorded: block layer" in r.stderr
     t = trace.load(out)
     app = t.app
     tags = np.array(t.tags)[app["tag"]]
     assert app["size"][tags == "checkpoint"].sum() == 1 << 20 and app["size"][tags == "weights"].sum() == 1 << 20
-    assert not (tmp_path / "run.npz.claim").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".app-" in p or p.endswith(".claim")]  # no leftovers

@@ -90,6 +90,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     import os  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
 
+    from .trace import load, record  # noqa: PLC0415
+
     cmd = list(args.command)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
@@ -98,35 +100,82 @@ def cmd_trace(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     out = os.path.abspath(args.output)
-    for stale in (out, out + ".claim"):
+    if not os.path.isdir(os.path.dirname(out)):
+        print(f"llmtier trace: {os.path.dirname(out)} is not a directory", file=sys.stderr)
+        return 2
+    # The command's processes record their engine operations into app_path;
+    # this process captures the block layer and device counters around it.
+    app_path = f"{out}.app-{os.getpid()}.npz"
+    for stale in (app_path, app_path + ".claim"):
         if os.path.exists(stale):
             os.unlink(stale)
-    env = dict(os.environ, LLMTIER_TRACE=out)
-    if args.device_path:
-        env["LLMTIER_TRACE_DEVICE"] = os.path.abspath(args.device_path)
-    rc = subprocess.call(cmd, env=env)
-    if os.path.exists(out + ".claim"):
-        os.unlink(out + ".claim")
-    if not os.path.exists(out):
-        print(f"llmtier trace: {' '.join(cmd)} exited {rc} without writing a trace (did it import llmtier?)",
-              file=sys.stderr)
-        return rc or 1
-    from .trace import load  # noqa: PLC0415
-
+    env = dict(os.environ, LLMTIER_TRACE=app_path, LLMTIER_TRACE_SOURCES="app")
+    device_path = os.path.abspath(args.device_path) if args.device_path else os.path.dirname(out)
+    try:
+        with record(out, device_path=device_path, block=not args.no_block, app_from=app_path,
+                    label=" ".join(cmd)):
+            try:
+                rc = subprocess.call(cmd, env=env)
+            except OSError as exc:
+                print(f"llmtier trace: cannot run {cmd[0]}: {exc}", file=sys.stderr)
+                rc = 127
+    finally:
+        for tmp in (app_path, app_path + ".claim"):
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     t = load(out)
     app = t.app
-    print(f"llmtier trace: {len(t)} operations, {int(app['size'].sum()):,} bytes "
-          f"({int(app['size'][app['op'] == 0].sum()):,} read, {int(app['size'][app['op'] == 1].sum()):,} written) "
-          f"-> {out}", file=sys.stderr)
-    for m in t.meta.get("missing", []):
+    print(f"llmtier trace: {len(t)} application operations, {int(app['size'].sum()):,} bytes "
+          f"({int(app['size'][app['op'] == 0].sum()):,} read, {int(app['size'][app['op'] == 1].sum()):,} written)",
+          file=sys.stderr)
+    if t.has_block:
+        blk = t.block
+        print(f"llmtier trace: {len(blk['size'])} block requests on {', '.join(t.meta['block_devices'])}, "
+              f"{int(blk['size'][blk['op'] <= 1].sum()):,} bytes", file=sys.stderr)
+    for m in t.missing:
         print(f"llmtier trace: not recorded: {m}", file=sys.stderr)
+    for m in t.notes:
+        print(f"llmtier trace: note: {m}", file=sys.stderr)
+    print(f"llmtier trace: wrote {out}   (llmtier report {args.output} -o DIR)", file=sys.stderr)
     return rc
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .errors import FormatError  # noqa: PLC0415
+    from .trace import load  # noqa: PLC0415
+    from .trace.report import ReportError, write_report  # noqa: PLC0415
+
+    try:
+        t = load(args.trace)
+    except FileNotFoundError:
+        print(f"llmtier report: {args.trace}: no such file", file=sys.stderr)
+        return 2
+    except FormatError as exc:
+        print(f"llmtier report: {exc}", file=sys.stderr)
+        return 2
+    try:
+        paths = write_report(t, args.output, title=args.title)
+    except ReportError as exc:
+        print(f"llmtier report: {exc}", file=sys.stderr)
+        return 1
+    with open(paths["markdown"], encoding="utf-8") as f:
+        text = f.read()
+    findings = text.split("## Findings", 1)[1].split("\n## ", 1)[0].strip()
+    print(findings)
+    print(f"\nllmtier report: wrote {paths['html']}, {paths['markdown']}, {paths['json']}", file=sys.stderr)
+    return 0
+
+
 def add_trace_verb(sub: Any) -> None:
-    p = sub.add_parser("trace", help="run a command with I/O recording on (any program that uses llmtier)")
+    p = sub.add_parser("trace", help="run a command with I/O recording on: its engine operations (if it uses "
+                       "llmtier), the block requests (root) and the counters of the device")
     p.add_argument("-o", "--output", required=True, help="trace file to write (.npz)")
-    p.add_argument("--device-path", help="sample the counters of the device holding this path (default: "
-                   "the trace's directory)")
+    p.add_argument("--device-path", help="trace the device holding this path (default: the trace's directory)")
+    p.add_argument("--no-block", action="store_true", help="do not capture block-layer requests")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     p.set_defaults(func=cmd_trace)
+    r = sub.add_parser("report", help="turn a trace into an HTML page with plots and a Markdown summary")
+    r.add_argument("trace", help="a trace written by llmtier trace / llmtier.trace.record")
+    r.add_argument("-o", "--output", required=True, help="directory for index.html, summary.md, summary.json")
+    r.add_argument("--title", help="the page's title (default: the traced command)")
+    r.set_defaults(func=cmd_report)

@@ -1,15 +1,23 @@
-"""Record the I/O that llmtier causes: every engine request, plus device counters.
+"""Record the I/O that llmtier causes, at three layers, and analyse it.
 
 >>> import llmtier.trace
 >>> with llmtier.trace.record("run.trace.npz", device_path="/data"):   # doctest: +SKIP
 ...     ...   # anything that uses llmtier engines
 >>> t = llmtier.trace.load("run.trace.npz")                            # doctest: +SKIP
 
-Sources today: the application-level recorder (every kernel-level operation
-of every engine in the process: submit and completion time, op, file,
-offset, size, tag, queue depth, backend) and ``/proc/diskstats`` sampled at
-10 Hz for the device behind ``device_path``.  Block-layer capture (ftrace)
-and the report are not built yet.
+Sources:
+
+* **application** — every kernel-level operation of every engine in the
+  process: submit and completion time, op, file, offset, size, tag, queue
+  depth, backend (:mod:`.recorder`);
+* **block layer** — every request the disk behind ``device_path`` was
+  issued, with its completion (ftrace, root only; :mod:`.block`); block
+  requests are tied to traced files through the files' extents (FIEMAP);
+* **device counters** — ``/proc/diskstats`` at 10 Hz (:mod:`.diskstats`).
+
+A source that cannot run here is listed, with the reason, in the trace's
+``meta["missing"]``; the others still record.  :mod:`.analysis` turns a
+trace into figures, :mod:`.report` into an HTML page and a Markdown summary.
 """
 from __future__ import annotations
 
@@ -19,47 +27,116 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+
 from ..engine import add_global_observer, remove_global_observer
+from .block import BlockTracer, BlockTraceUnavailable, file_extents
 from .diskstats import FIELDS, DiskStatsSampler, device_of
 from .recorder import Recorder, Trace
 
 
 @contextmanager
 def record(path: str | os.PathLike[str], *, device_path: str | os.PathLike[str] | None = None,
-           diskstats: bool = True, interval: float = 0.1) -> Iterator[Recorder]:
-    """Record every engine operation in the process while the block runs; save to ``path`` (.npz).
+           block: bool = True, diskstats: bool = True, app: bool = True, interval: float = 0.1,
+           app_from: str | os.PathLike[str] | None = None, label: str = "") -> Iterator[Recorder]:
+    """Record while the block runs; save to ``path`` (.npz) at the end.
 
-    ``device_path``: a file or directory whose block device's counters are
-    sampled (default: the directory of ``path``).  What could not be recorded
-    is listed in the trace's ``meta["missing"]`` and printed by the report.
+    ``device_path``: a file or directory on the device whose block requests
+    and counters are recorded (default: the directory of ``path``).
+    ``block``: capture block requests (needs root; if not possible the
+    reason goes to ``meta["missing"]`` and recording goes on).  ``app``:
+    record this process's engine operations.  ``app_from``: take the
+    application records from that trace file instead, written by another
+    process (how ``llmtier trace`` combines a child's records with the
+    block capture it runs itself).  ``label``: what was traced (the report's title).
     """
     rec = Recorder()
     missing: list[str] = []
+    notes: list[str] = []
     sampler = None
+    tracer = None
     device = ""
-    if diskstats:
+    if diskstats or block:
         target = device_path or os.path.dirname(os.path.abspath(os.fspath(path)))
         try:
             device, why = device_of(target)
-            if device:
-                sampler = DiskStatsSampler(device, interval).start()
-            else:
+        except (OSError, ValueError) as exc:
+            why = str(exc)
+        if not device:
+            if diskstats:
                 missing.append(f"device counters: {why}")
+            if block:
+                missing.append(f"block layer: {why}")
+    if diskstats and device:
+        try:
+            sampler = DiskStatsSampler(device, interval).start()
         except (OSError, ValueError) as exc:
             missing.append(f"device counters: {exc}")
-    missing.append("block layer: ftrace capture is not implemented in this version")
+    if block and device:
+        try:
+            tracer = BlockTracer(device).start()
+        except (BlockTraceUnavailable, OSError) as exc:
+            missing.append(f"block layer: {exc}")
     t0 = time.monotonic_ns()
-    add_global_observer(rec)
+    if app and app_from is None:
+        add_global_observer(rec)
     try:
         yield rec
     finally:
-        remove_global_observer(rec)
+        if app and app_from is None:
+            remove_global_observer(rec)
         t1 = time.monotonic_ns()
         extra: dict[str, Any] = {}
         if sampler is not None:
             extra["diskstats"] = sampler.stop()
-        rec.save(path, meta={"start_ns": t0, "end_ns": t1, "device": device, "diskstats_fields": list(FIELDS),
-                             "missing": missing, "pid": os.getpid()}, extra=extra)
+        if tracer is not None:
+            extra.update({f"blk_{k}": v for k, v in tracer.stop().items()})
+            notes.extend(tracer.notes)
+            if tracer.reissued:
+                notes.append(f"block layer: {tracer.reissued} requests were requeued by the driver and issued again "
+                             "(counted once)")
+        meta: dict[str, Any] = {"start_ns": t0, "end_ns": t1, "device": device, "diskstats_fields": list(FIELDS),
+                                "pid": os.getpid(), "source": label, "block_devices": [d for d, _, _ in tracer.disks] if tracer else []}
+        if app_from is not None:
+            rec, child_meta = _load_app(app_from, missing)
+            meta["child"] = child_meta
+        if not app and app_from is None:
+            missing.append("application level: switched off")
+        if tracer is not None:
+            extra["extents"] = _extents_of(rec.files, notes)
+        meta["missing"] = missing
+        meta["notes"] = notes
+        rec.save(path, meta=meta, extra=extra)
+
+
+def _load_app(app_from: str | os.PathLike[str], missing: list[str]) -> tuple[Recorder, dict[str, Any]]:
+    """A recorder holding the application records of another process's trace."""
+    rec = Recorder(capacity=1)
+    if not os.path.exists(app_from):
+        missing.append("application level: the command wrote no application records (it did not use llmtier, "
+                       "or it was killed before exit)")
+        return rec, {}
+    t = Trace(app_from)
+    rec.load_columns(t.app, files=t.files, tags=t.tags, backends=t.backends)
+    return rec, {k: t.meta[k] for k in ("pid", "start_ns", "end_ns") if k in t.meta}
+
+
+def _extents_of(files: list[str], notes: list[str]) -> np.ndarray:
+    """Rows ``(file, file_offset, device_offset, length)`` for every traced file still present."""
+    parts = []
+    gone = []
+    for i, f in enumerate(files):
+        try:
+            ex = file_extents(f)
+        except OSError:
+            gone.append(f)
+            continue
+        if len(ex):
+            parts.append(np.column_stack([np.full(len(ex), i, dtype=np.int64), ex]))
+    if gone:
+        notes.append(f"block layer: {len(gone)} traced files no longer exist; their block requests are not "
+                     f"attributed (e.g. {gone[0]})")
+    return np.concatenate(parts) if parts else np.empty((0, 4), dtype=np.int64)
 
 
 def load(path: str | os.PathLike[str]) -> Trace:
@@ -67,4 +144,5 @@ def load(path: str | os.PathLike[str]) -> Trace:
     return Trace(path)
 
 
-__all__ = ["DiskStatsSampler", "Recorder", "Trace", "device_of", "load", "record"]
+__all__ = ["BlockTraceUnavailable", "BlockTracer", "DiskStatsSampler", "Recorder", "Trace", "device_of", "load",
+           "record"]

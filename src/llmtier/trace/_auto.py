@@ -3,6 +3,9 @@
 The command runs with ``LLMTIER_TRACE=PATH``; every process that imports
 llmtier records from import to exit.  The first one to claim ``PATH`` writes
 it; any other process writes ``PATH`` with ``.<pid>`` before the extension.
+``LLMTIER_TRACE_SOURCES=app`` (set by ``llmtier trace``, which captures the
+block layer and device counters itself) limits the processes to their
+application records.
 """
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ def start_from_env() -> None:
         return  # cannot write there; the CLI reports the missing trace
     from . import record  # noqa: PLC0415 - only when tracing is switched on
 
-    _active = record(path, device_path=os.environ.get("LLMTIER_TRACE_DEVICE") or None)
+    app_only = os.environ.get("LLMTIER_TRACE_SOURCES", "") == "app"
+    _active = record(path, device_path=os.environ.get("LLMTIER_TRACE_DEVICE") or None, block=not app_only,
+                     diskstats=not app_only)
     _active.__enter__()
     atexit.register(_finish)
 

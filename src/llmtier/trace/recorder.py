@@ -25,9 +25,12 @@ from __future__ import annotations
 import json
 import os
 import threading
+import zipfile
 from typing import Any
 
 import numpy as np
+
+from ..errors import FormatError
 
 COLUMNS: dict[str, Any] = {
     "submit_ns": np.int64, "complete_ns": np.int64, "op": np.uint8, "file": np.uint32, "offset": np.int64,
@@ -104,6 +107,19 @@ class Recorder:
             b[: self._n] = a[: self._n]
             self._cols[k] = b
 
+    def load_columns(self, cols: dict[str, np.ndarray], *, files: list[str], tags: list[str],
+                     backends: list[str]) -> None:
+        """Replace the contents with saved columns and tables (another process's records)."""
+        with self._lock:
+            n = len(cols["size"])
+            self._cols = {k: np.asarray(cols[k], dtype=t).copy() if k in cols else np.zeros(n, dtype=t)
+                          for k, t in COLUMNS.items()}
+            self._n = n
+            self.files, self.tags, self.backends = list(files), list(tags), list(backends)
+            self._file_ids = {f: i for i, f in enumerate(self.files)}
+            self._tag_ids = {t: i for i, t in enumerate(self.tags)}
+            self._backend_ids = {b: i for i, b in enumerate(self.backends)}
+
     def columns(self) -> dict[str, np.ndarray]:
         """A copy of the recorded columns, trimmed to the events recorded."""
         with self._lock:
@@ -126,19 +142,48 @@ class Recorder:
 
 
 class Trace:
-    """A saved trace, loaded: ``app`` columns, ``files``/``tags`` tables, ``meta``, extra arrays."""
+    """A saved trace, loaded.
+
+    ``app``: application columns (:data:`COLUMNS`); ``block``: block-layer
+    columns (``block.BLOCK_COLUMNS``, empty when not captured); ``extents``:
+    rows ``(file, file_offset, device_offset, length)``; ``diskstats``:
+    device counter samples; ``files``/``tags``/``backends`` tables; ``meta``.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        p = os.fspath(path)
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise FormatError(f"not a readable trace ({exc})", path=p) from exc
         try:
             self.meta = json.loads(arrays.pop("meta").tobytes())
         except (KeyError, ValueError) as exc:
-            raise ValueError(f"{path}: not an llmtier trace (no valid meta)") from exc
-        if self.meta.get("format") != TRACE_FORMAT:
-            raise ValueError(f"{path}: not an llmtier trace")
+            raise FormatError("not an llmtier trace (no valid meta)", path=p, field="meta") from exc
+        if not isinstance(self.meta, dict) or self.meta.get("format") != TRACE_FORMAT:
+            raise FormatError("not an llmtier trace", path=p, field="meta.format")
+        if self.meta.get("version") != TRACE_VERSION:
+            raise FormatError(f"trace version {self.meta.get('version')!r}; this llmtier reads {TRACE_VERSION}",
+                              path=p, field="meta.version")
+        for prefix in ("app_", "blk_"):
+            if len({len(v) for k, v in arrays.items() if k.startswith(prefix)}) > 1:
+                raise FormatError("columns of different lengths", path=p, field=prefix[:-1])
+        try:
+            for key in ("files", "tags", "backends"):
+                if not isinstance(self.meta[key], list):
+                    raise TypeError(key)
+        except (KeyError, TypeError) as exc:
+            raise FormatError("missing tables", path=p, field=f"meta.{exc.args[0]}") from exc
         self.app = {k[4:]: v for k, v in arrays.items() if k.startswith("app_")}
-        self.extra = {k: v for k, v in arrays.items() if not k.startswith("app_")}
+        for k, t in COLUMNS.items():
+            self.app.setdefault(k, np.empty(0, dtype=t))
+        self.block = {k[4:]: v for k, v in arrays.items() if k.startswith("blk_")}
+        self.extra = {k: v for k, v in arrays.items() if not k.startswith(("app_", "blk_"))}
+        self.extents = self.extra.get("extents", np.empty((0, 4), dtype=np.int64))
+        self.diskstats = self.extra.get("diskstats")
         self.files: list[str] = self.meta["files"]
         self.tags: list[str] = self.meta["tags"]
         self.backends: list[str] = self.meta["backends"]
@@ -148,3 +193,15 @@ class Trace:
 
     def tag_of(self, i: int) -> str:
         return self.tags[int(self.app["tag"][i])]
+
+    @property
+    def has_block(self) -> bool:
+        return "submit_ns" in self.block
+
+    @property
+    def missing(self) -> list[str]:
+        return list(self.meta.get("missing", []))
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.meta.get("notes", []))
