@@ -195,3 +195,24 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f'data-plots="{n_plots}/{n_plots}"' in r.stdout, r.stdout[:500]
     assert "synthetic &lt;known&gt; workload" in r.stdout
+
+
+def test_deleted_file_is_still_attributed(tmp_path):
+    why = _block_capture_possible(tmp_path)
+    if why:
+        pytest.skip(f"block capture not possible here: {why}")
+    data = tmp_path / "gone.bin"
+    buf = alloc(1 << 20)
+    with open_engine("threads") as eng:
+        with eng.open(data, "w") as f:
+            f.pwrite(alloc(8 << 20), 0).result()
+            f.sync()
+        with trace.record(tmp_path / "run.npz", device_path=tmp_path):
+            with eng.open(data, "r") as f:
+                for i in range(8):
+                    f.pread(buf, i << 20, tag="weights").result()
+            os.unlink(data)  # gone before the recording ends
+    t = trace.load(tmp_path / "run.npz")
+    assert len(t.extents) and not any("deleted" in n for n in t.notes)
+    on = A.attribute_block(t)["bytes_on_files"]
+    assert on["read"] == pytest.approx(8 << 20, rel=0.01)

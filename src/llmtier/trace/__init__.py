@@ -38,7 +38,8 @@ from .recorder import Recorder, Trace
 @contextmanager
 def record(path: str | os.PathLike[str], *, device_path: str | os.PathLike[str] | None = None,
            block: bool = True, diskstats: bool = True, app: bool = True, interval: float = 0.1,
-           app_from: str | os.PathLike[str] | None = None, label: str = "") -> Iterator[Recorder]:
+           app_from: str | os.PathLike[str] | None = None, label: str = "",
+           extents: bool | None = None) -> Iterator[Recorder]:
     """Record while the block runs; save to ``path`` (.npz) at the end.
 
     ``device_path``: a file or directory on the device whose block requests
@@ -49,8 +50,10 @@ def record(path: str | os.PathLike[str], *, device_path: str | os.PathLike[str] 
     application records from that trace file instead, written by another
     process (how ``llmtier trace`` combines a child's records with the
     block capture it runs itself).  ``label``: what was traced (the report's title).
+    ``extents``: note where each file lies on disk when first seen, to tie
+    block requests to files deleted before the end (default: ``block``).
     """
-    rec = Recorder()
+    rec = Recorder(extents=block if extents is None else extents)
     missing: list[str] = []
     notes: list[str] = []
     sampler = None
@@ -103,7 +106,7 @@ def record(path: str | os.PathLike[str], *, device_path: str | os.PathLike[str] 
         if not app and app_from is None:
             missing.append("application level: switched off")
         if tracer is not None:
-            extra["extents"] = _extents_of(rec.files, notes)
+            extra["extents"] = _extents_of(rec, notes)
         meta["missing"] = missing
         meta["notes"] = notes
         rec.save(path, meta=meta, extra=extra)
@@ -117,25 +120,29 @@ def _load_app(app_from: str | os.PathLike[str], missing: list[str]) -> tuple[Rec
                        "or it was killed before exit)")
         return rec, {}
     t = Trace(app_from)
-    rec.load_columns(t.app, files=t.files, tags=t.tags, backends=t.backends)
+    rec.load_columns(t.app, files=t.files, tags=t.tags, backends=t.backends,
+                     first_extents=t.extra.get("first_extents"))
     return rec, {k: t.meta[k] for k in ("pid", "start_ns", "end_ns") if k in t.meta}
 
 
-def _extents_of(files: list[str], notes: list[str]) -> np.ndarray:
-    """Rows ``(file, file_offset, device_offset, length)`` for every traced file still present."""
+def _extents_of(rec: Recorder, notes: list[str]) -> np.ndarray:
+    """Rows ``(file, file_offset, device_offset, length)``: each traced file's extents now,
+    or, for a file gone by now, where it lay when first seen."""
     parts = []
     gone = []
-    for i, f in enumerate(files):
+    for i, f in enumerate(rec.files):
         try:
             ex = file_extents(f)
         except OSError:
-            gone.append(f)
-            continue
+            ex = rec.first_extents.get(i)
+            if ex is None:
+                gone.append(f)
+                continue
         if len(ex):
             parts.append(np.column_stack([np.full(len(ex), i, dtype=np.int64), ex]))
     if gone:
-        notes.append(f"block layer: {len(gone)} traced files no longer exist; their block requests are not "
-                     f"attributed (e.g. {gone[0]})")
+        notes.append(f"block layer: {len(gone)} traced files were deleted before their place on disk was known; "
+                     f"their block requests are not attributed (e.g. {gone[0]})")
     return np.concatenate(parts) if parts else np.empty((0, 4), dtype=np.int64)
 
 

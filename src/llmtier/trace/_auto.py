@@ -33,7 +33,7 @@ def start_from_env() -> None:
 
     app_only = os.environ.get("LLMTIER_TRACE_SOURCES", "") == "app"
     _active = record(path, device_path=os.environ.get("LLMTIER_TRACE_DEVICE") or None, block=not app_only,
-                     diskstats=not app_only)
+                     diskstats=not app_only, extents=True)
     _active.__enter__()
     atexit.register(_finish)
 

@@ -528,11 +528,18 @@ def findings(trace: Any, s: dict[str, Any] | None = None) -> list[str]:
         ab = app["rw"]["read_bytes"] + app["rw"]["write_bytes"]
         fb = on.get("read", 0) + on.get("write", 0)
         other = blk["rw"]["read_bytes"] + blk["rw"]["write_bytes"] - fb
-        if ab:
+        if ab and len(trace.extents) == 0:
+            out.append("The device's requests could not be tied to the traced files: where the files lie on disk "
+                       "is unknown (see the notes).")
+        elif ab:
             out.append(f"Of the device's bytes, {fmt_size(fb)} fell inside the traced files "
                        f"({100 * fb / ab:.1f}% of what the application moved); {fmt_size(max(other, 0))} were "
                        "other I/O on the same disk (other processes, metadata, journal).")
-        if blk["max_size"] < app["max_size"]:
+        if blk["max_size"] > app["max_size"]:
+            out.append(f"The block layer merged adjacent requests: the largest the device saw was "
+                       f"{fmt_size(blk['max_size'])} against {fmt_size(app['max_size'])} from the application "
+                       f"({blk['requests'] / app['requests']:.2f} device requests per application request).")
+        elif blk["max_size"] < app["max_size"]:
             out.append(f"The kernel split large requests: the largest the device saw was {fmt_size(blk['max_size'])} "
                        f"against {fmt_size(app['max_size'])} from the application (the queue's max_sectors_kb / "
                        f"max_segments limits); {blk['requests'] / app['requests']:.2f} device requests per "

@@ -352,15 +352,18 @@ def in_flight_at_submit(submit: np.ndarray, complete: np.ndarray) -> np.ndarray:
     return np.maximum(rank - finished, 1).astype(np.uint32)
 
 
-def file_extents(path: str | os.PathLike[str]) -> np.ndarray:
+def file_extents(path: str | os.PathLike[str], sync: bool = True) -> np.ndarray:
     """The file's extents on its device: rows ``(file_offset, device_offset, length)`` in bytes,
     device offsets relative to the whole disk (partition start added).  Empty
-    when the file system does not answer FIEMAP."""
+    when the file system does not answer FIEMAP.  ``sync`` writes dirty data
+    back first (so delayed allocations have places); without it, extents
+    whose place is not known yet are left out."""
     import fcntl  # noqa: PLC0415
     import struct  # noqa: PLC0415
 
     fs_iocc_fiemap = 0xC020660B
-    fiemap_flag_sync = 1
+    fiemap_flag_sync = 1 if sync else 0
+    unplaced = 0x2 | 0x4 | 0x8  # FIEMAP_EXTENT_UNKNOWN | DELALLOC | ENCODED
     n = 512
     out: list[tuple[int, int, int]] = []
     start = 0
@@ -385,11 +388,13 @@ def file_extents(path: str | os.PathLike[str]) -> np.ndarray:
             last = False
             for i in range(mapped):
                 lo, ph, ln, _r1, _r2, fl = struct.unpack_from("=QQQQQI", buf, 32 + 56 * i)
-                out.append((lo, ph + base, ln))
+                if not fl & unplaced:
+                    out.append((lo, ph + base, ln))
                 last = bool(fl & 1)  # FIEMAP_EXTENT_LAST
             if mapped < n or last or mapped == 0:
                 break
-            start = out[-1][0] + out[-1][2]
+            lo, _ph, ln = struct.unpack_from("=QQQ", buf, 32 + 56 * (mapped - 1))
+            start = lo + ln
     finally:
         os.close(fd)
     return np.array(out, dtype=np.int64).reshape(-1, 3)

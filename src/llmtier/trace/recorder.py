@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
+from .block import file_extents
 
 COLUMNS: dict[str, Any] = {
     "submit_ns": np.int64, "complete_ns": np.int64, "op": np.uint8, "file": np.uint32, "offset": np.int64,
@@ -48,8 +49,11 @@ def tag_name(tag: Any) -> str:
 class Recorder:
     """Collects engine events into growable columns. Thread-safe."""
 
-    def __init__(self, capacity: int = 1 << 16) -> None:
+    def __init__(self, capacity: int = 1 << 16, extents: bool = False) -> None:
         self._lock = threading.Lock()
+        # where each file lies on disk, taken when the file is first seen (it may be gone at the end)
+        self._want_extents = extents
+        self.first_extents: dict[int, np.ndarray] = {}
         self._n = 0
         self._cols = {k: np.empty(capacity, dtype=t) for k, t in COLUMNS.items()}
         self.files: list[str] = []
@@ -78,6 +82,8 @@ class Recorder:
                 if f is None:
                     f = fid[e.path] = len(self.files)
                     self.files.append(e.path)
+                    if self._want_extents:
+                        self._take_extents(f, e.path)
                 name = tag_name(e.tag)
                 t = tid.get(name)
                 if t is None:
@@ -100,6 +106,19 @@ class Recorder:
                 i += 1
             self._n = i
 
+    def _take_extents(self, f: int, path: str) -> None:
+        try:
+            ex = file_extents(path, sync=False)  # no sync: must not change the workload's I/O
+        except OSError:
+            return
+        if len(ex):
+            self.first_extents[f] = ex
+
+    def extents_table(self) -> np.ndarray:
+        """Rows ``(file, file_offset, device_offset, length)`` from the first-sight extents."""
+        parts = [np.column_stack([np.full(len(ex), f, dtype=np.int64), ex]) for f, ex in self.first_extents.items()]
+        return np.concatenate(parts) if parts else np.empty((0, 4), dtype=np.int64)
+
     def _grow(self, need: int) -> None:
         cap = max(need, 2 * len(self._cols["size"]))
         for k, a in self._cols.items():
@@ -108,7 +127,7 @@ class Recorder:
             self._cols[k] = b
 
     def load_columns(self, cols: dict[str, np.ndarray], *, files: list[str], tags: list[str],
-                     backends: list[str]) -> None:
+                     backends: list[str], first_extents: np.ndarray | None = None) -> None:
         """Replace the contents with saved columns and tables (another process's records)."""
         with self._lock:
             n = len(cols["size"])
@@ -119,6 +138,8 @@ class Recorder:
             self._file_ids = {f: i for i, f in enumerate(self.files)}
             self._tag_ids = {t: i for i, t in enumerate(self.tags)}
             self._backend_ids = {b: i for i, b in enumerate(self.backends)}
+            ex = np.empty((0, 4), dtype=np.int64) if first_extents is None else np.asarray(first_extents).reshape(-1, 4)
+            self.first_extents = {int(f): ex[ex[:, 0] == f, 1:] for f in np.unique(ex[:, 0])}
 
     def columns(self) -> dict[str, np.ndarray]:
         """A copy of the recorded columns, trimmed to the events recorded."""
@@ -131,6 +152,8 @@ class Recorder:
         doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "files": self.files, "tags": self.tags,
                "backends": self.backends, **(meta or {})}
         arrays = {f"app_{k}": v for k, v in self.columns().items()}
+        if self.first_extents:
+            arrays["first_extents"] = self.extents_table()
         arrays.update(extra or {})
         arrays["meta"] = np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)
         tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
