@@ -230,3 +230,10 @@ def test_in_flight_at_submit():
     s = np.array([0, 1, 2, 10])
     c = np.array([5, 3, 20, 11])
     assert in_flight_at_submit(s, c).tolist() == [1, 2, 3, 2]
+
+
+def test_overlapping_extent_snapshots_count_once(tmp_path):
+    # a file seen at 1 MiB and again at 2 MiB while it grew: both snapshots kept
+    extents = [(0, 0, 10 * MiB, MiB), (0, 0, 10 * MiB, 2 * MiB)]
+    tr = make_trace(tmp_path, [(0, 3, OP_READ, 0, 2 * MiB, 1)], [(1, 2, OP_READ, 10 * MiB, 2 * MiB)], extents)
+    assert A.attribute_block(tr)["bytes_on_files"]["read"] == 2 * MiB

@@ -121,23 +121,26 @@ def _load_app(app_from: str | os.PathLike[str], missing: list[str]) -> tuple[Rec
         return rec, {}
     t = Trace(app_from)
     rec.load_columns(t.app, files=t.files, tags=t.tags, backends=t.backends,
-                     first_extents=t.extra.get("first_extents"))
+                     seen_extents=t.extra.get("seen_extents"))
     return rec, {k: t.meta[k] for k in ("pid", "start_ns", "end_ns") if k in t.meta}
 
 
 def _extents_of(rec: Recorder, notes: list[str]) -> np.ndarray:
     """Rows ``(file, file_offset, device_offset, length)``: each traced file's extents now,
-    or, for a file gone by now, where it lay when first seen."""
+    with every place it was seen to have while recording (deleted or recreated files)."""
     parts = []
     gone = []
     for i, f in enumerate(rec.files):
+        seen = rec.seen_extents.get(i)
         try:
             ex = file_extents(f)
+            if seen is not None:  # the file may have been recreated: keep every place it had
+                ex = np.unique(np.concatenate([seen, ex]), axis=0)
         except OSError:
-            ex = rec.first_extents.get(i)
-            if ex is None:
+            if seen is None:
                 gone.append(f)
                 continue
+            ex = seen
         if len(ex):
             parts.append(np.column_stack([np.full(len(ex), i, dtype=np.int64), ex]))
     if gone:

@@ -179,16 +179,8 @@ def _union_ns(start: np.ndarray, end: np.ndarray) -> int:
     if len(start) == 0:
         return 0
     order = np.argsort(start, kind="stable")
-    s, e = start[order], end[order]
-    run_end = np.maximum.accumulate(e)
-    new = np.empty(len(s), dtype=bool)
-    new[0] = True
-    new[1:] = s[1:] > run_end[:-1]
-    grp = np.cumsum(new) - 1
-    g_start = s[new]
-    g_end = np.zeros(len(g_start), dtype=np.int64)
-    np.maximum.at(g_end, grp, e)
-    return int((g_end - g_start).sum())
+    _, lengths = _merge_intervals(start[order], end[order])
+    return int(lengths.sum())
 
 
 def nearest_rank(values: np.ndarray, quantiles: tuple[float, ...]) -> np.ndarray:
@@ -361,13 +353,15 @@ def attribute_block(trace: Any) -> dict[str, Any]:
         return {"file": f_out, "file_offset": fo_out, "tag": tag_out, "bytes_on_files": by_op}
     ex = ex[np.argsort(ex[:, 2], kind="stable")]
     dev_start, length = ex[:, 2], ex[:, 3]
-    # bytes of [a, b) inside the union of extents: C(b) - C(a)
-    cum = np.concatenate([[0], np.cumsum(length)])
+    # the union of the extents on the device (snapshots of a growing file overlap)
+    u_start, u_len = _merge_intervals(dev_start, dev_start + length)
+    cum = np.concatenate([[0], np.cumsum(u_len)])
 
     def covered(x: np.ndarray) -> np.ndarray:
-        k = np.searchsorted(dev_start, x, side="right") - 1
-        kk = np.clip(k, 0, len(dev_start) - 1)
-        inside = np.clip(x - dev_start[kk], 0, length[kk])
+        """Bytes of the union below device offset x; bytes of [a, b) inside it = C(b) - C(a)."""
+        k = np.searchsorted(u_start, x, side="right") - 1
+        kk = np.clip(k, 0, len(u_start) - 1)
+        inside = np.clip(x - u_start[kk], 0, u_len[kk])
         return np.where(k >= 0, cum[kk] + inside, 0)
 
     off, size = blk["offset"], blk["size"]
@@ -384,6 +378,20 @@ def attribute_block(trace: Any) -> dict[str, Any]:
         sel = np.flatnonzero(f_out == f)
         tag_out[sel] = _tags_at(app, int(f), fo_out[sel], blk["submit_ns"][sel])
     return {"file": f_out, "file_offset": fo_out, "tag": tag_out, "bytes_on_files": by_op}
+
+
+def _merge_intervals(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, disjoint ``(starts, lengths)`` covering the union of [start, end) (start sorted)."""
+    if len(start) == 0:
+        return start, start
+    run_end = np.maximum.accumulate(end)
+    new = np.empty(len(start), dtype=bool)
+    new[0] = True
+    new[1:] = start[1:] > run_end[:-1]
+    grp = np.cumsum(new) - 1
+    g_end = np.zeros(int(grp[-1]) + 1, dtype=np.int64)
+    np.maximum.at(g_end, grp, end)
+    return start[new], g_end - start[new]
 
 
 def _tags_at(app: dict[str, np.ndarray], file: int, offsets: np.ndarray, times: np.ndarray,

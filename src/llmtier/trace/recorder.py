@@ -51,9 +51,12 @@ class Recorder:
 
     def __init__(self, capacity: int = 1 << 16, extents: bool = False) -> None:
         self._lock = threading.Lock()
-        # where each file lies on disk, taken when the file is first seen (it may be gone at the end)
+        # Where each file lies on disk, noted when the file is first seen and again
+        # while it is being written (it may be gone, or recreated, by the end).
         self._want_extents = extents
-        self.first_extents: dict[int, np.ndarray] = {}
+        self.seen_extents: dict[int, np.ndarray] = {}
+        self._covered: dict[int, int] = {}
+        self._taken_ns: dict[int, int] = {}
         self._n = 0
         self._cols = {k: np.empty(capacity, dtype=t) for k, t in COLUMNS.items()}
         self.files: list[str] = []
@@ -83,7 +86,11 @@ class Recorder:
                     f = fid[e.path] = len(self.files)
                     self.files.append(e.path)
                     if self._want_extents:
-                        self._take_extents(f, e.path)
+                        self._take_extents(f, e.path, e.complete_ns)
+                if (self._want_extents and e.op == "write" and (e.offset + e.size > self._covered.get(f, 0)
+                                                                 or e.complete_ns - self._taken_ns[f] > 1_000_000_000)
+                        and e.complete_ns - self._taken_ns[f] > 100_000_000):
+                    self._take_extents(f, e.path, e.complete_ns)
                 name = tag_name(e.tag)
                 t = tid.get(name)
                 if t is None:
@@ -106,17 +113,21 @@ class Recorder:
                 i += 1
             self._n = i
 
-    def _take_extents(self, f: int, path: str) -> None:
+    def _take_extents(self, f: int, path: str, now_ns: int) -> None:
+        """Add the file's extents now to what was seen (at most every 100 ms per file while written)."""
+        self._taken_ns[f] = now_ns
         try:
             ex = file_extents(path, sync=False)  # no sync: must not change the workload's I/O
         except OSError:
             return
         if len(ex):
-            self.first_extents[f] = ex
+            self._covered[f] = int((ex[:, 0] + ex[:, 2]).max())
+            old = self.seen_extents.get(f)
+            self.seen_extents[f] = ex if old is None else np.unique(np.concatenate([old, ex]), axis=0)
 
     def extents_table(self) -> np.ndarray:
         """Rows ``(file, file_offset, device_offset, length)`` from the first-sight extents."""
-        parts = [np.column_stack([np.full(len(ex), f, dtype=np.int64), ex]) for f, ex in self.first_extents.items()]
+        parts = [np.column_stack([np.full(len(ex), f, dtype=np.int64), ex]) for f, ex in self.seen_extents.items()]
         return np.concatenate(parts) if parts else np.empty((0, 4), dtype=np.int64)
 
     def _grow(self, need: int) -> None:
@@ -127,7 +138,7 @@ class Recorder:
             self._cols[k] = b
 
     def load_columns(self, cols: dict[str, np.ndarray], *, files: list[str], tags: list[str],
-                     backends: list[str], first_extents: np.ndarray | None = None) -> None:
+                     backends: list[str], seen_extents: np.ndarray | None = None) -> None:
         """Replace the contents with saved columns and tables (another process's records)."""
         with self._lock:
             n = len(cols["size"])
@@ -138,8 +149,8 @@ class Recorder:
             self._file_ids = {f: i for i, f in enumerate(self.files)}
             self._tag_ids = {t: i for i, t in enumerate(self.tags)}
             self._backend_ids = {b: i for i, b in enumerate(self.backends)}
-            ex = np.empty((0, 4), dtype=np.int64) if first_extents is None else np.asarray(first_extents).reshape(-1, 4)
-            self.first_extents = {int(f): ex[ex[:, 0] == f, 1:] for f in np.unique(ex[:, 0])}
+            ex = np.empty((0, 4), dtype=np.int64) if seen_extents is None else np.asarray(seen_extents).reshape(-1, 4)
+            self.seen_extents = {int(f): ex[ex[:, 0] == f, 1:] for f in np.unique(ex[:, 0])}
 
     def columns(self) -> dict[str, np.ndarray]:
         """A copy of the recorded columns, trimmed to the events recorded."""
@@ -152,8 +163,8 @@ class Recorder:
         doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "files": self.files, "tags": self.tags,
                "backends": self.backends, **(meta or {})}
         arrays = {f"app_{k}": v for k, v in self.columns().items()}
-        if self.first_extents:
-            arrays["first_extents"] = self.extents_table()
+        if self.seen_extents:
+            arrays["seen_extents"] = self.extents_table()
         arrays.update(extra or {})
         arrays["meta"] = np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)
         tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
