@@ -145,14 +145,16 @@ def plot_access_cdf(trace: Any) -> str:
 def plot_latency(trace: Any) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.4, 3.4))
-    for lay, marker in zip(_layers(trace), ("o", "s"), strict=False):
-        for row in A.latency_percentiles(trace, lay):
-            qs = [row[f"p{q:g}"] for q in A.QUANTILES]
-            ax.plot([f"p{q:g}" for q in A.QUANTILES], qs, marker=marker,
-                    label=f"{LABEL[lay][:5]} {row['op']} {A.fmt_size(row['size_class'])}")
+    rows = [(lay, marker, row) for lay, marker in zip(_layers(trace), ("o", "s"), strict=False)
+            for row in A.latency_percentiles(trace, lay)]
+    rows = sorted(rows, key=lambda r: -r[2]["count"])[:10]  # the busiest classes; the table has them all
+    for lay, marker, row in rows:
+        qs = [row[f"p{q:g}"] for q in A.QUANTILES]
+        ax.plot([f"p{q:g}" for q in A.QUANTILES], qs, marker=marker,
+                label=f"{LABEL[lay][:5]} {row['op']} {A.fmt_size(row['size_class'])}")
     ax.set_yscale("log")
     ax.set_ylabel("µs")
-    ax.set_title("latency percentiles per size class")
+    ax.set_title("latency percentiles, the 10 busiest size classes")
     ax.legend(fontsize=7, ncol=2)
     return _png(fig)
 
