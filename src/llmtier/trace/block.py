@@ -22,7 +22,6 @@ import contextlib
 import errno
 import os
 import re
-import select
 import subprocess
 import threading
 import time
@@ -33,6 +32,7 @@ import numpy as np
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 EVENTS = ("block/block_rq_issue", "block/block_rq_complete")
 BUFFER_KB_PER_CPU = 16384
+PUMP_INTERVAL_S = 0.2  # how often the ring is copied out
 MAX_TEXT = 2 << 30  # stop copying (and say so) past this much trace text
 
 # op column of block rows
@@ -198,10 +198,9 @@ class BlockTracer:
         return True
 
     def _pump(self) -> None:
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
-        while not self._stop.is_set():
-            poller.poll(50)
+        # Drain in batches: waking for every event would compete with the traced
+        # workload for the GIL and the CPU. The per-CPU ring holds seconds of events.
+        while not self._stop.wait(PUMP_INTERVAL_S):
             while self._drain():
                 pass
 
