@@ -90,3 +90,29 @@ def test_trace_cli_runs_a_program(tmp_path):
     tags = np.array(t.tags)[app["tag"]]
     assert app["size"][tags == "checkpoint"].sum() == 1 << 20 and app["size"][tags == "weights"].sum() == 1 << 20
     assert not [p for p in os.listdir(tmp_path) if ".app-" in p or p.endswith(".claim")]  # no leftovers
+
+
+def test_trace_cli_merges_every_process(tmp_path):
+    import subprocess
+    import sys
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import sys\nfrom llmtier.engine import open_engine, alloc\n"
+        "with open_engine('threads') as e, e.open(sys.argv[1], 'w') as f:\n"
+        "    f.pwrite(alloc(1 << 20), 0, tag=sys.argv[2]).result()\n")
+    parent = tmp_path / "parent.py"
+    parent.write_text(
+        "import subprocess, sys\nimport llmtier\n"
+        f"subprocess.check_call([sys.executable, {str(child)!r}, {str(tmp_path / 'a.bin')!r}, 'kv'])\n"
+        f"subprocess.check_call([sys.executable, {str(child)!r}, {str(tmp_path / 'b.bin')!r}, 'checkpoint'])\n")
+    out = tmp_path / "run.npz"
+    r = subprocess.run([sys.executable, "-m", "llmtier.cli", "trace", "--no-block", "-o", str(out), "--",
+                        sys.executable, str(parent)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    t = trace.load(out)
+    tags = np.array(t.tags)[t.app["tag"]]
+    assert t.app["size"][tags == "kv"].sum() == 1 << 20 and t.app["size"][tags == "checkpoint"].sum() == 1 << 20
+    assert sorted(t.files) == [str(tmp_path / "a.bin"), str(tmp_path / "b.bin")]
+    assert len(t.meta["children"]) == 3  # the parent (no operations) and both children
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.bin", "child.py", "parent.py", "run.npz"]

@@ -237,3 +237,71 @@ def test_overlapping_extent_snapshots_count_once(tmp_path):
     extents = [(0, 0, 10 * MiB, MiB), (0, 0, 10 * MiB, 2 * MiB)]
     tr = make_trace(tmp_path, [(0, 3, OP_READ, 0, 2 * MiB, 1)], [(1, 2, OP_READ, 10 * MiB, 2 * MiB)], extents)
     assert A.attribute_block(tr)["bytes_on_files"]["read"] == 2 * MiB
+
+
+REQUEUE = "  kworker-9 [001] ..... {t}: block_rq_requeue: 254,0 {rwbs} () {sector} + {n} be,0,4 [0]\n"
+
+
+def test_parse_block_text_with_requeue_events():
+    text = "".join([
+        ISSUE.format(t="1.000010", rwbs="RS", nbytes=4096, sector=8, n=8),
+        ISSUE.format(t="1.000011", rwbs="RS", nbytes=4096, sector=8, n=8),  # a second, real read of the block
+        REQUEUE.format(t="1.000012", rwbs="RS", sector=8, n=8),
+        ISSUE.format(t="1.000020", rwbs="RS", nbytes=4096, sector=8, n=8),  # the requeued one, issued again
+        COMPLETE.format(t="1.000030", rwbs="RS", sector=8, n=8, err=0),
+        COMPLETE.format(t="1.000040", rwbs="RS", sector=8, n=8, err=0),
+        ISSUE.format(t="1.000050", rwbs="FF", nbytes=0, sector=0, n=0),  # two flushes in flight: two requests
+        ISSUE.format(t="1.000051", rwbs="FF", nbytes=0, sector=0, n=0),
+        COMPLETE.format(t="1.000060", rwbs="FF", sector=18446744073709551615, n=0, err=0),
+        COMPLETE.format(t="1.000061", rwbs="FF", sector=18446744073709551615, n=0, err=0),
+        ISSUE.format(t="1.000070", rwbs="WFS", nbytes=4096, sector=16, n=8),
+        COMPLETE.format(t="1.000080", rwbs="WFS", sector=16, n=8, err=0),
+    ]).encode()
+    cols, unpaired, reissued = parse_block_text(text)
+    assert (unpaired, reissued) == (0, 1)
+    assert cols["op"].tolist() == [OP_READ, OP_READ, OP_FLUSH, OP_FLUSH, OP_WRITE]
+    assert (cols["complete_ns"] > 0).all()
+    from llmtier.trace.block import FLAG_FUA, FLAG_PREFLUSH
+
+    assert cols["flags"][2] & FLAG_PREFLUSH and not cols["flags"][2] & FLAG_FUA
+    assert cols["flags"][4] & FLAG_FUA
+
+
+def test_queue_depth_keeps_precision_on_long_uptimes(tmp_path):
+    # 11 days of uptime in the timestamps; 2 requests in flight for the whole second bin
+    base = 11 * 86400 * 1_000_000_000
+    s = 1_000_000_000
+    rows = [(base + s, base + 2 * s, OP_READ, 0, 4096, 1), (base + s, base + 2 * s, OP_READ, 4096, 4096, 1)]
+    tr = make_trace(tmp_path, rows, start=base, end=base + 3 * s)
+    assert A.queue_depth_timeline(tr, "app", bin_ns=s)["mean_qd"].tolist() == [0.0, 2.0, 0.0]
+
+
+def test_trace_loader_rejects_hostile_columns(tmp_path):
+    good = known_workload(tmp_path)
+    with np.load(tmp_path / "t.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+
+    def variant(name, **changes):
+        a = dict(arrays)
+        for k, v in changes.items():
+            if v is None:
+                a.pop(k)
+            else:
+                a[k] = v
+        np.savez(tmp_path / name, **a)
+        return tmp_path / name
+
+    n = len(good)
+    cases = {
+        "tag.npz": {"app_tag": np.full(n, 99, dtype=np.uint32)},           # index outside the tag table
+        "file.npz": {"app_file": np.full(n, 2**32 - 1, dtype=np.uint32)},  # would size arrays by it
+        "missing.npz": {"app_op": None},
+        "twod.npz": {"app_size": arrays["app_size"].reshape(-1, 1)},
+        "len.npz": {"app_size": arrays["app_size"][:-1]},
+        "float.npz": {"app_size": arrays["app_size"].astype(np.float64)},
+        "blk.npz": {"blk_size": np.zeros(3, dtype=np.int64)},              # a block column without the others
+        "ext.npz": {"extents": np.zeros(5, dtype=np.int64)},
+    }
+    for name, change in cases.items():
+        with pytest.raises(FormatError):
+            Trace(variant(name, **change))

@@ -88,9 +88,8 @@ def add_store_verbs(sub: Any, bench: Any) -> None:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     import os  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
 
-    from .trace import load, record  # noqa: PLC0415
+    from .trace import app_trace_paths, load, record  # noqa: PLC0415
 
     cmd = list(args.command)
     if cmd and cmd[0] == "--":
@@ -114,13 +113,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     try:
         with record(out, device_path=device_path, block=not args.no_block, app_from=app_path,
                     label=" ".join(cmd)):
-            try:
-                rc = subprocess.call(cmd, env=env)
-            except OSError as exc:
-                print(f"llmtier trace: cannot run {cmd[0]}: {exc}", file=sys.stderr)
-                rc = 127
+            rc = _run_to_the_end(cmd, env)
     finally:
-        for tmp in (app_path, app_path + ".claim"):
+        for tmp in [*app_trace_paths(app_path), app_path + ".claim"]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     t = load(out)
@@ -138,6 +133,24 @@ def cmd_trace(args: argparse.Namespace) -> int:
         print(f"llmtier trace: note: {m}", file=sys.stderr)
     print(f"llmtier trace: wrote {out}   (llmtier report {args.output} -o DIR)", file=sys.stderr)
     return rc
+
+
+def _run_to_the_end(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the traced command; Ctrl-C goes to it (same process group) and this process
+    waits for it to finish writing its records instead of dying first."""
+    import subprocess  # noqa: PLC0415
+
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+    except OSError as exc:
+        print(f"llmtier trace: cannot run {cmd[0]}: {exc}", file=sys.stderr)
+        return 127
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            print("llmtier trace: interrupted; waiting for the command to exit and the trace to be written",
+                  file=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

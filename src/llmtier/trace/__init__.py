@@ -21,6 +21,7 @@ trace into figures, :mod:`.report` into an HTML page and a Markdown summary.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..engine import add_global_observer, remove_global_observer
+from ..errors import FormatError
 from .block import BlockTracer, BlockTraceUnavailable, file_extents
 from .diskstats import FIELDS, DiskStatsSampler, device_of
 from .recorder import Recorder, Trace
@@ -88,50 +90,110 @@ def record(path: str | os.PathLike[str], *, device_path: str | os.PathLike[str] 
     finally:
         if app and app_from is None:
             remove_global_observer(rec)
-        t1 = time.monotonic_ns()
-        extra: dict[str, Any] = {}
-        if sampler is not None:
-            extra["diskstats"] = sampler.stop()
-        if tracer is not None:
+        _finish(path, rec, sampler, tracer, app, app_from, missing, notes,
+                {"start_ns": t0, "device": device, "diskstats_fields": list(FIELDS), "pid": os.getpid(),
+                 "source": label, "block_devices": [d for d, _, _ in tracer.disks] if tracer else []})
+
+
+def _finish(path: str | os.PathLike[str], rec: Recorder, sampler: DiskStatsSampler | None, tracer: BlockTracer | None,
+            app: bool, app_from: str | os.PathLike[str] | None, missing: list[str], notes: list[str],
+            meta: dict[str, Any]) -> None:
+    """Stop the sources and save; a source that fails is said in the trace, which is still written."""
+    extra: dict[str, Any] = {}
+    if tracer is not None:
+        try:
             extra.update({f"blk_{k}": v for k, v in tracer.stop().items()})
-            notes.extend(tracer.notes)
             if tracer.reissued:
                 notes.append(f"block layer: {tracer.reissued} requests were requeued by the driver and issued again "
                              "(counted once)")
-        meta: dict[str, Any] = {"start_ns": t0, "end_ns": t1, "device": device, "diskstats_fields": list(FIELDS),
-                                "pid": os.getpid(), "source": label, "block_devices": [d for d, _, _ in tracer.disks] if tracer else []}
-        if app_from is not None:
-            rec, child_meta = _load_app(app_from, missing)
-            meta["child"] = child_meta
-        if not app and app_from is None:
-            missing.append("application level: switched off")
-        if tracer is not None:
-            extra["extents"] = _extents_of(rec, notes)
-        meta["missing"] = missing
-        meta["notes"] = notes
-        rec.save(path, meta=meta, extra=extra)
+        except (OSError, MemoryError, ValueError) as exc:
+            missing.append(f"block layer: capture failed when stopping: {exc!r}")
+        notes.extend(tracer.notes)
+    meta["end_ns"] = time.monotonic_ns()  # after the block capture's last completions
+    if sampler is not None:
+        extra["diskstats"] = sampler.stop()
+    if app_from is not None:
+        rec, meta["children"] = _load_app(app_from, missing, notes)
+    if not app and app_from is None:
+        missing.append("application level: switched off")
+    if "blk_submit_ns" in extra:
+        extra["extents"] = _extents_of(rec, notes, meta["block_devices"])
+    meta["missing"] = missing
+    meta["notes"] = notes
+    rec.save(path, meta=meta, extra=extra)
 
 
-def _load_app(app_from: str | os.PathLike[str], missing: list[str]) -> tuple[Recorder, dict[str, Any]]:
-    """A recorder holding the application records of another process's trace."""
+def app_trace_paths(app_from: str | os.PathLike[str]) -> list[str]:
+    """The trace ``app_from`` and those of other processes of the same command (``ROOT.<pid>.npz``)."""
+    root, ext = os.path.splitext(os.fspath(app_from))
+    d = os.path.dirname(root) or "."
+    base = os.path.basename(root)
+    out = [os.fspath(app_from)] if os.path.exists(app_from) else []
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(d)):
+            mid = name[len(base) + 1 : len(name) - len(ext)] if ext else ""
+            if name.startswith(base + ".") and name.endswith(ext) and mid.isdigit():
+                out.append(os.path.join(d, name))
+    return out
+
+
+def _load_app(app_from: str | os.PathLike[str], missing: list[str],
+              notes: list[str]) -> tuple[Recorder, list[dict[str, Any]]]:
+    """A recorder holding the application records of the command's processes, merged."""
     rec = Recorder(capacity=1)
-    if not os.path.exists(app_from):
+    paths = app_trace_paths(app_from)
+    if not paths:
         missing.append("application level: the command wrote no application records (it did not use llmtier, "
                        "or it was killed before exit)")
-        return rec, {}
-    t = Trace(app_from)
-    rec.load_columns(t.app, files=t.files, tags=t.tags, backends=t.backends,
-                     seen_extents=t.extra.get("seen_extents"))
-    return rec, {k: t.meta[k] for k in ("pid", "start_ns", "end_ns") if k in t.meta}
+        return rec, []
+    files: dict[str, int] = {}
+    tags: dict[str, int] = {"": 0}
+    backends: dict[str, int] = {}
+    parts: list[dict[str, np.ndarray]] = []
+    extents: list[np.ndarray] = []
+    children: list[dict[str, Any]] = []
+    for p in paths:
+        try:
+            t = Trace(p)
+        except (FormatError, OSError) as exc:
+            notes.append(f"application level: records of one process could not be read ({exc})")
+            continue
+        fmap = np.array([files.setdefault(f, len(files)) for f in t.files] or [0], dtype=np.int64)
+        tmap = np.array([tags.setdefault(x, len(tags)) for x in t.tags] or [0], dtype=np.int64)
+        bmap = np.array([backends.setdefault(x, len(backends)) for x in t.backends] or [0], dtype=np.int64)
+        cols = dict(t.app)
+        cols["file"], cols["tag"], cols["backend"] = fmap[cols["file"]], tmap[cols["tag"]], bmap[cols["backend"]]
+        parts.append(cols)
+        ex = t.extra.get("seen_extents")
+        if ex is not None and len(ex):
+            ex = np.array(ex, dtype=np.int64).reshape(-1, 4)
+            ex[:, 0] = fmap[ex[:, 0]]
+            extents.append(ex)
+        children.append({k: t.meta[k] for k in ("pid", "start_ns", "end_ns") if k in t.meta})
+    if parts:
+        merged = {k: np.concatenate([c[k] for c in parts]) for k in parts[0]}
+        order = np.argsort(merged["submit_ns"], kind="stable")
+        rec.load_columns({k: v[order] for k, v in merged.items()}, files=list(files), tags=list(tags),
+                         backends=list(backends), seen_extents=np.concatenate(extents) if extents else None)
+    if len(children) > 1:
+        notes.append(f"application level: records of {len(children)} processes merged")
+    return rec, children
 
 
-def _extents_of(rec: Recorder, notes: list[str]) -> np.ndarray:
+def _extents_of(rec: Recorder, notes: list[str], disks: list[str]) -> np.ndarray:
     """Rows ``(file, file_offset, device_offset, length)``: each traced file's extents now,
     with every place it was seen to have while recording (deleted or recreated files)."""
     parts = []
     gone = []
+    elsewhere = []
     for i, f in enumerate(rec.files):
         seen = rec.seen_extents.get(i)
+        with contextlib.suppress(OSError, ValueError):
+            dev, _ = device_of(f)
+            if dev not in disks:
+                # e.g. device-mapper, md, btrfs: FIEMAP offsets are not offsets on the traced disk
+                elsewhere.append(f"{f} ({dev or 'no block device'})")
+                continue
         try:
             ex = file_extents(f)
             if seen is not None:  # the file may have been recreated: keep every place it had
@@ -143,6 +205,10 @@ def _extents_of(rec: Recorder, notes: list[str]) -> np.ndarray:
             ex = seen
         if len(ex):
             parts.append(np.column_stack([np.full(len(ex), i, dtype=np.int64), ex]))
+    if elsewhere:
+        notes.append(f"block layer: {len(elsewhere)} traced files are on a device whose addresses are not those of "
+                     f"the traced disk(s) {', '.join(disks)}, so their block requests are not attributed "
+                     f"(e.g. {elsewhere[0]})")
     if gone:
         notes.append(f"block layer: {len(gone)} traced files were deleted before their place on disk was known; "
                      f"their block requests are not attributed (e.g. {gone[0]})")
@@ -154,5 +220,5 @@ def load(path: str | os.PathLike[str]) -> Trace:
     return Trace(path)
 
 
-__all__ = ["BlockTraceUnavailable", "BlockTracer", "DiskStatsSampler", "Recorder", "Trace", "device_of", "load",
+__all__ = ["BlockTraceUnavailable", "app_trace_paths", "BlockTracer", "DiskStatsSampler", "Recorder", "Trace", "device_of", "load",
            "record"]

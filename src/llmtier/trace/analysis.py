@@ -85,12 +85,12 @@ def exact_sizes(trace: Any, layer: str, top: int = 5) -> list[tuple[int, int, in
 
 
 def rw_summary(trace: Any, layer: str) -> dict[str, Any]:
-    """Read and write operations and bytes, and the read:write byte ratio (inf with no writes)."""
+    """Read and write operations and bytes, and the read:write byte ratio (None with no writes)."""
     c = columns(trace, layer)
     r, w = c["op"] == OP_READ, c["op"] == OP_WRITE
     rb, wb = int(c["size"][r].sum()), int(c["size"][w].sum())
     out = {"read_ops": int(r.sum()), "write_ops": int(w.sum()), "read_bytes": rb, "write_bytes": wb,
-           "ratio": (rb / wb) if wb else (float("inf") if rb else 0.0)}
+           "ratio": (rb / wb) if wb else None}  # None: no writes (JSON null, not Infinity)
     if layer == "block":
         out["flushes"] = int((c["op"] == OP_FLUSH).sum())
         out["discard_bytes"] = int(c["size"][c["op"] == OP_DISCARD].sum())
@@ -141,15 +141,21 @@ def bandwidth_timeline(trace: Any, layer: str, bin_ns: int | None = None) -> dic
     return out
 
 
-def _in_flight_integral(submit: np.ndarray, complete: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """For each time in ``at``: the integral, from -inf to it, of the number of requests in flight."""
-    s = np.sort(submit)
-    c = np.sort(complete)
-    cs = np.concatenate([[0], np.cumsum(s, dtype=np.float64)])
-    cc = np.concatenate([[0], np.cumsum(c, dtype=np.float64)])
-    ks = np.searchsorted(s, at, side="left")
-    kc = np.searchsorted(c, at, side="left")
-    return (ks * at.astype(np.float64) - cs[ks]) - (kc * at.astype(np.float64) - cc[kc])
+def _in_flight_per_bin(submit: np.ndarray, complete: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """For each bin [edges[k], edges[k+1]): the integral of the number of requests in flight
+    (ns·requests). A sweep over the piecewise-constant in-flight count: no large
+    cumulative sums, so long traces keep their precision."""
+    lo, hi = edges[0], edges[-1]
+    s, c = np.clip(submit, lo, hi), np.clip(complete, lo, hi)
+    t = np.concatenate([s, c, edges])
+    d = np.concatenate([np.ones(len(s), dtype=np.int64), -np.ones(len(c), dtype=np.int64),
+                        np.zeros(len(edges), dtype=np.int64)])
+    order = np.argsort(t, kind="stable")
+    t, d = t[order], d[order]
+    count = np.cumsum(d)[:-1]  # in flight on [t[i], t[i+1])
+    length = np.diff(t)
+    k = np.clip(np.searchsorted(edges, t[:-1], side="right") - 1, 0, len(edges) - 2)
+    return np.bincount(k, weights=(count * length).astype(np.float64), minlength=len(edges) - 1)
 
 
 def queue_depth_timeline(trace: Any, layer: str, bin_ns: int | None = None) -> dict[str, np.ndarray]:
@@ -159,8 +165,8 @@ def queue_depth_timeline(trace: Any, layer: str, bin_ns: int | None = None) -> d
     bin_ns = bin_ns or auto_bin_ns(trace)
     edges = _edges(trace, bin_ns)
     comp = np.where(c["complete_ns"] >= 0, c["complete_ns"], edges[-1])
-    integ = _in_flight_integral(c["submit_ns"], comp, edges)
-    return {"t_s": (edges[:-1] - edges[0]) / 1e9, "mean_qd": np.diff(integ) / bin_ns, "bin_s": np.array(bin_ns / 1e9)}
+    per_bin = _in_flight_per_bin(c["submit_ns"], comp, edges)
+    return {"t_s": (edges[:-1] - edges[0]) / 1e9, "mean_qd": per_bin / bin_ns, "bin_s": np.array(bin_ns / 1e9)}
 
 
 def mean_queue_depth(trace: Any, layer: str) -> float:
@@ -376,7 +382,9 @@ def attribute_block(trace: Any) -> dict[str, Any]:
     app = trace.app
     for f in np.unique(f_out[hit]):
         sel = np.flatnonzero(f_out == f)
-        tag_out[sel] = _tags_at(app, int(f), fo_out[sel], blk["submit_ns"][sel])
+        for code in (OP_READ, OP_WRITE):
+            sub = sel[blk["op"][sel] == code]
+            tag_out[sub] = _tags_at(app, int(f), fo_out[sub], blk["submit_ns"][sub], op=code)
     return {"file": f_out, "file_offset": fo_out, "tag": tag_out, "bytes_on_files": by_op}
 
 
@@ -394,7 +402,7 @@ def _merge_intervals(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np
     return start[new], g_end - start[new]
 
 
-def _tags_at(app: dict[str, np.ndarray], file: int, offsets: np.ndarray, times: np.ndarray,
+def _tags_at(app: dict[str, np.ndarray], file: int, offsets: np.ndarray, times: np.ndarray, op: int,
              depth: int = 64, slack_ns: int = 2_000) -> np.ndarray:
     """Tag index of the application request behind each block request of ``file``.
 
@@ -402,8 +410,8 @@ def _tags_at(app: dict[str, np.ndarray], file: int, offsets: np.ndarray, times: 
     flight when the block request was issued (direct I/O: one of the last
     ``depth`` submitted; ``slack_ns`` absorbs ftrace's microsecond
     timestamps).  Otherwise (buffered I/O, written back or read ahead
-    later): the request that last covered that offset.  -1 when none did."""
-    mine = np.flatnonzero(app["file"] == file)
+    later): the request of the same op that last covered that offset.  -1 when none did."""
+    mine = np.flatnonzero((app["file"] == file) & (app["op"] == op))
     out = np.full(len(offsets), -1, dtype=np.int64)
     if len(mine) == 0:
         return out

@@ -31,6 +31,7 @@ import numpy as np
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 EVENTS = ("block/block_rq_issue", "block/block_rq_complete")
+OPTIONAL_EVENTS = ("block/block_rq_requeue",)  # tells a driver's re-issue from a new request
 BUFFER_KB_PER_CPU = 16384
 PUMP_INTERVAL_S = 0.2  # how often the ring is copied out
 MAX_TEXT = 2 << 30  # stop copying (and say so) past this much trace text
@@ -47,6 +48,7 @@ BLOCK_COLUMNS: dict[str, Any] = {
 
 _ISSUE = re.compile(rb"(\d+)\.(\d+): block_rq_issue: (\d+),(\d+) (\S+) (\d+) \(.*?\) (\d+) \+ (\d+)")
 _COMPLETE = re.compile(rb"(\d+)\.(\d+): block_rq_complete: (\d+),(\d+) (\S+) \(.*?\) (\d+) \+ (\d+) .*?\[(-?\d+)\]")
+_REQUEUE = re.compile(rb"block_rq_requeue: (\d+),(\d+) (\S+) \(.*?\) (\d+) \+ (\d+)")
 
 
 class BlockTraceUnavailable(RuntimeError):
@@ -165,6 +167,11 @@ class BlockTracer:
             for ev in EVENTS:
                 _write(os.path.join(inst, "events", ev, "filter"), filt)
                 _write(os.path.join(inst, "events", ev, "enable"), "1")
+            for ev in OPTIONAL_EVENTS:
+                if os.path.isdir(os.path.join(inst, "events", ev)):
+                    with contextlib.suppress(OSError):
+                        _write(os.path.join(inst, "events", ev, "filter"), filt)
+                        _write(os.path.join(inst, "events", ev, "enable"), "1")
             self._fd = os.open(os.path.join(inst, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
             _write(os.path.join(inst, "tracing_on"), "1")
         except BlockTraceUnavailable:
@@ -173,8 +180,12 @@ class BlockTracer:
         except OSError as exc:
             self._teardown()
             raise BlockTraceUnavailable(f"could not set up ftrace instance {inst}: {exc}") from exc
-        self._thread = threading.Thread(target=self._pump, name="llmtier-blocktrace", daemon=True)
-        self._thread.start()
+        try:
+            self._thread = threading.Thread(target=self._pump, name="llmtier-blocktrace", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._teardown()
+            raise
         return self
 
     def _drain(self) -> bool:
@@ -200,27 +211,34 @@ class BlockTracer:
     def _pump(self) -> None:
         # Drain in batches: waking for every event would compete with the traced
         # workload for the GIL and the CPU. The per-CPU ring holds seconds of events.
-        while not self._stop.wait(PUMP_INTERVAL_S):
-            while self._drain():
-                pass
+        try:
+            while not self._stop.wait(PUMP_INTERVAL_S):
+                while self._drain():
+                    pass
+        except OSError as exc:
+            self.notes.append(f"block layer: reading the trace pipe failed ({exc}); capture ended early")
 
     def stop(self) -> dict[str, np.ndarray]:
-        """Stop capture; the block columns (:data:`BLOCK_COLUMNS`). Notes on losses go to ``self.notes``."""
+        """Stop capture; the block columns (:data:`BLOCK_COLUMNS`). Notes on losses go to
+        ``self.notes``. The ftrace instance is removed whatever happens."""
         if not self.inst:
             return empty_block_columns()
-        time.sleep(0.02)  # completions of the last requests are logged in interrupt context
-        with contextlib.suppress(OSError):
-            _write(os.path.join(self.inst, "tracing_on"), "0")
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        while self._drain():
-            pass
-        lost = self._lost_events()
-        if lost:
-            self.notes.append(f"block layer: the kernel dropped {lost} events (buffer overrun); "
-                              "latencies of the unpaired requests are unknown")
-        self._teardown()
+        try:
+            time.sleep(0.02)  # completions of the last requests are logged in interrupt context
+            with contextlib.suppress(OSError):
+                _write(os.path.join(self.inst, "tracing_on"), "0")
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            with contextlib.suppress(OSError):
+                while self._drain():
+                    pass
+            lost = self._lost_events()
+            if lost:
+                self.notes.append(f"block layer: the kernel dropped {lost} events (buffer overrun); "
+                                  "latencies of the unpaired requests are unknown")
+        finally:
+            self._teardown()
         text = b"".join(self._chunks)
         self._chunks = []
         cols, unpaired, reissued = parse_block_text(text)
@@ -247,7 +265,7 @@ class BlockTracer:
             self._fd = -1
         if not self.inst:
             return
-        for ev in EVENTS:
+        for ev in EVENTS + OPTIONAL_EVENTS:
             with contextlib.suppress(OSError):
                 _write(os.path.join(self.inst, "events", ev, "enable"), "0")
         with contextlib.suppress(OSError):
@@ -261,16 +279,18 @@ def empty_block_columns() -> dict[str, np.ndarray]:
 
 def _op_flags(rwbs: bytes) -> tuple[int, int]:
     s = rwbs.decode("ascii", "replace")
-    flags = ((FLAG_READAHEAD if "A" in s else 0) | (FLAG_SYNC if "S" in s else 0) | (FLAG_META if "M" in s else 0)
-             | (FLAG_FUA if "F" in s[1:] else 0) | (FLAG_PREFLUSH if s.startswith("F") else 0))
-    body = s.lstrip("F")
+    pre = s.startswith("F")
+    body = s[1:] if pre else s
+    # rwbs: [F]lush-before, then the op letter (R W D E F(lush) N), then F(UA) A(head) S(ync) M(eta)...
+    flags = ((FLAG_READAHEAD if "A" in body else 0) | (FLAG_SYNC if "S" in body else 0)
+             | (FLAG_META if "M" in body else 0) | (FLAG_FUA if "F" in body[1:] else 0) | (FLAG_PREFLUSH if pre else 0))
     if body.startswith("R"):
         return OP_READ, flags
     if body.startswith("W"):
         return OP_WRITE, flags
     if body.startswith("D") or body.startswith("E"):
         return OP_DISCARD, flags
-    if s.startswith("F"):
+    if pre or body.startswith("F"):
         return OP_FLUSH, flags
     return OP_OTHER, flags
 
@@ -289,12 +309,14 @@ def parse_block_text(text: bytes) -> tuple[dict[str, np.ndarray], int, int]:
     ``(columns, unpaired issues, re-issues)``.
 
     A completion is matched to the oldest outstanding issue of the same
-    disk, start sector and kind (read, write, flush, discard).  An issue of
-    the same sector, kind and size while one is outstanding is a requeue
-    (the driver was busy), not a new request: a real second request for the
-    same sector in flight at the same time is merged with it (rare; the
-    count is reported)."""
+    disk, start sector and kind (read, write, flush, discard).  An issue that
+    follows a ``block_rq_requeue`` of the same sector and kind is the same
+    request issued again (the driver was busy), counted once.  Text without
+    requeue events (older kernels): an issue of the same sector, kind and
+    size while one is outstanding is taken for a requeue."""
     reissued = 0
+    saw_requeue_events = b"block_rq_requeue:" in text
+    requeued: dict[tuple[int, int, int], int] = {}
     rows: list[list[int]] = []
     pending: dict[tuple[int, int, int], list[int]] = {}
     for line in text.splitlines():
@@ -309,13 +331,25 @@ def parse_block_text(text: bytes) -> tuple[dict[str, np.ndarray], int, int]:
             size = int(nbytes) or int(nsec) * 512
             key = (dev, 0 if op == OP_FLUSH else int(sector), op)
             q = pending.setdefault(key, [])
-            if q and rows[q[-1]][6] == size:
-                # Issued again before any completion: the driver was busy and the
-                # request was requeued. Same request; keep its first issue time.
+            again = requeued.get(key, 0)
+            if again or (q and not saw_requeue_events and op != OP_FLUSH and rows[q[-1]][6] == size):
+                # Issued again: the driver was busy and the request was requeued.
+                # Same request; keep its first issue time. (Without requeue events,
+                # an issue of the same sector and size while one is outstanding is
+                # taken for one.)
+                if again:
+                    requeued[key] = again - 1
                 reissued += 1
                 continue
             q.append(len(rows))
             rows.append([t, -1, op, flags, dev, int(sector) * 512, size, 0])
+        elif b"block_rq_requeue:" in line:
+            m = _REQUEUE.search(line)
+            if m:
+                ma, mi, rwbs, sector, _n = m.groups()
+                op = _op_kind(rwbs)
+                key = (kernel_dev(int(ma), int(mi)), 0 if op == OP_FLUSH else int(sector), op)
+                requeued[key] = requeued.get(key, 0) + 1
         elif b"block_rq_complete:" in line:
             m = _COMPLETE.search(line)
             if not m:

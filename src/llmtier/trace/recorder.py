@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from .block import file_extents
+from .block import BLOCK_COLUMNS, file_extents
 
 COLUMNS: dict[str, Any] = {
     "submit_ns": np.int64, "complete_ns": np.int64, "op": np.uint8, "file": np.uint32, "offset": np.int64,
@@ -160,11 +160,12 @@ class Recorder:
     def save(self, path: str | os.PathLike[str], meta: dict[str, Any] | None = None,
              extra: dict[str, np.ndarray] | None = None) -> None:
         """Write the trace (and ``extra`` arrays, e.g. device samples) as one ``.npz``, atomically."""
-        doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "files": self.files, "tags": self.tags,
-               "backends": self.backends, **(meta or {})}
-        arrays = {f"app_{k}": v for k, v in self.columns().items()}
-        if self.seen_extents:
-            arrays["seen_extents"] = self.extents_table()
+        with self._lock:  # a late engine thread may still be recording
+            doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "files": list(self.files),
+                   "tags": list(self.tags), "backends": list(self.backends), **(meta or {})}
+            arrays = {f"app_{k}": a[: self._n].copy() for k, a in self._cols.items()}
+            if self.seen_extents:
+                arrays["seen_extents"] = self.extents_table()
         arrays.update(extra or {})
         arrays["meta"] = np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)
         tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
@@ -173,6 +174,40 @@ class Recorder:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def _check_columns(arrays: dict[str, np.ndarray], p: str, nfiles: int, ntags: int, nbackends: int) -> None:
+    """Every column present, 1-D, integer, of one length; indices inside their tables."""
+    for prefix, spec in (("app_", COLUMNS), ("blk_", BLOCK_COLUMNS)):
+        present = [k for k in arrays if k.startswith(prefix)]
+        if not present and prefix == "blk_":
+            continue
+        n = None
+        for k in spec:
+            a = arrays.get(prefix + k)
+            if a is None:
+                raise FormatError("column missing", path=p, field=prefix + k)
+            if a.ndim != 1 or a.dtype.kind not in "iu":
+                raise FormatError(f"column is {a.ndim}-D {a.dtype}, not 1-D integer", path=p, field=prefix + k)
+            if n is not None and len(a) != n:
+                raise FormatError("columns of different lengths", path=p, field=prefix + k)
+            n = len(a)
+    for col, size in (("app_file", nfiles), ("app_tag", ntags), ("app_backend", nbackends)):
+        a = arrays[col]
+        if len(a) and (int(a.min()) < 0 or int(a.max()) >= size):
+            raise FormatError(f"index outside its table of {size}", path=p, field=col)
+    for key in ("extents", "seen_extents"):
+        a = arrays.get(key)
+        if a is None:
+            continue
+        if a.ndim != 2 or a.shape[1] != 4 or a.dtype.kind not in "iu":
+            raise FormatError("must be an integer array of rows (file, file_offset, device_offset, length)",
+                              path=p, field=key)
+        if len(a) and (int(a[:, 0].min()) < 0 or int(a[:, 0].max()) >= nfiles or int(a[:, 3].min()) < 0):
+            raise FormatError("file index outside the table or negative length", path=p, field=key)
+    ds = arrays.get("diskstats")
+    if ds is not None and (ds.ndim != 2 or ds.dtype.kind not in "iu"):
+        raise FormatError("must be a 2-D integer array", path=p, field="diskstats")
 
 
 class Trace:
@@ -207,13 +242,12 @@ class Trace:
                 raise FormatError("columns of different lengths", path=p, field=prefix[:-1])
         try:
             for key in ("files", "tags", "backends"):
-                if not isinstance(self.meta[key], list):
+                if not isinstance(self.meta[key], list) or not all(isinstance(x, str) for x in self.meta[key]):
                     raise TypeError(key)
         except (KeyError, TypeError) as exc:
             raise FormatError("missing tables", path=p, field=f"meta.{exc.args[0]}") from exc
+        _check_columns(arrays, p, len(self.meta["files"]), len(self.meta["tags"]), len(self.meta["backends"]))
         self.app = {k[4:]: v for k, v in arrays.items() if k.startswith("app_")}
-        for k, t in COLUMNS.items():
-            self.app.setdefault(k, np.empty(0, dtype=t))
         self.block = {k[4:]: v for k, v in arrays.items() if k.startswith("blk_")}
         self.extra = {k: v for k, v in arrays.items() if not k.startswith(("app_", "blk_"))}
         self.extents = self.extra.get("extents", np.empty((0, 4), dtype=np.int64))
