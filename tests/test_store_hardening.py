@@ -77,7 +77,7 @@ def raw_preamble(index_offset: int, index_length: int, index_crc: int, *, magic:
 
 
 def index_bytes(doc: Any) -> bytes:
-    """JSON text of ``doc`` (non-ASCII escaped, so lone surrogates survive as ``\\udXXX``)."""
+    """JSON text of ``doc`` (non-ASCII escaped, so lone surrogates survive as ``\\ud800``-style escapes)."""
     return doc if isinstance(doc, bytes) else json.dumps(doc).encode()
 
 

@@ -171,10 +171,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ReportError as exc:
         print(f"llmtier report: {exc}", file=sys.stderr)
         return 1
-    with open(paths["markdown"], encoding="utf-8") as f:
-        text = f.read()
-    findings = text.split("## Findings", 1)[1].split("\n## ", 1)[0].strip()
-    print(findings)
+    print("\n".join(f"- {f}" for f in paths["findings"]))
     print(f"\nllmtier report: wrote {paths['html']}, {paths['markdown']}, {paths['json']}", file=sys.stderr)
     return 0
 

@@ -220,5 +220,5 @@ def load(path: str | os.PathLike[str]) -> Trace:
     return Trace(path)
 
 
-__all__ = ["BlockTraceUnavailable", "app_trace_paths", "BlockTracer", "DiskStatsSampler", "Recorder", "Trace", "device_of", "load",
-           "record"]
+__all__ = ["BlockTraceUnavailable", "BlockTracer", "DiskStatsSampler", "Recorder", "Trace", "app_trace_paths",
+           "device_of", "load", "record"]

@@ -459,10 +459,11 @@ def tag_label(trace: Any, t: int) -> str:
     return name or "(untagged)"
 
 
-def per_tag(trace: Any) -> list[dict[str, Any]]:
+def per_tag(trace: Any, att: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Per application tag: operations, bytes read and written, busy time (when
     at least one of its operations was in flight), and, with a block trace,
-    the device bytes attributed to it.  Sorted by bytes, largest first."""
+    the device bytes attributed to it (``att``: :func:`attribute_block`'s
+    result when already computed).  Sorted by bytes, largest first."""
     app = trace.app
     rows: dict[int, dict[str, Any]] = {}
     for t in np.unique(app["tag"]):
@@ -473,7 +474,7 @@ def per_tag(trace: Any) -> list[dict[str, Any]]:
                         "busy_s": _union_ns(app["submit_ns"][sel], app["complete_ns"][sel]) / 1e9,
                         "latency_sum_s": float((app["complete_ns"] - app["submit_ns"])[sel].sum() / 1e9)}
     if trace.block:
-        att = attribute_block(trace)
+        att = att or attribute_block(trace)
         blk = trace.block
         data = _data_rows(blk)
         for t in np.unique(att["tag"][data]):
@@ -482,8 +483,7 @@ def per_tag(trace: Any) -> list[dict[str, Any]]:
                                            "write_bytes": 0, "busy_s": 0.0, "latency_sum_s": 0.0})
             row["block_requests"] = int(sel.sum())
             row["block_bytes"] = int(blk["size"][sel].sum())
-    out = sorted(rows.values(), key=lambda r: -(r["read_bytes"] + r["write_bytes"] + r.get("block_bytes", 0)))
-    return out
+    return sorted(rows.values(), key=lambda r: -(r["read_bytes"] + r["write_bytes"] + r.get("block_bytes", 0)))
 
 
 # -- everything, and in words ----------------------------------------------------------------------
@@ -491,7 +491,8 @@ def per_tag(trace: Any) -> list[dict[str, Any]]:
 def summarize(trace: Any) -> dict[str, Any]:
     """The figures the report shows, as one JSON-able dict."""
     t0, t1 = time_span(trace)
-    out: dict[str, Any] = {"duration_s": (t1 - t0) / 1e9, "layers": {}, "tags": per_tag(trace),
+    att = attribute_block(trace) if trace.block else None
+    out: dict[str, Any] = {"duration_s": (t1 - t0) / 1e9, "layers": {}, "tags": per_tag(trace, att),
                            "missing": list(trace.meta.get("missing", [])), "notes": list(trace.meta.get("notes", []))}
     for layer in LAYERS:
         if layer == "block" and not trace.block:
@@ -508,8 +509,7 @@ def summarize(trace: Any) -> dict[str, Any]:
             "busy_s": _union_ns(c["submit_ns"][c["complete_ns"] >= 0], c["complete_ns"][c["complete_ns"] >= 0]) / 1e9,
         }
         out["layers"][layer] = lay
-    if trace.block:
-        att = attribute_block(trace)
+    if att is not None:
         out["layers"]["block"]["on_traced_files"] = att["bytes_on_files"]
     return out
 

@@ -188,33 +188,30 @@ class BlockTracer:
             raise
         return self
 
-    def _drain(self) -> bool:
-        """Copy what the pipe holds now; False once it is empty."""
-        try:
-            data = os.read(self._fd, 1 << 20)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno == errno.EINTR:
-                return True
-            raise
-        if not data:
-            return False
-        if self._size + len(data) > MAX_TEXT:
-            if not any("truncated" in n for n in self.notes):
-                self.notes.append(f"block layer: capture truncated after {MAX_TEXT >> 20} MiB of trace text")
-            return True
-        self._chunks.append(data)
-        self._size += len(data)
-        return True
+    def _drain(self) -> None:
+        """Copy what the pipe holds now, until it is empty."""
+        while True:
+            try:
+                data = os.read(self._fd, 1 << 20)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            if not data:
+                return
+            if self._size + len(data) > MAX_TEXT:
+                if not any("truncated" in n for n in self.notes):
+                    self.notes.append(f"block layer: capture truncated after {MAX_TEXT >> 20} MiB of trace text")
+                continue  # keep emptying the ring so the kernel does not stall on it
+            self._chunks.append(data)
+            self._size += len(data)
 
     def _pump(self) -> None:
         # Drain in batches: waking for every event would compete with the traced
         # workload for the GIL and the CPU. The per-CPU ring holds seconds of events.
         try:
             while not self._stop.wait(PUMP_INTERVAL_S):
-                while self._drain():
-                    pass
+                self._drain()
         except OSError as exc:
             self.notes.append(f"block layer: reading the trace pipe failed ({exc}); capture ended early")
 
@@ -231,8 +228,7 @@ class BlockTracer:
             if self._thread is not None:
                 self._thread.join()
             with contextlib.suppress(OSError):
-                while self._drain():
-                    pass
+                self._drain()
             lost = self._lost_events()
             if lost:
                 self.notes.append(f"block layer: the kernel dropped {lost} events (buffer overrun); "

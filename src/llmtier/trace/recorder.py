@@ -87,9 +87,7 @@ class Recorder:
                     self.files.append(e.path)
                     if self._want_extents:
                         self._take_extents(f, e.path, e.complete_ns)
-                if (self._want_extents and e.op == "write" and (e.offset + e.size > self._covered.get(f, 0)
-                                                                 or e.complete_ns - self._taken_ns[f] > 1_000_000_000)
-                        and e.complete_ns - self._taken_ns[f] > 100_000_000):
+                elif self._want_extents and e.op == "write" and self._extents_stale(f, e.offset + e.size, e.complete_ns):
                     self._take_extents(f, e.path, e.complete_ns)
                 name = tag_name(e.tag)
                 t = tid.get(name)
@@ -113,6 +111,12 @@ class Recorder:
                 i += 1
             self._n = i
 
+    def _extents_stale(self, f: int, end: int, now_ns: int) -> bool:
+        """A written file's extents are looked at again when a write goes past what was
+        seen, or every second, and never more often than every 100 ms."""
+        age = now_ns - self._taken_ns[f]
+        return age > 100_000_000 and (end > self._covered.get(f, 0) or age > 1_000_000_000)
+
     def _take_extents(self, f: int, path: str, now_ns: int) -> None:
         """Add the file's extents now to what was seen (at most every 100 ms per file while written)."""
         self._taken_ns[f] = now_ns
@@ -126,7 +130,7 @@ class Recorder:
             self.seen_extents[f] = ex if old is None else np.unique(np.concatenate([old, ex]), axis=0)
 
     def extents_table(self) -> np.ndarray:
-        """Rows ``(file, file_offset, device_offset, length)`` from the first-sight extents."""
+        """Rows ``(file, file_offset, device_offset, length)``: every place each file was seen to have."""
         parts = [np.column_stack([np.full(len(ex), f, dtype=np.int64), ex]) for f, ex in self.seen_extents.items()]
         return np.concatenate(parts) if parts else np.empty((0, 4), dtype=np.int64)
 
@@ -237,9 +241,6 @@ class Trace:
         if self.meta.get("version") != TRACE_VERSION:
             raise FormatError(f"trace version {self.meta.get('version')!r}; this llmtier reads {TRACE_VERSION}",
                               path=p, field="meta.version")
-        for prefix in ("app_", "blk_"):
-            if len({len(v) for k, v in arrays.items() if k.startswith(prefix)}) > 1:
-                raise FormatError("columns of different lengths", path=p, field=prefix[:-1])
         try:
             for key in ("files", "tags", "backends"):
                 if not isinstance(self.meta[key], list) or not all(isinstance(x, str) for x in self.meta[key]):

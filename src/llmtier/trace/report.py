@@ -233,8 +233,9 @@ LATENCY_HEAD = ["layer", "op", "size class", "requests", *(f"p{q:g} µs" for q i
 TAG_HEAD = ["tag", "ops", "read", "written", "busy s", "device bytes"]
 
 
-def write_report(trace: Any, out_dir: str | os.PathLike[str], title: str | None = None) -> dict[str, str]:
-    """Write ``index.html``, ``summary.md`` and ``summary.json`` into ``out_dir``; their paths."""
+def write_report(trace: Any, out_dir: str | os.PathLike[str], title: str | None = None) -> dict[str, Any]:
+    """Write ``index.html``, ``summary.md`` and ``summary.json`` into ``out_dir``; their paths
+    (keys ``html``, ``markdown``, ``json``) and the ``findings`` as sentences."""
     os.makedirs(out_dir, exist_ok=True)
     s = A.summarize(trace)
     facts = A.findings(trace, s)
@@ -280,7 +281,7 @@ def write_report(trace: Any, out_dir: str | os.PathLike[str], title: str | None 
         md += ["", "## Tags", "", _md_table(_tag_rows(s), TAG_HEAD)]
     _atomic_write(paths["markdown"], "\n".join(md) + "\n")
     _atomic_write(paths["json"], json.dumps(s, indent=1, default=_jsonable) + "\n")
-    return paths
+    return {**paths, "findings": facts}
 
 
 def _jsonable(x: Any) -> Any:
