@@ -181,8 +181,11 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     browser = _chromium()
     if browser is None:
-        if os.environ.get("CI") == "true":
+        why = os.environ.get("LLMTIER_CHROMIUM_UNAVAILABLE")
+        if os.environ.get("CI") == "true" and not why:
             pytest.fail("CI must have chromium (.ci/run installs it) to check the report renders")
+        if why:
+            pytest.skip(f"no chromium: .ci/run could not install it ({why})")
         pytest.skip("no chromium here: apt-get install chromium")
     t = synthetic(tmp_path)
     paths = write_report(t, tmp_path / "rep", title="synthetic <known> workload")
