@@ -1,0 +1,509 @@
+"""Run a Hugging Face causal LM whose weights exceed a memory budget.
+
+The model is built on the meta device.  Embeddings, final norm, head and as
+many whole decoder layers as the budget allows are read once into aligned
+memory and stay there; the other layers stream from the checkpoint on every
+forward pass, through a fixed pool of aligned slot buffers:
+
+    pass t:  ... | layer i computes in slot A | ...
+    disk:        | layer i+1 (next streamed) -> slot B, queued before i ran |
+    after i:     slot A released -> next streamed layer read into it
+
+Reads are large direct reads (one per contiguous run of a layer's tensors),
+so the page cache neither flatters the speed nor takes the budget.  The order
+of streamed layers is a cycle: after the last one, the first ones of the next
+forward pass are already on their way while the head and sampling compute.
+Resident layers are spread evenly between streamed ones so that their compute
+hides reads.  Parameters are bound as views of the buffers in a forward
+pre-hook and put back on the meta device in the forward hook; nothing is
+copied and no parameter survives its slot.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..engine import Engine, alloc
+from ..errors import ChecksumError, FormatError, LLMTierError
+from ..store import dtypes
+from ..store.format import ALIGN, TensorInfo, crc32c
+from ..store.reader import TensorSource, open_store
+from ..units import human, parse_size
+from . import hf
+
+_GAP = 64 << 10  # tensors of one group closer than this are read in one request
+
+
+class BudgetError(LLMTierError, ValueError):
+    """The memory budget cannot hold what streaming needs at the least."""
+
+
+# -- what to read --------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One read: ``length`` bytes of ``file`` at ``start`` into the group buffer at ``pos``."""
+
+    file: str
+    start: int
+    length: int
+    pos: int
+    need: int  # bytes that must arrive (the rest is alignment padding past the data)
+
+
+@dataclass
+class Group:
+    """The tensors read together: one decoder layer, or everything outside the layers."""
+
+    name: str
+    layer: int | None
+    items: list[tuple[hf.Binding, TensorInfo, int]]  # binding, where on disk, offset in the group buffer
+    runs: list[Run]
+    nbytes: int  # size of the buffer the group needs
+    data_bytes: int  # tensor bytes (what the model holds)
+
+
+def make_group(name: str, layer: int | None, items: Sequence[tuple[hf.Binding, TensorInfo]]) -> Group:
+    """Lay the tensors of a group out as few aligned reads as possible."""
+    order = sorted(items, key=lambda bt: (bt[1].file, bt[1].offset))
+    runs: list[Run] = []
+    placed: list[tuple[hf.Binding, TensorInfo, int]] = []
+    pos = 0
+    cur: Run | None = None
+    for b, t in order:
+        if cur is None or t.file != cur.file or t.offset - (cur.start + cur.need) > _GAP \
+                or t.offset < cur.start + cur.need:
+            if cur is not None:
+                pos = cur.pos + cur.length
+            start = t.offset - t.offset % ALIGN
+            cur = Run(t.file, start, 0, pos, 0)
+            runs.append(cur)
+        cur.need = max(cur.need, t.offset + t.nbytes - cur.start)
+        cur.length = -(-cur.need // ALIGN) * ALIGN
+        placed.append((b, t, cur.pos + t.offset - cur.start))
+    nbytes = runs[-1].pos + runs[-1].length if runs else 0
+    return Group(name, layer, placed, runs, nbytes, sum(t.nbytes for _, t in order))
+
+
+# -- the plan ------------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What stays in memory, what streams, and why."""
+
+    budget: int
+    outside_bytes: int  # embeddings, norms, head: always resident
+    layer_bytes: list[int]
+    resident: list[int]
+    streamed: list[int]
+    slots: int
+    slot_bytes: int
+    reason: str
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.outside_bytes + sum(self.layer_bytes[i] for i in self.resident)
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the weights take: resident data plus the slot pool."""
+        return self.resident_bytes + self.slots * self.slot_bytes
+
+    @property
+    def streamed_bytes_per_pass(self) -> int:
+        return sum(self.layer_bytes[i] for i in self.streamed)
+
+    @property
+    def resident_share(self) -> float:
+        total = self.outside_bytes + sum(self.layer_bytes)
+        return self.resident_bytes / total if total else 1.0
+
+    def describe(self) -> str:
+        n = len(self.layer_bytes)
+        lines = [f"budget {human(self.budget)}: {human(self.outside_bytes)} outside the layers (embeddings, norm, "
+                 f"head) resident; {len(self.resident)} of {n} layers resident, {len(self.streamed)} streamed "
+                 f"({human(self.streamed_bytes_per_pass)} per forward pass)"]
+        if self.streamed:
+            lines.append(f"{self.slots} slot buffers of {human(self.slot_bytes)} (prefetch depth {self.slots - 1}); "
+                         f"weights take {human(self.memory_bytes)}")
+        lines.append(self.reason)
+        return "\n".join(lines)
+
+
+def spread(count: int, n: int) -> list[int]:
+    """``count`` of ``range(n)``, as evenly spaced as possible."""
+    return sorted({int((j + 0.5) * n / count) for j in range(count)}) if count else []
+
+
+def make_plan(budget: int, outside: int, layers: list[int], slot_bytes: int, prefetch: int | None = None) -> Plan:
+    """Choose resident layers and the slot count for ``budget`` bytes.
+
+    Two slots by default (one computing, one reading ahead): a resident
+    layer saves its reads on every pass, a deeper prefetch only smooths the
+    disk's jitter, so the budget goes to resident layers first (``prefetch``
+    sets the depth).  Resident layers are spread evenly so their compute
+    overlaps the reads of the streamed ones.
+    """
+    n = len(layers)
+    if outside + sum(layers) <= budget:
+        return Plan(budget, outside, layers, list(range(n)), [], 0, slot_bytes,
+                    "everything fits in the budget: nothing streams")
+    slots = 2 if prefetch is None else prefetch + 1
+    if slots < 2:
+        raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+    least = outside + slots * slot_bytes
+    if budget < least:
+        raise BudgetError(f"a memory budget of {human(budget)} is below the least this model streams with: "
+                          f"{human(outside)} of embeddings/norm/head + {slots} layer buffers of "
+                          f"{human(slot_bytes)} = {human(least)}")
+    room = budget - least
+    resident: list[int] = []
+    for count in range(n - 1, 0, -1):
+        pick = spread(count, n)
+        if sum(layers[i] for i in pick) <= room:
+            resident = pick
+            break
+    streamed = [i for i in range(n) if i not in set(resident)]
+    reason = (f"resident layers {_ranges(resident) or 'none'} are spread between the streamed ones so their "
+              f"compute hides reads; the embeddings and head are used every pass and never stream")
+    return Plan(budget, outside, layers, resident, streamed, slots, slot_bytes, reason)
+
+
+def _ranges(xs: list[int]) -> str:
+    out: list[str] = []
+    for x in xs:
+        if out and out[-1].split("-")[-1] == str(x - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{x}"
+        else:
+            out.append(str(x))
+    return ",".join(out)
+
+
+# -- the streamer --------------------------------------------------------------------------------------------------
+@dataclass
+class StreamStats:
+    """Counters of one streamed model (read with :meth:`WeightStreamer.stats`)."""
+
+    bytes_read: int = 0  # streamed layers, after the start
+    layer_loads: int = 0
+    passes: int = 0  # forward passes through the decoder
+    stall_s: float = 0.0  # time the compute waited for reads
+    load_s: float = 0.0  # reading the resident set at the start
+    resident_bytes_read: int = 0
+    discarded_bytes: int = 0  # read ahead but never used (end of a run, or a pass cut short)
+    verified: set[int] = field(default_factory=set)
+
+
+class WeightStreamer:
+    """Binds a skeleton model to a checkpoint under a plan; see the module doc."""
+
+    def __init__(self, source: TensorSource, model: Any, groups: list[Group], outside: Group, plan: Plan, *,
+                 layers_prefix: str, verify: str, tag: str = "weights") -> None:
+        import torch  # noqa: PLC0415
+
+        self._torch = torch
+        self.source, self.model, self.plan = source, model, plan
+        self.layers_prefix = layers_prefix
+        self.verify = verify
+        self.tag = tag
+        self.groups = groups
+        self.stats_ = StreamStats()
+        self._closed = False
+        self._placeholders: dict[tuple[int, str], Any] = {}
+        self._inflight: deque[tuple[int, int, list]] = deque()  # (layer, slot, futures)
+        self._bound: tuple[int, int] | None = None
+        self._hooks: list[Any] = []
+        self._resident: dict[str, np.ndarray] = {}
+        self._slots: list[np.ndarray] = []
+        self._free: list[int] = []
+        self._cycle = list(plan.streamed)
+        self._next = 0
+        try:
+            t0 = time.perf_counter()
+            for g in [outside, *(groups[i] for i in plan.resident)]:
+                buf = alloc(g.nbytes)
+                self._wait(g, self._submit(g, buf), buf, check=verify != "never")
+                self._bind(g, buf)
+                self._resident[g.name] = buf
+                self.stats_.resident_bytes_read += sum(r.length for r in g.runs)
+            self.stats_.load_s = time.perf_counter() - t0
+            self._slots = [alloc(plan.slot_bytes) for _ in range(plan.slots if self._cycle else 0)]
+            self._free = list(range(len(self._slots)))
+            self._hooks.append(model.register_forward_pre_hook(self._check_open))
+            layer_list = dict(model.named_modules())[layers_prefix]
+            for i in self._cycle:
+                mod = layer_list[i]
+                self._hooks.append(mod.register_forward_pre_hook(functools.partial(self._before, i)))
+                self._hooks.append(mod.register_forward_hook(functools.partial(self._after, i)))
+            self._fill()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    def _submit(self, g: Group, buf: np.ndarray) -> list:
+        return [self.source._file(r.file).pread(buf[r.pos:r.pos + r.length], r.start, tag=f"{self.tag}:{g.name}",
+                                                exact=False) for r in g.runs]
+
+    def _wait(self, g: Group, futs: list, buf: np.ndarray, *, check: bool) -> None:
+        for r, fut in zip(g.runs, futs):
+            got = fut.result()
+            if got < r.need:
+                raise FormatError(f"{g.name}: the file ends before the tensor data its index lists "
+                                  f"({got} of {r.need} bytes at offset {r.start})", path=r.file, field="size")
+        if check:
+            for _, t, pos in g.items:
+                if t.crc32c is not None and crc32c(buf[pos:pos + t.nbytes]) != t.crc32c:
+                    raise ChecksumError(f"tensor {t.name!r}: CRC-32C mismatch (the data on disk is damaged)",
+                                        path=t.file, field=t.name)
+
+    def _tensor(self, b: hf.Binding, t: TensorInfo, buf: np.ndarray, pos: int) -> Any:
+        torch = self._torch
+        raw = buf[pos:pos + t.nbytes]
+        dt = dtypes.torch_dtype(t.dtype)
+        if pos % max(1, t.dtype.itemsize):  # unaligned element (odd safetensors layouts): copy
+            return torch.from_numpy(raw.copy()).view(dt).reshape(b.shape)
+        return torch.from_numpy(raw).view(dt).reshape(b.shape)
+
+    def _bind(self, g: Group, buf: np.ndarray) -> None:
+        torch = self._torch
+        for b, t, pos in g.items:
+            x = self._tensor(b, t, buf, pos)
+            for module, attr, is_param in b.places:
+                key = (id(module), attr)
+                if is_param:
+                    self._placeholders.setdefault(key, module._parameters[attr])
+                    module._parameters[attr] = torch.nn.Parameter(x, requires_grad=False)
+                else:
+                    self._placeholders.setdefault(key, module._buffers[attr])
+                    module._buffers[attr] = x.to(b.dtype)
+
+    def _unbind(self, g: Group) -> None:
+        for b, _, _ in g.items:
+            for module, attr, is_param in b.places:
+                meta = self._placeholders.get((id(module), attr))
+                if meta is not None:
+                    (module._parameters if is_param else module._buffers)[attr] = meta
+
+    def _fill(self) -> None:
+        """Queue reads of the next streamed layers into every free slot."""
+        while self._free and self._cycle:
+            layer = self._cycle[self._next]
+            self._next = (self._next + 1) % len(self._cycle)
+            slot = self._free.pop(0)
+            self._inflight.append((layer, slot, self._submit(self.groups[layer], self._slots[slot])))
+
+    def _drain(self) -> None:
+        while self._inflight:
+            layer, slot, futs = self._inflight.popleft()
+            self.stats_.discarded_bytes += sum(r.length for r in self.groups[layer].runs)
+            for f in futs:
+                try:
+                    f.result()
+                except Exception:  # noqa: BLE001 - the reads are discarded; their error does not matter here
+                    pass
+            self._free.append(slot)
+
+    # -- hooks -----------------------------------------------------------------------------------------------------
+    def _check_open(self, module: Any, args: Any) -> None:
+        if self._closed:
+            raise LLMTierError("this streamed model was closed; open it again with stream_model()")
+
+    def _before(self, layer: int, module: Any, args: Any) -> None:
+        self._check_open(module, args)
+        if self._bound is not None:  # the previous layer raised before its forward hook ran
+            self._release()
+        if not self._inflight or self._inflight[0][0] != layer:
+            # Out of the expected order (a pass cut short, or a caller running layers
+            # by hand): drop what was read ahead and restart the cycle at this layer.
+            self._drain()
+            self._next = self._cycle.index(layer)
+            self._fill()
+        _, slot, futs = self._inflight.popleft()
+        self._fill()
+        g = self.groups[layer]
+        t0 = time.perf_counter()
+        check = self.verify == "always" or (self.verify == "first" and layer not in self.stats_.verified)
+        try:
+            self._wait(g, futs, self._slots[slot], check=check)
+        except BaseException:
+            self._free.append(slot)
+            raise
+        self.stats_.stall_s += time.perf_counter() - t0
+        self.stats_.verified.add(layer)
+        self.stats_.bytes_read += sum(r.length for r in g.runs)
+        self.stats_.layer_loads += 1
+        if layer == self._cycle[0]:
+            self.stats_.passes += 1
+        self._bind(g, self._slots[slot])
+        self._bound = (layer, slot)
+
+    def _after(self, layer: int, module: Any, args: Any, output: Any) -> None:
+        self._release()
+        self._fill()
+
+    def _release(self) -> None:
+        layer, slot = self._bound  # type: ignore[misc]
+        self._unbind(self.groups[layer])
+        self._bound = None
+        self._free.append(slot)
+
+    # -- public ----------------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        s = self.stats_
+        return {"bytes_read": s.bytes_read, "layer_loads": s.layer_loads, "passes": s.passes,
+                "stall_s": s.stall_s, "load_s": s.load_s,
+                "discarded_bytes": s.discarded_bytes, "resident_bytes_read": s.resident_bytes_read,
+                "resident_bytes": self.plan.resident_bytes, "weights_memory_bytes": self.plan.memory_bytes,
+                "streamed_bytes_per_pass": self.plan.streamed_bytes_per_pass,
+                "resident_share": self.plan.resident_share}
+
+    def close(self) -> None:
+        """Wait for reads in flight, put every parameter back on the meta device,
+        free the buffers and close the checkpoint's files."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._hooks[1:]:  # the first one says the model is closed if it is called again
+            h.remove()
+        del self._hooks[1:]
+        self._drain()
+        self._bound = None
+        self._placeholders_restore()
+        self._slots.clear()
+        self._free.clear()
+        self._resident.clear()
+        self.source.close()
+
+    def _placeholders_restore(self) -> None:
+        modules = {id(m): m for m in self.model.modules()}
+        for (mid, attr), meta in self._placeholders.items():
+            m = modules.get(mid)
+            if m is None:
+                continue
+            if attr in m._parameters:
+                m._parameters[attr] = meta
+            elif attr in m._buffers:
+                m._buffers[attr] = meta
+
+
+# -- the model as a context manager --------------------------------------------------------------------------------
+class _Streamed:
+    """Mixed into the model's class: ``with stream_model(...) as model:``."""
+
+    llmtier: WeightStreamer
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.llmtier.close()
+
+    def close(self) -> None:
+        """Release the buffers and files of the streamed weights."""
+        self.llmtier.close()
+
+
+@functools.cache
+def _streamed_class(cls: type) -> type:
+    return type(cls.__name__, (_Streamed, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+@dataclass
+class Layout:
+    """A model skeleton matched with its checkpoint: what each group reads."""
+
+    source: TensorSource
+    model: Any
+    layers_prefix: str
+    groups: list[Group]
+    outside: Group
+
+    def plan(self, memory: int | str, prefetch: int | None = None) -> Plan:
+        sizes = [g.nbytes for g in self.groups]
+        return make_plan(parse_size(memory), self.outside.nbytes, sizes, max(sizes, default=0), prefetch)
+
+    @property
+    def least_memory(self) -> int:
+        """The smallest budget that streams (everything outside the layers + two slots)."""
+        return self.outside.nbytes + 2 * max((g.nbytes for g in self.groups), default=0)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.outside.nbytes + sum(g.nbytes for g in self.groups)
+
+
+def open_layout(path: str | os.PathLike[str], *, dtype: Any = None, engine: Engine | None = None) -> Layout:
+    """Open ``path`` (model directory or store), build the model on the meta
+    device and group its tensors by decoder layer; reads no tensor data.
+    Close ``layout.source`` when not handing it to a :class:`WeightStreamer`."""
+    import torch  # noqa: PLC0415
+
+    p = os.fspath(path)
+    source = open_store(p, verify=False, engine=engine)
+    try:
+        config = hf.load_config(p, source.metadata)
+        infos = {t.name: t for t in source.infos()}
+        if dtype is None:  # the checkpoint's: that of its largest floating-point tensor
+            big = max((t for t in infos.values() if t.dtype.name.startswith(("float", "bfloat"))),
+                      key=lambda t: t.nbytes, default=None)
+            dtype = dtypes.torch_dtype(big.dtype) if big is not None else torch.float32
+        model = hf.build_skeleton(config, dtype)
+        prefix, layer_list = hf.decoder_layers(model)
+        binds, _unused = hf.bindings(model, set(infos),
+                                     lambda n: (infos[n].shape, dtypes.torch_dtype(infos[n].dtype)))
+        per_layer: dict[int, list] = {i: [] for i in range(len(layer_list))}
+        outside: list = []
+        layer_of = {id(m): i for i, layer in enumerate(layer_list) for m in layer.modules()}
+        for name, b in binds.items():
+            idx = {layer_of.get(id(m)) for m, _, _ in b.places}
+            i = next(iter(idx)) if len(idx) == 1 else None
+            (per_layer[i] if i is not None else outside).append((b, infos[name]))
+        groups = [make_group(f"{prefix}.{i}", i, per_layer[i]) for i in range(len(layer_list))]
+        return Layout(source, model, prefix, groups, make_group("outside", None, outside))
+    except BaseException:
+        source.close()
+        raise
+
+
+def stream_model(path: str | os.PathLike[str], memory: int | str, device: str = "cpu", *, dtype: Any = None,
+                 prefetch: int | None = None, engine: Engine | None = None, verify: str = "first") -> Any:
+    """A transformers causal LM whose weights stream from ``path`` within ``memory`` bytes.
+
+    ``path``: a Hugging Face model directory (config.json + safetensors, read
+    in place) or an llmtier store made by ``llmtier convert``.  ``memory``:
+    bytes (or ``"4GiB"``) for the weights, resident layers and slot buffers
+    together; activations and the KV cache are outside it.  ``prefetch``:
+    layers read ahead (default: from the budget).  ``verify``: check CRC-32C
+    (stores only) the ``"first"`` time each tensor is read (default),
+    ``"always"`` or ``"never"``.  The model is in eval mode and ready for
+    ``generate()``; use it as a context manager (or call ``close()``) to
+    release its buffers and files.  ``model.llmtier`` is the
+    :class:`WeightStreamer`, with ``.plan`` and ``.stats()``.
+    """
+    if device != "cpu":
+        raise LLMTierError(f"device {device!r}: this version streams weights for the CPU only "
+                           "(the CUDA path is not written and verified yet)")
+    if verify not in ("first", "always", "never"):
+        raise ValueError(f"verify must be 'first', 'always' or 'never', got {verify!r}")
+    layout = open_layout(path, dtype=dtype, engine=engine)
+    try:
+        plan = layout.plan(memory, prefetch)
+        streamer = WeightStreamer(layout.source, layout.model, layout.groups, layout.outside, plan,
+                                  layers_prefix=layout.layers_prefix, verify=verify)
+    except BaseException:
+        layout.source.close()
+        raise
+    model = layout.model
+    model.__class__ = _streamed_class(type(model))
+    model.llmtier = streamer
+    return model
+
+
+__all__ = ["BudgetError", "Group", "Layout", "Plan", "open_layout", "StreamStats", "WeightStreamer", "make_group", "make_plan", "spread",
+           "stream_model"]

@@ -1,0 +1,191 @@
+"""Weight streaming: exact outputs against the in-memory model, plans, errors."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from llmtier.bench.hfmodels import ARCHS, make_model  # noqa: E402
+from llmtier.errors import ChecksumError, LLMTierError  # noqa: E402
+from llmtier.offload import BudgetError, stream_model  # noqa: E402
+from llmtier.offload.hf import ModelLayoutError  # noqa: E402
+from llmtier.offload.weights import make_plan, open_layout, spread  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {a: make_model(str(root / a), a, layers=5, seed=i) for i, a in enumerate(ARCHS)}
+
+
+def reference(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+
+
+def budget(path, resident_layers):
+    lay = open_layout(path)
+    try:
+        return lay.least_memory + resident_layers * max(g.nbytes for g in lay.groups)
+    finally:
+        lay.source.close()
+
+
+def prompt(batch, length=10, vocab=512, seed=0):
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_exact_logits_and_greedy_tokens(models, arch, batch):
+    path = models[arch]
+    ref = reference(path)
+    ids = prompt(batch)
+    with torch.no_grad():
+        want_logits = ref(ids).logits
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    for resident in (0, 2):
+        with stream_model(path, budget(path, resident)) as model:
+            plan = model.llmtier.plan
+            assert len(plan.resident) == resident and len(plan.streamed) == 5 - resident
+            with torch.no_grad():
+                got_logits = model(ids).logits
+                got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+            assert torch.equal(got_logits, want_logits), f"{arch} batch {batch}: logits differ"
+            assert torch.equal(got, want), f"{arch} batch {batch}: tokens differ"
+            s = model.llmtier.stats()
+            # one pass for the logits, then prefill + 5 decode steps
+            assert s["passes"] == 7
+            assert s["bytes_read"] == 7 * plan.streamed_bytes_per_pass
+            assert isinstance(model, type(ref))
+
+
+def test_sampling_matches_with_the_same_seed(models):
+    path = models["llama"]
+    ref = reference(path)
+    ids = prompt(2)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=True, top_k=50, temperature=0.9)
+    torch.manual_seed(7)
+    want = ref.generate(ids, **kw)
+    with stream_model(path, budget(path, 1)) as model:
+        torch.manual_seed(7)
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, want)
+
+
+def test_everything_fits_streams_nothing(models):
+    path = models["qwen2"]
+    with stream_model(path, "1GiB") as model:
+        assert model.llmtier.plan.streamed == []
+        with torch.no_grad():
+            assert torch.equal(model(prompt(1)).logits, reference(path)(prompt(1)).logits)
+        assert model.llmtier.stats()["bytes_read"] == 0
+
+
+def test_budget_too_small_is_a_clear_error(models):
+    path = models["llama"]
+    with pytest.raises(BudgetError, match="below the least"):
+        stream_model(path, budget(path, 0) - 1)
+
+
+def test_out_of_order_layers_and_a_failing_forward(models):
+    path = models["llama"]
+    ref = reference(path)
+    ids = prompt(1)
+    with stream_model(path, budget(path, 0)) as model:
+        with torch.no_grad():
+            with pytest.raises(Exception):  # noqa: B017 - any failure inside the model
+                model(torch.full((1, 4), 10_000))  # token ids beyond the vocabulary
+            # the next call starts a fresh pass and is still exact
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+            # a layer run by hand, out of turn
+            layer = model.model.layers[3]
+            h = torch.randn(1, 4, 64, dtype=torch.bfloat16)
+            pos = model.model.rotary_emb(h, torch.arange(4)[None])
+            out = layer(h, attention_mask=None, position_embeddings=pos)
+            want = ref.model.layers[3](h, attention_mask=None, position_embeddings=pos)
+            first = lambda x: x[0] if isinstance(x, tuple) else x  # noqa: E731
+            assert torch.equal(first(out), first(want))
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_close_releases_everything(models):
+    path = models["llama"]
+    model = stream_model(path, budget(path, 1))
+    model.close()
+    assert all(p.device.type == "meta" for p in model.parameters())
+    with pytest.raises(LLMTierError, match="closed"), torch.no_grad():
+        model(prompt(1))
+    model.close()  # idempotent
+
+
+def test_store_made_by_convert_streams_and_verifies(models, tmp_path):
+    from llmtier.store.convert import convert
+
+    path = models["opt"]
+    store = str(tmp_path / "opt.lts")
+    convert(path, store, progress=False)
+    ids = prompt(2)
+    with stream_model(store, budget(store, 1)) as model, torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(path)(ids).logits)
+    # damage one byte of a streamed layer: the first read of it says so
+    lay = open_layout(store)
+    g = lay.groups[0]
+    lay.source.close()
+    t = g.items[0][1]
+    with open(store, "r+b") as f:
+        f.seek(t.offset + 5)
+        b = f.read(1)
+        f.seek(t.offset + 5)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with stream_model(store, budget(store, 0)) as model, torch.no_grad(), pytest.raises(ChecksumError):
+        model(ids)
+    with stream_model(store, budget(store, 0), verify="never") as model, torch.no_grad():
+        model(ids)  # not checked: runs (on damaged weights)
+
+
+def test_truncated_checkpoint_is_a_clear_error(models, tmp_path):
+    import shutil
+
+    path = str(tmp_path / "cut")
+    shutil.copytree(models["llama"], path)
+    lay = open_layout(path)
+    least = lay.least_memory
+    lay.source.close()
+    with stream_model(path, least) as model:  # opened whole; cut while in use
+        st = os.path.join(path, "model.safetensors")
+        os.truncate(st, os.path.getsize(st) // 2)
+        with pytest.raises(LLMTierError), torch.no_grad():
+            for _ in range(3):
+                model(prompt(1))
+
+
+def test_missing_tensor_is_named(models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = str(tmp_path / "missing")
+    shutil.copytree(models["llama"], path)
+    st = os.path.join(path, "model.safetensors")
+    tensors = load_file(st)
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, st, metadata={"format": "pt"})
+    with pytest.raises(ModelLayoutError, match="no tensor in the checkpoint"):
+        stream_model(path, "1GiB")
+
+
+def test_plan_spreads_resident_layers():
+    assert spread(2, 8) == [2, 6]
+    assert spread(0, 8) == []
+    assert spread(8, 8) == list(range(8))
+    p = make_plan(100 + 2 * 10 + 3 * 10 + 5, 100, [10] * 8, 10)
+    assert p.resident == spread(3, 8) and p.slots == 2
+    assert p.memory_bytes <= p.budget
+    # an explicit prefetch depth takes its slots before resident layers
+    p = make_plan(100 + 2 * 10 + 4 * 10 + 5, 100, [10] * 8, 10, prefetch=3)
+    assert p.slots == 4 and len(p.resident) == 2
+    with pytest.raises(BudgetError):
+        make_plan(119, 100, [10] * 8, 10)
