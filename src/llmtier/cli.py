@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_store import add_store_verbs  # noqa: PLC0415
 
     add_store_verbs(sub, bench)
+    from .bench.weights import add_cli as add_bench_weights  # noqa: PLC0415
+    from .cli_run import add_cli as add_run  # noqa: PLC0415
+
+    add_run(sub)
+    add_bench_weights(bench)
     return p
 
 

@@ -133,6 +133,22 @@ class Engine:
         """Release backend resources after the workers have stopped."""
 
     # -- public API ------------------------------------------------------------
+    def prioritize(self, nice: int = -10) -> str | None:
+        """Set the Linux nice value of this engine's worker threads.
+
+        Compute threads that spin between parallel regions (OpenMP, as torch
+        uses) can keep the worker that refills the device's queue off the
+        CPU, and the disk idles.  A negative ``nice`` lets the worker run as
+        soon as a completion arrives; it needs root or ``CAP_SYS_NICE``.
+        Returns None when done, or why it could not be done.
+        """
+        for t in self._workers:
+            try:
+                os.setpriority(os.PRIO_PROCESS, t.native_id, nice)
+            except OSError as exc:
+                return f"cannot set nice {nice} on the I/O threads ({exc.strerror}; needs root or CAP_SYS_NICE)"
+        return None
+
     def open(self, path: str | os.PathLike[str], mode: str = "r") -> File:
         """Open ``path`` with ``mode`` ``"r"``, ``"w"`` (create/truncate) or ``"r+"``."""
         self._check_open()

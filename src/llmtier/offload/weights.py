@@ -472,7 +472,8 @@ def open_layout(path: str | os.PathLike[str], *, dtype: Any = None, engine: Engi
 
 
 def stream_model(path: str | os.PathLike[str], memory: int | str, device: str = "cpu", *, dtype: Any = None,
-                 prefetch: int | None = None, engine: Engine | None = None, verify: str = "first") -> Any:
+                 prefetch: int | None = None, engine: Engine | None = None, verify: str = "first",
+                 io_nice: int | None = -10) -> Any:
     """A transformers causal LM whose weights stream from ``path`` within ``memory`` bytes.
 
     ``path``: a Hugging Face model directory (config.json + safetensors, read
@@ -481,7 +482,9 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: str = 
     together; activations and the KV cache are outside it.  ``prefetch``:
     layers read ahead (default: from the budget).  ``verify``: check CRC-32C
     (stores only) the ``"first"`` time each tensor is read (default),
-    ``"always"`` or ``"never"``.  The model is in eval mode and ready for
+    ``"always"`` or ``"never"``.  ``io_nice``: the nice value of the I/O
+    threads (default -10, where permitted: torch's compute threads spin and
+    would otherwise starve the reads; None leaves them).  The model is in eval mode and ready for
     ``generate()``; use it as a context manager (or call ``close()``) to
     release its buffers and files.  ``model.llmtier`` is the
     :class:`WeightStreamer`, with ``.plan`` and ``.stats()``.
@@ -494,6 +497,11 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: str = 
     layout = open_layout(path, dtype=dtype, engine=engine)
     try:
         plan = layout.plan(memory, prefetch)
+        if engine is None and plan.streamed and io_nice is not None:
+            why = layout.source.engine.prioritize(io_nice)
+            if why:
+                plan.reason += (f"\nnote: {why}; torch's spinning compute threads may then slow the reads: "
+                                "OMP_WAIT_POLICY=PASSIVE in the environment helps")
         streamer = WeightStreamer(layout.source, layout.model, layout.groups, layout.outside, plan,
                                   layers_prefix=layout.layers_prefix, verify=verify)
     except BaseException:

@@ -1,0 +1,81 @@
+"""``generate()`` with a clock: when each new token's logits were ready.
+
+The first token's time is the prefill; the rest are decode steps.  Works for
+any transformers causal LM (streamed or not, and the peers of the benchmarks).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Timed:
+    """What one timed generation produced."""
+
+    tokens: list[list[int]]  # new tokens per row
+    start: float
+    stamps: list[float] = field(default_factory=list)  # perf_counter when each new token's logits were ready
+
+    @property
+    def prefill_s(self) -> float:
+        return self.stamps[0] - self.start if self.stamps else 0.0
+
+    @property
+    def decode_s(self) -> float:
+        return self.stamps[-1] - self.stamps[0] if len(self.stamps) > 1 else 0.0
+
+    @property
+    def decode_steps(self) -> int:
+        return max(0, len(self.stamps) - 1)
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Decode steps per second (each step makes one token per row)."""
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def record(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "decode_steps": self.decode_steps, "decode_tok_s": self.decode_tok_s,
+                "total_s": (self.stamps[-1] - self.start) if self.stamps else 0.0}
+
+
+def generate_timed(model: Any, input_ids: Any, new_tokens: int, *, attention_mask: Any = None,
+                   sample: dict[str, Any] | None = None,
+                   on_token: Callable[[int, float], None] | None = None) -> Timed:
+    """Generate exactly ``new_tokens`` tokens per row (greedy, or sampling with
+    the ``sample`` keyword arguments, e.g. ``{"temperature": 0.8, "top_k": 50}``);
+    ``on_token(k, seconds_since_start)`` is called as token ``k`` is ready."""
+    import torch  # noqa: PLC0415
+    from transformers import LogitsProcessor, LogitsProcessorList  # noqa: PLC0415
+
+    timed = Timed([], 0.0)
+
+    class Clock(LogitsProcessor):
+        def __call__(self, ids: Any, scores: Any) -> Any:
+            now = time.perf_counter()
+            timed.stamps.append(now)
+            if on_token is not None:
+                on_token(len(timed.stamps), now - timed.start)
+            return scores
+
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    kw: dict[str, Any] = {"do_sample": False} if sample is None else {"do_sample": True, **sample}
+    gc = getattr(model, "generation_config", None)
+    if getattr(gc, "pad_token_id", None) is None:  # no row ends early; this only keeps generate() quiet
+        eos = getattr(gc, "eos_token_id", None)
+        kw["pad_token_id"] = (eos[0] if isinstance(eos, (list, tuple)) and eos else eos) if eos is not None else 0
+    with torch.no_grad():
+        timed.start = time.perf_counter()
+        out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, logits_processor=LogitsProcessorList([Clock()]), **kw)
+    timed.tokens = out[:, input_ids.shape[1]:].tolist()
+    return timed
+
+
+__all__ = ["Timed", "generate_timed"]
