@@ -12,7 +12,7 @@ from llmtier.bench.hfmodels import ARCHS, make_model  # noqa: E402
 from llmtier.errors import ChecksumError, LLMTierError  # noqa: E402
 from llmtier.offload import BudgetError, stream_model  # noqa: E402
 from llmtier.offload.hf import ModelLayoutError  # noqa: E402
-from llmtier.offload.weights import make_plan, open_layout, spread  # noqa: E402
+from llmtier.offload.weights import MAX_SLOTS, make_plan, open_layout, spread  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,13 @@ def test_exact_logits_and_greedy_tokens(models, arch, batch):
     with torch.no_grad():
         want_logits = ref(ids).logits
         want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-    for resident in (0, 2):
-        with stream_model(path, budget(path, resident)) as model:
+    for resident, prefetch in ((0, 1), (2, 1), (None, None)):  # None: the depth and resident set it picks
+        with stream_model(path, budget(path, 2 if resident is None else resident), prefetch=prefetch) as model:
             plan = model.llmtier.plan
-            assert len(plan.resident) == resident and len(plan.streamed) == 5 - resident
+            if resident is not None:
+                assert len(plan.resident) == resident and len(plan.streamed) == 5 - resident
+            else:
+                assert plan.slots > 2 and plan.streamed  # tiny layers: a deeper read-ahead
             with torch.no_grad():
                 got_logits = model(ids).logits
                 got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
@@ -88,6 +91,8 @@ def test_budget_too_small_is_a_clear_error(models):
     path = models["llama"]
     with pytest.raises(BudgetError, match="below the least"):
         stream_model(path, budget(path, 0) - 1)
+    with pytest.raises(BudgetError, match="below the least"):
+        stream_model(path, budget(path, 1), prefetch=3)
 
 
 def test_out_of_order_layers_and_a_failing_forward(models):
@@ -181,8 +186,15 @@ def test_plan_spreads_resident_layers():
     assert spread(2, 8) == [2, 6]
     assert spread(0, 8) == []
     assert spread(8, 8) == list(range(8))
-    p = make_plan(100 + 2 * 10 + 3 * 10 + 5, 100, [10] * 8, 10)
+    p = make_plan(100 + 2 * 10 + 3 * 10 + 5, 100, [10] * 8, 10, inflight_bytes=10)
     assert p.resident == spread(3, 8) and p.slots == 2
+    # small layers: enough slots to keep inflight_bytes reading, within the budget and MAX_SLOTS
+    p = make_plan(100 + 5 * 10 + 5, 100, [10] * 8, 10, inflight_bytes=30)
+    assert p.slots == 4 and len(p.resident) == 1
+    p = make_plan(100 + 3 * 10, 100, [10] * 8, 10, inflight_bytes=1000)
+    assert p.slots == 3 and p.resident == []
+    p = make_plan(1_000, 100, [10] * 800, 10, inflight_bytes=1000)
+    assert p.slots == MAX_SLOTS
     assert p.memory_bytes <= p.budget
     # an explicit prefetch depth takes its slots before resident layers
     p = make_plan(100 + 2 * 10 + 4 * 10 + 5, 100, [10] * 8, 10, prefetch=3)

@@ -39,6 +39,8 @@ from ..units import human, parse_size
 from . import hf
 
 _GAP = 64 << 10  # tensors of one group closer than this are read in one request
+INFLIGHT_BYTES = 32 << 20  # what the read-ahead should keep in flight (engine default: 32 x 1 MiB)
+MAX_SLOTS = 8
 
 
 class BudgetError(LLMTierError, ValueError):
@@ -140,22 +142,31 @@ def spread(count: int, n: int) -> list[int]:
     return sorted({int((j + 0.5) * n / count) for j in range(count)}) if count else []
 
 
-def make_plan(budget: int, outside: int, layers: list[int], slot_bytes: int, prefetch: int | None = None) -> Plan:
+def make_plan(budget: int, outside: int, layers: list[int], slot_bytes: int, prefetch: int | None = None,
+              inflight_bytes: int = INFLIGHT_BYTES) -> Plan:
     """Choose resident layers and the slot count for ``budget`` bytes.
 
-    Two slots by default (one computing, one reading ahead): a resident
-    layer saves its reads on every pass, a deeper prefetch only smooths the
-    disk's jitter, so the budget goes to resident layers first (``prefetch``
-    sets the depth).  Resident layers are spread evenly so their compute
+    The read-ahead slots must keep the device's queue full: enough of them
+    that ``inflight_bytes`` (the engine's queue depth x chunk size) are being
+    read while one slot computes -- two for layers of 32 MiB and more, up to
+    :data:`MAX_SLOTS` for small layers -- but never so many that the budget
+    cannot stream at all.  The rest of the budget goes to resident layers, a
+    resident layer saving its reads on every pass.  ``prefetch`` sets the
+    depth instead.  Resident layers are spread evenly so their compute
     overlaps the reads of the streamed ones.
     """
     n = len(layers)
     if outside + sum(layers) <= budget:
         return Plan(budget, outside, layers, list(range(n)), [], 0, slot_bytes,
                     "everything fits in the budget: nothing streams")
-    slots = 2 if prefetch is None else prefetch + 1
-    if slots < 2:
+    if prefetch is not None and prefetch < 1:
         raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+    if prefetch is not None:
+        slots = prefetch + 1
+    else:
+        want = 1 + max(1, -(-inflight_bytes // max(1, slot_bytes)))
+        fit = (budget - outside) // max(1, slot_bytes)
+        slots = max(2, min(MAX_SLOTS, want, n + 1, fit))
     least = outside + slots * slot_bytes
     if budget < least:
         raise BudgetError(f"a memory budget of {human(budget)} is below the least this model streams with: "
