@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py src/llmtier/engine/_uring.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[bench,test]"
+	$(BIN)/python -m pip install -q -e ".[bench,hf,test]"
 	$(BIN)/python -c "from llmtier.engine import available_engines as a; print('llmtier engines:', {k: v or 'ok' for k, v in a().items()})"
 	touch $(STAMP)
 

@@ -116,6 +116,30 @@ def test_out_of_order_layers_and_a_failing_forward(models):
             assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
+def test_generate_logits_bitwise_at_batch_8(tmp_path):
+    # generate() slices the last position before the head: a strided input, the case where
+    # torch's matmul path depends on requires_grad (a head wide enough to round differently)
+    path = make_model(str(tmp_path / "wide"), "qwen2", layers=1, vocab=4096, hidden_size=2048, intermediate_size=256,
+                      num_attention_heads=16, num_key_value_heads=2, tokenizer=False)
+    ref = reference(path)
+    ids = prompt(8, vocab=4096)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+              output_logits=True)
+    want = ref.generate(ids, **kw).logits
+    with stream_model(path, budget(path, 1), prefetch=1) as model:
+        got = model.generate(ids, **kw).logits
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_grad_mode_is_refused(models):
+    path = models["llama"]
+    with stream_model(path, budget(path, 1), prefetch=1) as model:
+        with pytest.raises(LLMTierError, match="no_grad"):
+            model(prompt(1))
+        with torch.inference_mode():
+            model(prompt(1))
+
+
 def test_close_releases_everything(models):
     path = models["llama"]
     model = stream_model(path, budget(path, 1))

@@ -7,7 +7,6 @@ Nothing here reads tensor data; :mod:`llmtier.offload.weights` does.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,6 +70,15 @@ def build_skeleton(config: Any, dtype: Any) -> Any:
     with _params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def load_generation_config(model: Any, path: str) -> None:
+    """Use the directory's ``generation_config.json`` (defaults of ``generate()``:
+    sampling, eos and pad ids ...) as ``from_pretrained`` does."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "generation_config.json")):
+        from transformers import GenerationConfig  # noqa: PLC0415
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
 
 
 def decoder_layers(model: Any) -> tuple[str, Any]:
@@ -160,10 +168,5 @@ def bindings(model: Any, names: set[str], dtype_of: Any) -> tuple[dict[str, Bind
     return out, sorted(names - set(out))
 
 
-def config_json(config: Any) -> str:
-    """The config as canonical JSON (for identities and reports)."""
-    return json.dumps(config.to_dict(), sort_keys=True, default=str)
-
-
-__all__ = ["Binding", "ModelLayoutError", "bindings", "build_skeleton", "config_json", "decoder_layers",
-           "load_config"]
+__all__ = ["Binding", "ModelLayoutError", "bindings", "build_skeleton", "decoder_layers",
+           "load_config", "load_generation_config"]

@@ -41,6 +41,11 @@ from . import hf
 _GAP = 64 << 10  # tensors of one group closer than this are read in one request
 INFLIGHT_BYTES = 32 << 20  # what the read-ahead should keep in flight (engine default: 32 x 1 MiB)
 MAX_SLOTS = 8
+# Beyond the budget, a streamed model adds to the process's resident memory
+# (measured in tests/test_offload_memory.py above a baseline with torch loaded):
+# the skeleton, Python objects, activations and the KV cache of a small batch.
+# Activations and KV grow with batch x context; docs/OFFLOAD.md has the formula.
+RUN_OVERHEAD = 64 << 20
 
 
 class BudgetError(LLMTierError, ValueError):
@@ -262,8 +267,16 @@ class WeightStreamer:
                                                 exact=False) for r in g.runs]
 
     def _wait(self, g: Group, futs: list, buf: np.ndarray, *, check: bool) -> None:
-        for r, fut in zip(g.runs, futs):
-            got = fut.result()
+        done = []
+        for fut in futs:  # all of them, even after a failure: no read may still write into a freed slot
+            try:
+                done.append(fut.result())
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others finished
+                done.append(exc)
+        for got in done:
+            if isinstance(got, BaseException):
+                raise got
+        for r, got in zip(g.runs, done):
             if got < r.need:
                 raise FormatError(f"{g.name}: the file ends before the tensor data its index lists "
                                   f"({got} of {r.need} bytes at offset {r.start})", path=r.file, field="size")
@@ -289,7 +302,10 @@ class WeightStreamer:
                 key = (id(module), attr)
                 if is_param:
                     self._placeholders.setdefault(key, module._parameters[attr])
-                    module._parameters[attr] = torch.nn.Parameter(x, requires_grad=False)
+                    # requires_grad as from_pretrained leaves it: torch picks its matmul path by it
+                    # (without it a strided 3-D input makes a copy of the weight per row: +1 GiB for
+                    # TinyLlama's head at batch 8, and other rounding), so the outputs stay bitwise equal.
+                    module._parameters[attr] = torch.nn.Parameter(x, requires_grad=x.is_floating_point())
                 else:
                     self._placeholders.setdefault(key, module._buffers[attr])
                     module._buffers[attr] = x.to(b.dtype)
@@ -327,6 +343,9 @@ class WeightStreamer:
 
     def _before(self, layer: int, module: Any, args: Any) -> None:
         self._check_open(module, args)
+        if self._torch.is_grad_enabled():
+            raise LLMTierError("streamed weights are for inference: call the model under torch.no_grad() or "
+                               "torch.inference_mode() (generate() does); a slot is reused as soon as its layer ran")
         if self._bound is not None:  # the previous layer raised before its forward hook ran
             self._release()
         if not self._inflight or self._inflight[0][0] != layer:
@@ -465,6 +484,7 @@ def open_layout(path: str | os.PathLike[str], *, dtype: Any = None, engine: Engi
                       key=lambda t: t.nbytes, default=None)
             dtype = dtypes.torch_dtype(big.dtype) if big is not None else torch.float32
         model = hf.build_skeleton(config, dtype)
+        hf.load_generation_config(model, p)
         prefix, layer_list = hf.decoder_layers(model)
         binds, _unused = hf.bindings(model, set(infos),
                                      lambda n: (infos[n].shape, dtypes.torch_dtype(infos[n].dtype)))
