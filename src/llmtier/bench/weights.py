@@ -194,6 +194,16 @@ def run_weights_bench(cfg: WeightsBenchConfig, progress: bool = True) -> dict[st
             cell.runs.append(run)
             bar.update(1)
     bar.close()
+    for batch in cfg.batches:  # every system, every round (same prompt): the tokens of the in-memory model
+        ref = cells[("memory", 1.0, batch)].runs
+        for (system, frac, b), cell in cells.items():
+            if b != batch or system == "memory":
+                continue
+            bad = [k for k, r in enumerate(cell.runs) if r.get("ok") and ref[k].get("ok")
+                   and r["tokens_digest"] != ref[k]["tokens_digest"]]
+            if bad:
+                notes.append(f"{system} {frac:.0%} batch {batch}: tokens differ from the in-memory model in "
+                             f"round(s) {bad}")
     fio_bw = statistics.median(fio) if fio else None
     if fio_bw is None:
         notes.append("fio not available: no I/O bound and no efficiency figure")

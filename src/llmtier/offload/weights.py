@@ -21,6 +21,7 @@ copied and no parameter survives its slot.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import time
 from collections import deque
@@ -409,6 +410,7 @@ class WeightStreamer:
         self._free.clear()
         self._resident.clear()
         self.source.close()
+        gc.collect()  # views of the buffers can sit in reference cycles (torch objects); free them now
 
     def _placeholders_restore(self) -> None:
         modules = {id(m): m for m in self.model.modules()}
