@@ -163,9 +163,7 @@ def run_weights_bench(cfg: WeightsBenchConfig, progress: bool = True) -> dict[st
     if not capped:
         notes.append(f"no memory cgroup ({why}): streamed and accelerate runs are NOT capped; their memory is "
                      "reported but not enforced")
-        peers: tuple[str, ...] = cfg.peers
-    else:
-        peers = cfg.peers
+    peers = cfg.peers
     cells: dict[tuple[str, float, int], Cell] = {}
     for b in cfg.batches:
         cells[("memory", 1.0, b)] = Cell("memory", 1.0, b)
