@@ -225,3 +225,42 @@ def test_plan_spreads_resident_layers():
     assert p.slots == 4 and len(p.resident) == 2
     with pytest.raises(BudgetError):
         make_plan(119, 100, [10] * 8, 10)
+
+
+def test_untied_embedding_is_read_by_rows(models, tmp_path):
+    path = models["llama"]  # untied: the table is read row by row
+    ref = reference(path)
+    ids = torch.tensor([[5, 9, 5, 200], [9, 9, 1, 0]])
+    with stream_model(path, budget(path, 1), prefetch=1) as model:
+        plan = model.llmtier.plan
+        emb = model.get_input_embeddings()
+        assert plan.on_demand_bytes == emb.weight.numel() * 2 and "rows of its tokens" in plan.describe()
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+        assert model.llmtier.stats()["embedding_bytes_read"] == 5 * 64 * 2  # 5 distinct ids, 64 bf16 each
+        assert emb.padding_idx == ref.get_input_embeddings().padding_idx and emb.weight.device.type == "meta"
+        with torch.no_grad(), pytest.raises(IndexError):
+            model(torch.tensor([[512]]))
+    with stream_model(models["qwen2"], budget(models["qwen2"], 1), prefetch=1) as model:
+        assert model.llmtier.plan.on_demand_bytes == 0  # tied to the head: held
+    with stream_model(path, "1GiB") as model:
+        assert model.llmtier.plan.on_demand_bytes == 0  # all fits: held
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_damaged_embedding_table_is_caught_at_open(models, tmp_path):
+    from llmtier.store.convert import convert
+
+    store = str(tmp_path / "llama.lts")
+    convert(models["llama"], store, progress=False)
+    lay = open_layout(store)
+    t = lay.embedding[1]
+    lay.source.close()
+    with open(store, "r+b") as f:
+        f.seek(t.offset + t.nbytes - 3)
+        b = f.read(1)
+        f.seek(t.offset + t.nbytes - 3)
+        f.write(bytes([b[0] ^ 0x55]))
+    with pytest.raises(ChecksumError, match="embed"):
+        stream_model(store, budget(store, 0), prefetch=1)

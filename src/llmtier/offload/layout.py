@@ -94,6 +94,7 @@ class Plan:
     slots: int
     slot_bytes: int
     reason: str
+    on_demand_bytes: int = 0  # the input embedding table, read row by row as tokens need it (0: resident)
 
     @property
     def resident_bytes(self) -> int:
@@ -110,14 +111,17 @@ class Plan:
 
     @property
     def resident_share(self) -> float:
-        total = self.outside_bytes + sum(self.layer_bytes)
+        total = self.outside_bytes + sum(self.layer_bytes) + self.on_demand_bytes
         return self.resident_bytes / total if total else 1.0
 
     def describe(self) -> str:
         n = len(self.layer_bytes)
-        lines = [f"budget {human(self.budget)}: {human(self.outside_bytes)} outside the layers (embeddings, norm, "
-                 f"head) resident; {len(self.resident)} of {n} layers resident, {len(self.streamed)} streamed "
-                 f"({human(self.streamed_bytes_per_pass)} per forward pass)"]
+        lines = [f"budget {human(self.budget)}: {human(self.outside_bytes)} outside the layers (norm, head"
+                 f"{'' if self.on_demand_bytes else ', embeddings'}) resident; {len(self.resident)} of {n} layers "
+                 f"resident, {len(self.streamed)} streamed ({human(self.streamed_bytes_per_pass)} per forward pass)"]
+        if self.on_demand_bytes:
+            lines.append(f"the input embedding table ({human(self.on_demand_bytes)}) is not held: each forward reads "
+                         "the rows of its tokens")
         if self.streamed:
             lines.append(f"{self.slots} slot buffers of {human(self.slot_bytes)} (prefetch depth {self.slots - 1}); "
                          f"weights take {human(self.memory_bytes)}")
@@ -191,20 +195,35 @@ class Layout:
     model: Any
     layers_prefix: str
     groups: list[Group]
-    outside: Group
+    outside: Group  # without the input embedding table when that can be read by rows
+    embedding: tuple[hf.Binding, TensorInfo] | None = None  # an untied nn.Embedding table
+
+    @property
+    def embedding_bytes(self) -> int:
+        return self.embedding[1].nbytes if self.embedding else 0
 
     def plan(self, memory: int | str, prefetch: int | None = None) -> Plan:
+        """The plan for ``memory``: everything resident when the whole model
+        fits; otherwise the embedding table (if untied) is read by rows and the
+        rest of the budget is split by :func:`make_plan`."""
+        budget = parse_size(memory)
         sizes = [g.nbytes for g in self.groups]
-        return make_plan(parse_size(memory), self.outside.nbytes, sizes, max(sizes, default=0), prefetch)
+        if budget >= self.total_bytes or not self.embedding:
+            return make_plan(budget, self.outside.nbytes + self.embedding_bytes, sizes, max(sizes, default=0),
+                             prefetch)
+        plan = make_plan(budget, self.outside.nbytes, sizes, max(sizes, default=0), prefetch)
+        plan.on_demand_bytes = self.embedding_bytes
+        return plan
 
     @property
     def least_memory(self) -> int:
-        """The smallest budget that streams (everything outside the layers + two slots)."""
+        """The smallest budget that streams (everything outside the layers but
+        the embedding table + two slots)."""
         return self.outside.nbytes + 2 * max((g.nbytes for g in self.groups), default=0)
 
     @property
     def total_bytes(self) -> int:
-        return self.outside.nbytes + sum(g.nbytes for g in self.groups)
+        return self.outside.nbytes + self.embedding_bytes + sum(g.nbytes for g in self.groups)
 
 
 def open_layout(path: str | os.PathLike[str], *, dtype: Any = None, engine: Engine | None = None) -> Layout:
@@ -235,10 +254,31 @@ def open_layout(path: str | os.PathLike[str], *, dtype: Any = None, engine: Engi
             i = next(iter(idx)) if len(idx) == 1 else None
             (per_layer[i] if i is not None else outside).append((b, infos[name]))
         groups = [make_group(f"{prefix}.{i}", i, per_layer[i]) for i in range(len(layer_list))]
-        return Layout(source, model, prefix, groups, make_group("outside", None, outside))
+        embedding = _row_readable_embedding(model, outside)
+        if embedding is not None:
+            outside.remove(embedding)
+        return Layout(source, model, prefix, groups, make_group("outside", None, outside), embedding)
     except BaseException:
         source.close()
         raise
+
+
+def _row_readable_embedding(model: Any, outside: list) -> tuple[hf.Binding, TensorInfo] | None:
+    """The input embedding's (binding, tensor) when it is a plain ``nn.Embedding``
+    whose table is used nowhere else (not tied to the head): then only the
+    rows of the tokens at hand are needed, and the table need not be held."""
+    import torch  # noqa: PLC0415
+
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(emb, torch.nn.Embedding) or emb.max_norm is not None:
+        return None
+    for b, t in outside:
+        if len(b.places) == 1 and b.places[0][0] is emb and b.places[0][1] == "weight" and len(t.shape) == 2:
+            return (b, t)
+    return None
 
 
 __all__ = ["INFLIGHT_BYTES", "MAX_SLOTS", "RUN_OVERHEAD", "BudgetError", "Group", "Layout", "Plan", "Run",

@@ -63,6 +63,7 @@ class StreamStats:
     load_s: float = 0.0  # reading the resident set at the start
     resident_bytes_read: int = 0
     discarded_bytes: int = 0  # read ahead but never used (end of a run, or a pass cut short)
+    embedding_bytes_read: int = 0  # rows of the input embedding table
     verified: set[int] = field(default_factory=set)
 
 
@@ -70,7 +71,8 @@ class WeightStreamer:
     """Binds a skeleton model to a checkpoint under a plan; see the module doc."""
 
     def __init__(self, source: TensorSource, model: Any, groups: list[Group], outside: Group, plan: Plan, *,
-                 layers_prefix: str, verify: str, tag: str = "weights") -> None:
+                 layers_prefix: str, verify: str, tag: str = "weights",
+                 embedding: tuple[hf.Binding, TensorInfo] | None = None) -> None:
         import torch  # noqa: PLC0415
 
         self._torch = torch
@@ -90,8 +92,13 @@ class WeightStreamer:
         self._free: list[int] = []
         self._cycle = list(plan.streamed)
         self._next = 0
+        self._embedding = embedding if plan.on_demand_bytes else None
+        self._rows = alloc(0)
+        self._padding: Any = None
         try:
             t0 = time.perf_counter()
+            if embedding is not None and not plan.on_demand_bytes:  # it fits: held like the rest
+                outside = make_group(outside.name, None, [*((b, t) for b, t, _ in outside.items), embedding])
             for g in [outside, *(groups[i] for i in plan.resident)]:
                 buf = alloc(g.nbytes)
                 self._wait(g, self._submit(g, buf), buf, check=verify != "never")
@@ -102,6 +109,12 @@ class WeightStreamer:
             self._slots = [alloc(plan.slot_bytes) for _ in range(plan.slots if self._cycle else 0)]
             self._free = list(range(len(self._slots)))
             self._hooks.append(model.register_forward_pre_hook(self._check_open))
+            if self._embedding is not None:
+                if verify != "never":
+                    self._verify_table(*self._embedding)
+                emb = self._embedding[0].places[0][0]
+                self._hooks.append(emb.register_forward_pre_hook(self._rows_before))
+                self._hooks.append(emb.register_forward_hook(self._rows_after))
             layer_list = dict(model.named_modules())[layers_prefix]
             for i in self._cycle:
                 mod = layer_list[i]
@@ -187,16 +200,62 @@ class WeightStreamer:
                     pass
             self._free.append(slot)
 
+    # -- the embedding table, by rows ---------------------------------------------------------------------------
+    def _verify_table(self, b: hf.Binding, t: TensorInfo) -> None:
+        """Check the table's CRC-32C once, in 8 MiB pieces (its rows are read one by one later)."""
+        if t.crc32c is None:
+            return
+        step = max(1, (8 << 20) // max(1, t.row_bytes))
+        crc = 0
+        for a in range(0, t.shape[0], step):
+            crc = crc32c(self.source.get(t.name, rows=slice(a, a + step), verify=False).reshape(-1).view("uint8"), crc)
+        if crc != t.crc32c:
+            raise ChecksumError(f"tensor {t.name!r}: CRC-32C mismatch (the data on disk is damaged)", path=t.file,
+                                field=t.name)
+
+    def _rows_before(self, module: Any, args: Any) -> Any:
+        """Read the rows of the tokens at hand; the module sees a table of just
+        those rows and ids renumbered into it (an embedding is a gather: the
+        output is the same, bit for bit)."""
+        torch = self._torch
+        self._check_grad(module, args)
+        b, t = self._embedding  # type: ignore[misc]
+        ids = args[0]
+        rows, inverse = torch.unique(ids, return_inverse=True)
+        if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= t.shape[0]):
+            raise IndexError(f"token id out of range for an embedding table of {t.shape[0]} rows")
+        n, rb = rows.numel(), t.row_bytes
+        if self._rows.nbytes < n * rb:
+            self._rows = alloc(max(n * rb, 2 * self._rows.nbytes))
+        if n:
+            self.source._file(t.file).pread_many([self._rows[k * rb:(k + 1) * rb] for k in range(n)],
+                                                 [t.offset + int(r) * rb for r in rows.tolist()],
+                                                 tags=[f"{self.tag}:embedding"] * n).result()
+        self.stats_.embedding_bytes_read += n * rb
+        table = torch.from_numpy(self._rows[:n * rb]).view(dtypes.torch_dtype(t.dtype)).reshape(n, *b.shape[1:])
+        self._placeholders.setdefault((id(module), "weight"), module._parameters["weight"])
+        module._parameters["weight"] = torch.nn.Parameter(table, requires_grad=table.is_floating_point())
+        # padding_idx only shapes gradients (refused here), but F.embedding checks it against the table's rows
+        self._padding, module.padding_idx = module.padding_idx, None
+        return (inverse.reshape(ids.shape), *args[1:])
+
+    def _rows_after(self, module: Any, args: Any, output: Any) -> None:
+        module._parameters["weight"] = self._placeholders[(id(module), "weight")]
+        module.padding_idx = self._padding
+
     # -- hooks -----------------------------------------------------------------------------------------------------
+    def _check_grad(self, module: Any, args: Any) -> None:
+        self._check_open(module, args)
+        if self._torch.is_grad_enabled():
+            raise LLMTierError("streamed weights are for inference: call the model under torch.no_grad() or "
+                               "torch.inference_mode() (generate() does); a slot is reused as soon as its layer ran")
+
     def _check_open(self, module: Any, args: Any) -> None:
         if self._closed:
             raise LLMTierError("this streamed model was closed; open it again with stream_model()")
 
     def _before(self, layer: int, module: Any, args: Any) -> None:
-        self._check_open(module, args)
-        if self._torch.is_grad_enabled():
-            raise LLMTierError("streamed weights are for inference: call the model under torch.no_grad() or "
-                               "torch.inference_mode() (generate() does); a slot is reused as soon as its layer ran")
+        self._check_grad(module, args)
         if self._bound is not None:  # the previous layer raised before its forward hook ran
             self._release()
         if not self._inflight or self._inflight[0][0] != layer:
@@ -239,7 +298,8 @@ class WeightStreamer:
         s = self.stats_
         return {"bytes_read": s.bytes_read, "layer_loads": s.layer_loads, "passes": s.passes,
                 "stall_s": s.stall_s, "load_s": s.load_s,
-                "discarded_bytes": s.discarded_bytes, "resident_bytes_read": s.resident_bytes_read,
+                "discarded_bytes": s.discarded_bytes,
+                "embedding_bytes_read": s.embedding_bytes_read, "resident_bytes_read": s.resident_bytes_read,
                 "resident_bytes": self.plan.resident_bytes, "weights_memory_bytes": self.plan.memory_bytes,
                 "streamed_bytes_per_pass": self.plan.streamed_bytes_per_pass,
                 "resident_share": self.plan.resident_share}
@@ -259,6 +319,7 @@ class WeightStreamer:
         self._slots.clear()
         self._free.clear()
         self._resident.clear()
+        self._rows = alloc(0)
         self.source.close()
         gc.collect()  # views of the buffers can sit in reference cycles (torch objects); free them now
 
@@ -328,7 +389,7 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: str = 
                 plan.reason += (f"\nnote: {why}; torch's spinning compute threads may then slow the reads: "
                                 "OMP_WAIT_POLICY=PASSIVE in the environment helps")
         streamer = WeightStreamer(layout.source, layout.model, layout.groups, layout.outside, plan,
-                                  layers_prefix=layout.layers_prefix, verify=verify)
+                                  layers_prefix=layout.layers_prefix, verify=verify, embedding=layout.embedding)
     except BaseException:
         layout.source.close()
         raise
