@@ -87,7 +87,7 @@ class Plan:
     """What stays in memory, what streams, and why."""
 
     budget: int
-    outside_bytes: int  # embeddings, norms, head: always resident
+    outside_bytes: int  # head, norms (and a tied or fitting embedding table): always resident
     layer_bytes: list[int]
     resident: list[int]
     streamed: list[int]
@@ -162,7 +162,7 @@ def make_plan(budget: int, outside: int, layers: list[int], slot_bytes: int, pre
     least = outside + slots * slot_bytes
     if budget < least:
         raise BudgetError(f"a memory budget of {human(budget)} is below the least this model streams with: "
-                          f"{human(outside)} of embeddings/norm/head + {slots} layer buffers of "
+                          f"{human(outside)} held outside the layers (head, norms) + {slots} layer buffers of "
                           f"{human(slot_bytes)} = {human(least)}")
     room = budget - least
     resident: list[int] = []
