@@ -241,6 +241,9 @@ def test_untied_embedding_is_read_by_rows(models, tmp_path):
         assert emb.padding_idx == ref.get_input_embeddings().padding_idx and emb.weight.device.type == "meta"
         with torch.no_grad(), pytest.raises(IndexError):
             model(torch.tensor([[512]]))
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert emb.padding_idx == ref.get_input_embeddings().padding_idx  # restored by close()
     with stream_model(models["qwen2"], budget(models["qwen2"], 1), prefetch=1) as model:
         assert model.llmtier.plan.on_demand_bytes == 0  # tied to the head: held
     with stream_model(path, "1GiB") as model:

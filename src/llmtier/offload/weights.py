@@ -113,6 +113,7 @@ class WeightStreamer:
                 if verify != "never":
                     self._verify_table(*self._embedding)
                 emb = self._embedding[0].places[0][0]
+                self._padding = emb.padding_idx
                 self._hooks.append(emb.register_forward_pre_hook(self._rows_before))
                 self._hooks.append(emb.register_forward_hook(self._rows_after))
             layer_list = dict(model.named_modules())[layers_prefix]
@@ -236,7 +237,7 @@ class WeightStreamer:
         self._placeholders.setdefault((id(module), "weight"), module._parameters["weight"])
         module._parameters["weight"] = torch.nn.Parameter(table, requires_grad=table.is_floating_point())
         # padding_idx only shapes gradients (refused here), but F.embedding checks it against the table's rows
-        self._padding, module.padding_idx = module.padding_idx, None
+        module.padding_idx = None
         return (inverse.reshape(ids.shape), *args[1:])
 
     def _rows_after(self, module: Any, args: Any, output: Any) -> None:
@@ -320,6 +321,8 @@ class WeightStreamer:
         self._free.clear()
         self._resident.clear()
         self._rows = alloc(0)
+        if self._embedding is not None:
+            self._embedding[0].places[0][0].padding_idx = self._padding
         self.source.close()
         gc.collect()  # views of the buffers can sit in reference cycles (torch objects); free them now
 
