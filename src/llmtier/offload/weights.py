@@ -20,6 +20,7 @@ copied and no parameter survives its slot.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
@@ -195,10 +196,8 @@ class WeightStreamer:
             layer, slot, futs = self._inflight.popleft()
             self.stats_.discarded_bytes += sum(r.length for r in self.groups[layer].runs)
             for f in futs:
-                try:
+                with contextlib.suppress(Exception):  # the reads are discarded: only their end matters here
                     f.result()
-                except Exception:  # noqa: BLE001 - the reads are discarded; their error does not matter here
-                    pass
             self._free.append(slot)
 
     # -- the embedding table, by rows ---------------------------------------------------------------------------
