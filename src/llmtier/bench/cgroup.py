@@ -106,7 +106,7 @@ def memory_cgroup_available() -> tuple[bool, str]:
     try:
         os.mkdir(probe)
     except FileExistsError:
-        pass
+        pass  # left by an earlier process with this pid: as good a probe, removed below
     except OSError as exc:
         return False, f"cannot create a child memory cgroup in {parent}: {exc.strerror} (needs root or write access)"
     try:

@@ -137,7 +137,7 @@ def _engine_bw(model_dir: str, budget: int, passes: int = 2) -> float | None:
                 for f in pending.pop(0):
                     f.result()
             buf = bufs[k % 2]
-            pending.append([lay.source._file(r.file).pread(buf[r.pos:r.pos + r.length], r.start, exact=False)
+            pending.append([lay.source.file(r.file).pread(buf[r.pos:r.pos + r.length], r.start, exact=False)
                             for r in g.runs])
             n += sum(r.length for r in g.runs)
         for futs in pending:

@@ -271,7 +271,7 @@ def _row_readable_embedding(model: Any, outside: list) -> tuple[hf.Binding, Tens
 
     try:
         emb = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
+    except (AttributeError, NotImplementedError):  # no input embedding to speak of: the table is held
         return None
     if not isinstance(emb, torch.nn.Embedding) or emb.max_norm is not None:
         return None

@@ -129,7 +129,7 @@ class WeightStreamer:
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def _submit(self, g: Group, buf: np.ndarray) -> list:
-        return [self.source._file(r.file).pread(buf[r.pos:r.pos + r.length], r.start, tag=f"{self.tag}:{g.name}",
+        return [self.source.file(r.file).pread(buf[r.pos:r.pos + r.length], r.start, tag=f"{self.tag}:{g.name}",
                                                 exact=False) for r in g.runs]
 
     def _wait(self, g: Group, futs: list, buf: np.ndarray, *, check: bool) -> None:
@@ -228,7 +228,7 @@ class WeightStreamer:
         if self._rows.nbytes < n * rb:
             self._rows = alloc(max(n * rb, 2 * self._rows.nbytes))
         if n:
-            self.source._file(t.file).pread_many([self._rows[k * rb:(k + 1) * rb] for k in range(n)],
+            self.source.file(t.file).pread_many([self._rows[k * rb:(k + 1) * rb] for k in range(n)],
                                                  [t.offset + int(r) * rb for r in rows.tolist()],
                                                  tags=[f"{self.tag}:embedding"] * n).result()
         self.stats_.embedding_bytes_read += n * rb

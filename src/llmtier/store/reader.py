@@ -107,7 +107,7 @@ class TensorSource:
         if view.nbytes != info.nbytes:
             raise ValueError(f"out has {view.nbytes} bytes; tensor {info.name!r} has {info.nbytes}")
         if info.nbytes:
-            self._file(info.file).pread(out, info.offset, tag=info.name).result()
+            self.file(info.file).pread(out, info.offset, tag=info.name).result()
         if verify:
             self._check(info, view)
         return None
@@ -151,7 +151,9 @@ class TensorSource:
         return bad
 
     # -- internals ------------------------------------------------------------
-    def _file(self, path: str) -> File:
+    def file(self, path: str) -> File:
+        """The open engine file behind one of this source's tensors (``info.file``),
+        for callers that read tensor extents themselves (the runtimes)."""
         f = self._files.get(path)
         if f is None:
             f = self._files[path] = self.engine.open(path, "r")
@@ -185,7 +187,7 @@ class TensorSource:
         return got
 
     def _submit_window(self, w: list[TensorInfo], dest: dict[str, Any] | None) -> tuple[Any, list, list[int]]:
-        f = self._file(w[0].file)
+        f = self.file(w[0].file)
         if dest is not None:
             # Into the caller's buffers: one request per tensor (the engine
             # bounces what O_DIRECT cannot take as it is).
@@ -247,12 +249,12 @@ class TensorSource:
             if view.nbytes != n:
                 raise ValueError(f"out has {view.nbytes} bytes; rows {a}:{b} of {info.name!r} are {n}")
             if n:
-                self._file(info.file).pread(out, off, tag=info.name).result()
+                self.file(info.file).pread(out, off, tag=info.name).result()
             return np.frombuffer(view, dtype=np.uint8)
         start = off - off % ALIGN
         arena = alloc(-(-(off + n) // ALIGN) * ALIGN - start)
         if n:
-            got = self._file(info.file).pread(arena, start, tag=info.name, exact=False).result()
+            got = self.file(info.file).pread(arena, start, tag=info.name, exact=False).result()
             if got < off - start + n:
                 raise FormatError(f"the file ends inside tensor {info.name!r} (truncated after it was opened?)",
                                   path=info.file, field="size")
