@@ -1,0 +1,112 @@
+"""The spill file of a :class:`~llmtier.offload.kv.TieredCache`: page groups on SSD.
+
+A *page group* is one page (``P`` tokens) of one layer for every row of the
+batch, laid out ``[B, 2 (K, V), H, P, D]``: all heads of a layer contiguous,
+K before V.  It is the unit written when a page fills and read when a layer
+needs its past.  Slots are handed out from the end of the file, or from a
+free list after a crop; nothing else ever moves.
+
+The file is created in the given directory and unlinked at once, so a killed
+process leaves nothing behind; it is scratch, not a store (the prefix store
+keeps checksummed files).  All I/O is direct, through the engine.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from ...engine import Engine, File, alloc
+
+MAX_WRITES = 8  # page groups in flight to the disk before a writer waits
+
+
+class SpillFile:
+    """Slots of ``group_bytes`` in one unlinked file, and the writes in flight."""
+
+    def __init__(self, engine: Engine, directory: str, group_bytes: int, *, tag: str = "kv") -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, f".llmtier-kv-{os.getpid()}-{secrets.token_hex(4)}.spill")
+        self.engine, self.group_bytes, self.tag = engine, group_bytes, tag
+        self.file: File = engine.open(self.path, "w")
+        os.unlink(self.path)  # the descriptor keeps it; a crash leaves no file
+        self._end = 0
+        self._free: list[int] = []
+        self._writes: deque[tuple[Future, np.ndarray, int]] = deque()  # (future, buffer, layer)
+        self._spare: list[np.ndarray] = []
+        self.bytes_written = 0
+        self.write_s = 0.0
+
+    # -- slots -------------------------------------------------------------------------------------------------------
+    def take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        off = self._end
+        self._end += self.group_bytes
+        return off
+
+    def give(self, offset: int) -> None:
+        self._free.append(offset)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._end - len(self._free) * self.group_bytes
+
+    # -- buffers and writes -----------------------------------------------------------------------------------------
+    def buffer(self) -> np.ndarray:
+        """An aligned page-group buffer: a spare one, or a new one."""
+        self.reap()
+        return self._spare.pop() if self._spare else alloc(self.group_bytes)
+
+    def write(self, buf: np.ndarray, offset: int, layer: int, page: int) -> None:
+        """Write ``buf`` at ``offset`` in the background; ``buf`` is the file's until the write is done."""
+        while len(self._writes) >= MAX_WRITES:
+            self._finish(self._writes.popleft())
+        fut = self.file.pwrite(buf, offset, tag=f"{self.tag}:{layer}:{page}")
+        self._writes.append((fut, buf, layer))
+
+    def reap(self) -> None:
+        while self._writes and self._writes[0][0].done():
+            self._finish(self._writes.popleft())
+
+    def wait_layer(self, layer: int) -> None:
+        """Wait for every write of ``layer`` still in flight (before its pages are read)."""
+        if any(w[2] == layer for w in self._writes):
+            self.drain()
+
+    def drain(self) -> None:
+        while self._writes:
+            self._finish(self._writes.popleft())
+
+    def _finish(self, w: tuple[Future, np.ndarray, int]) -> None:
+        t0 = time.perf_counter()
+        try:
+            w[0].result()
+        finally:
+            self.write_s += time.perf_counter() - t0
+        self.bytes_written += self.group_bytes
+        if len(self._spare) < MAX_WRITES:
+            self._spare.append(w[1])
+
+    @property
+    def writes_in_flight(self) -> int:
+        return len(self._writes)
+
+    # -- reads -------------------------------------------------------------------------------------------------------
+    def read(self, buf: np.ndarray, offsets: list[int], layer: int, first_page: int = 0) -> Future:
+        """Read the page groups at ``offsets`` into consecutive slices of ``buf``, in one batch."""
+        g = self.group_bytes
+        reqs: list[Any] = [(self.file, "read", buf[i * g:(i + 1) * g], off, f"{self.tag}:{layer}:{first_page + i}")
+                           for i, off in enumerate(offsets)]
+        return self.engine.submit(reqs)
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self.file.close()

@@ -1,0 +1,124 @@
+"""``TieredCache``: the transformers-facing side of the KV tier (see ``cache.py`` for how it works).
+
+>>> cache = TieredCache(model.config, memory="2GiB", path="/nvme/kv")     # doctest: +SKIP
+>>> out = model.generate(ids, past_key_values=cache, max_new_tokens=64)  # doctest: +SKIP
+>>> cache.stats().bytes_read                                            # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from ...engine import Engine
+from .cache import DEFAULT_PAGE_TOKENS, KVConfigError, KVStats, Tier, default_directory, parse_memory
+
+
+class TieredLayer(CacheLayerMixin):
+    """One decoder layer's view of the tier; the data lives in the shared :class:`Tier`."""
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, tier: Tier, index: int) -> None:
+        super().__init__()
+        self.tier, self.index = tier, index
+
+    def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        self.is_initialized = True
+        return self.tier.update(self.index, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.tier.length(self.index)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.tier.reset(self.index)
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.tier.crop(self.index, tokens_to_remove)
+
+    def _refuse(self, what: str) -> None:
+        raise KVConfigError(f"TieredCache does not support {what} (beam search and batch expansion rewrite "
+                            "every page; use greedy or sampled decoding)")
+
+    def reorder_cache(self, beam_idx: Any) -> None:
+        self._refuse("reorder_cache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() or repeats != 1:
+            self._refuse("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices: Any) -> None:
+        self._refuse("batch_select_indices")
+
+    def offload(self) -> None:  # the tier decides what lives where
+        return None
+
+    def prefetch(self) -> None:
+        return None
+
+
+class TieredCache(Cache):
+    """A KV cache for ``generate(past_key_values=...)`` whose pages live in ``memory`` bytes of DRAM and on SSD.
+
+    ``memory`` is the DRAM pool (``"2GiB"`` or bytes); ``path`` is the directory
+    of the spill file (``$LLMTIER_KV_DIR`` or the temporary directory when
+    omitted; it must accept direct I/O).  ``page_tokens`` tokens make a page;
+    ``prefetch`` spilled layers are read ahead.  Outputs are those of
+    transformers' ``DynamicCache``: the same K and V reach attention.  Use it
+    as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, config: Any, *, memory: int | str, path: str | os.PathLike[str] | None = None,
+                 page_tokens: int = DEFAULT_PAGE_TOKENS, prefetch: int = 2, engine: Engine | None = None,
+                 io_nice: int | None = -10) -> None:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        types, _ = get_layer_types_and_kwargs(text)
+        odd = sorted({t for t in types if t != "full_attention"})
+        if odd:
+            raise KVConfigError(f"TieredCache supports full-attention layers only; this model has {odd}")
+        directory = os.fspath(path) if path is not None else default_directory()
+        self.tier = Tier(len(types), parse_memory(memory), directory, page_tokens, prefetch, engine, io_nice)
+        super().__init__(layers=[TieredLayer(self.tier, i) for i in range(len(types))])
+
+    def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def export(self, layer_idx: int, start: int, stop: int) -> tuple[Any, Any]:
+        """Copies of one layer's K and V for tokens ``[start, stop)``, read back from SSD where spilled."""
+        return self.tier.export(layer_idx, start, stop)
+
+    def stats(self) -> KVStats:
+        """The tier's counters now (bytes read and written, stalls, residency, DRAM held)."""
+        return self.tier.sync_stats()
+
+    @property
+    def memory(self) -> int:
+        return self.tier.memory
+
+    def close(self) -> None:
+        """Wait for I/O in flight, drop the spill file, free the pool."""
+        self.tier.close()
+
+    def __enter__(self) -> TieredCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.tier.stats
+        return (f"TieredCache(layers={self.tier.n}, memory={self.tier.memory}, resident={s.resident_layers}, "
+                f"spilled={s.spilled_layers})")
