@@ -36,6 +36,56 @@ def _tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
+def _kv_setup(args: argparse.Namespace, model: Any, stack: contextlib.ExitStack) -> tuple[Any, Any]:
+    """The KV cache (tiered, or transformers' own) and the prefix store the flags ask for."""
+    cache = store = None
+    if args.kv_offload:
+        from .offload.kv import TieredCache  # noqa: PLC0415
+
+        cache = stack.enter_context(TieredCache(model.config, memory=args.kv_memory, path=args.kv_dir,
+                                                page_tokens=args.kv_page_tokens))
+    if args.prefix_cache:
+        from .offload.kv import PrefixStore  # noqa: PLC0415
+
+        store = stack.enter_context(PrefixStore(args.prefix_cache, capacity=args.prefix_capacity,
+                                                chunk_tokens=args.kv_page_tokens))
+        if cache is None:
+            from transformers import DynamicCache  # noqa: PLC0415
+
+            cache = DynamicCache(config=model.config)
+    return cache, store
+
+
+def _kv_record(cache: Any, store: Any, loaded: int, fetch_s: float, prefill_s: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if cache is not None and hasattr(cache, "stats"):
+        s = cache.stats()
+        out["kv"] = {"memory": cache.memory, "bytes_read": s.bytes_read + s.discarded_bytes,
+                     "bytes_written": s.bytes_written, "discarded_bytes": s.discarded_bytes,
+                     "resident_layers": s.resident_layers, "spilled_layers": s.spilled_layers,
+                     "peak_dram_bytes": s.peak_dram_bytes, "ssd_bytes": s.ssd_bytes, "stall_s": s.stall_s}
+    if store is not None:
+        m = store.metrics()
+        out["prefix"] = {"loaded_tokens": loaded, "fetch_s": fetch_s, "ttft_s": fetch_s + prefill_s,
+                         **{k: v for k, v in m.as_dict().items()}}
+    return out
+
+
+def _kv_lines(kv: dict[str, Any]) -> list[str]:
+    lines = []
+    if "kv" in kv:
+        k = kv["kv"]
+        lines.append(f"KV: {k['spilled_layers']} of {k['spilled_layers'] + k['resident_layers']} layers on SSD; "
+                     f"read {human(k['bytes_read'])}, wrote {human(k['bytes_written'])}; peak DRAM "
+                     f"{human(k['peak_dram_bytes'])} of {human(k['memory'])}; compute waited {k['stall_s']:.2f} s")
+    if "prefix" in kv:
+        p = kv["prefix"]
+        lines.append(f"prefix cache: {p['loaded_tokens']} tokens loaded in {p['fetch_s']:.3f} s (time to first token "
+                     f"{p['ttft_s']:.2f} s); hits {p['hits']}, misses {p['misses']}, stored {p['chunks']} chunks "
+                     f"({human(p['stored_bytes'])}), evictions {p['evictions']}, corrupt {p['corrupt']}")
+    return lines
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
@@ -57,7 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         trace = record(args.trace, device_path=args.model, label=f"llmtier run {os.path.basename(args.model)}")
     t0 = time.perf_counter()
-    with trace, stream_model(args.model, args.memory, prefetch=args.prefetch, verify=args.verify) as model:
+    with trace, stream_model(args.model, args.memory, prefetch=args.prefetch, verify=args.verify) as model, \
+            contextlib.ExitStack() as kv_stack:
         load_s = time.perf_counter() - t0
         st = model.llmtier
         if not args.json:
@@ -77,13 +128,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{gib:.2f} GiB/s streamed, {st.plan.resident_share:.0%} resident", refresh=False)
             bar.update(1)
 
+        cache, store = _kv_setup(args, model, kv_stack)
+        loaded, fetch_s = 0, 0.0
+        if store is not None:
+            t1 = time.perf_counter()
+            loaded = store.fetch(model, input_ids, cache)
+            fetch_s = time.perf_counter() - t1
         try:
-            timed = generate_timed(model, input_ids, args.max_new_tokens, sample=sample, on_token=on_token)
+            timed = generate_timed(model, input_ids, args.max_new_tokens, sample=sample, on_token=on_token,
+                                   past_key_values=cache)
         finally:
             if bar is not None:
                 bar.close()
+        if store is not None:
+            if not loaded:
+                store.observe_prefill(model, len(ids) * args.batch, timed.prefill_s)
+            store.save(model, input_ids, cache)
         stats = st.stats()
         plan = st.plan
+        kv_out = _kv_record(cache, store, loaded, fetch_s, timed.prefill_s)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out: dict[str, Any] = {
         "model": args.model, "memory_budget": plan.budget, "batch": args.batch, "prompt_tokens": len(ids),
@@ -96,6 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     if tokenizer is not None:
         out["text"] = [tokenizer.decode(row) for row in timed.tokens]
+    out.update(kv_out)
     if args.trace:
         out["trace"] = args.trace
     if args.json:
@@ -107,6 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"tok/s ({timed.decode_steps} steps); streamed {human(total)} ({total / 2**30 / max(seconds, 1e-9):.2f} "
           f"GiB/s), compute waited {stats['stall_s']:.2f} s for reads; resident {human(plan.resident_bytes)} "
           f"({plan.resident_share:.0%} of the model); peak RSS {human(rss)}")
+    for line in _kv_lines(kv_out):
+        print(line)
     for i, row in enumerate(out.get("text") or timed.tokens):
         print(f"[{i}] {row}")
     if args.trace:
@@ -132,6 +198,15 @@ def add_cli(sub: Any) -> None:
     run.add_argument("--verify", choices=("first", "always", "never"), default="first",
                      help="CRC-32C checks of store tensors (default: the first time each is read)")
     run.add_argument("--threads", type=int, help="torch compute threads (default: torch's)")
+    run.add_argument("--kv-offload", action="store_true", help="KV cache in a DRAM pool of --kv-memory, the rest on SSD")
+    run.add_argument("--kv-memory", type=parse_size, default=parse_size("2GiB"),
+                     help="DRAM pool of the KV cache with --kv-offload (default 2GiB)")
+    run.add_argument("--kv-dir", help="directory of the KV spill file (default $LLMTIER_KV_DIR or the temp dir)")
+    run.add_argument("--kv-page-tokens", type=int, default=256, help="tokens per KV page and prefix chunk")
+    run.add_argument("--prefix-cache", metavar="DIR",
+                     help="reuse the KV of earlier prompts stored in DIR, and store this prompt's")
+    run.add_argument("--prefix-capacity", type=parse_size, default=parse_size("10GiB"),
+                     help="SSD capacity of the prefix cache (default 10GiB; least recently used chunks go first)")
     run.add_argument("--trace", help="record the I/O to this trace file (.npz)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     run.add_argument("--no-progress", action="store_true")

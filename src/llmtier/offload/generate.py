@@ -44,10 +44,12 @@ class Timed:
 
 def generate_timed(model: Any, input_ids: Any, new_tokens: int, *, attention_mask: Any = None,
                    sample: dict[str, Any] | None = None,
-                   on_token: Callable[[int, float], None] | None = None) -> Timed:
+                   on_token: Callable[[int, float], None] | None = None, past_key_values: Any = None) -> Timed:
     """Generate exactly ``new_tokens`` tokens per row (greedy, or sampling with
     the ``sample`` keyword arguments, e.g. ``{"temperature": 0.8, "top_k": 50}``);
-    ``on_token(k, seconds_since_start)`` is called as token ``k`` is ready."""
+    ``on_token(k, seconds_since_start)`` is called as token ``k`` is ready.
+    ``past_key_values``: the cache to use (a ``TieredCache``, or one a prefix
+    store filled: its tokens are not recomputed)."""
     import torch  # noqa: PLC0415
     from transformers import LogitsProcessor, LogitsProcessorList  # noqa: PLC0415
 
@@ -66,6 +68,8 @@ def generate_timed(model: Any, input_ids: Any, new_tokens: int, *, attention_mas
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     kw: dict[str, Any] = {"do_sample": False} if sample is None else {"do_sample": True, **sample}
+    if past_key_values is not None:
+        kw["past_key_values"] = past_key_values
     gc = getattr(model, "generation_config", None)
     if getattr(gc, "pad_token_id", None) is None:  # no row ends early; this only keeps generate() quiet
         eos = getattr(gc, "eos_token_id", None)

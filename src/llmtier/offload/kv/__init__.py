@@ -8,9 +8,9 @@ of recomputing the prefill.  See ``docs/KV.md``.
 """
 from __future__ import annotations
 
-from .cache import KVConfigError, KVStats, spill_order
+from .cache import KVConfigError, KVStats, min_memory, spill_order
 from .prefix import PrefixMetrics, PrefixStore, chain_keys, model_identity
 from .tiered import TieredCache, TieredLayer
 
 __all__ = ["KVConfigError", "KVStats", "PrefixMetrics", "PrefixStore", "TieredCache", "TieredLayer", "chain_keys",
-           "model_identity", "spill_order"]
+           "min_memory", "model_identity", "spill_order"]

@@ -35,7 +35,7 @@ from ...engine import Engine, alloc, open_engine
 from ...errors import LLMTierError
 from ...units import human, parse_size
 from ..layout import BudgetError
-from .spill import MAX_WRITES, SpillFile
+from .spill import MAX_WRITES, SpillFile, remove_stale
 
 DEFAULT_PAGE_TOKENS = 256
 
@@ -87,6 +87,14 @@ class Geometry:
         return self.token_bytes * self.page
 
 
+def min_memory(layers: int, batch: int, heads: int, head_dim: int, itemsize: int, tokens: int, *,
+               page_tokens: int = DEFAULT_PAGE_TOKENS, prefetch: int = 2) -> int:
+    """The smallest pool that runs ``tokens`` of context with every layer spilled."""
+    g = Geometry(batch, heads, head_dim, page_tokens, None, itemsize)
+    cap = -(-tokens // page_tokens) * page_tokens * g.token_bytes
+    return layers * g.group_bytes + (max(1, prefetch) + 1) * cap + MAX_WRITES * g.group_bytes
+
+
 def spill_order(n: int) -> list[int]:
     """Layer indices in the order they spill: each prefix is spread evenly over ``range(n)``."""
     order: list[int] = []
@@ -132,6 +140,8 @@ class Tier:
         self.n = n_layers
         self.memory = memory
         self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        remove_stale(directory)  # spill files of processes that died
         self.page = page_tokens
         self.prefetch = max(1, prefetch)
         self._own_engine = engine is None

@@ -6,13 +6,18 @@ K before V.  It is the unit written when a page fills and read when a layer
 needs its past.  Slots are handed out from the end of the file, or from a
 free list after a crop; nothing else ever moves.
 
-The file is created in the given directory and unlinked at once, so a killed
-process leaves nothing behind; it is scratch, not a store (the prefix store
-keeps checksummed files).  All I/O is direct, through the engine.
+The file is scratch, not a store (the prefix store keeps checksummed files):
+it is named ``.llmtier-kv-PID-TOKEN.spill`` in the given directory, removed
+by :meth:`SpillFile.close`, and a file left by a killed process (its PID no
+longer running) is removed by the next cache that opens the directory.  It
+stays linked while in use so that tracing can map its blocks.  All I/O is
+direct, through the engine.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import secrets
 import time
 from collections import deque
@@ -31,10 +36,10 @@ class SpillFile:
 
     def __init__(self, engine: Engine, directory: str, group_bytes: int, *, tag: str = "kv") -> None:
         os.makedirs(directory, exist_ok=True)
+        remove_stale(directory)
         self.path = os.path.join(directory, f".llmtier-kv-{os.getpid()}-{secrets.token_hex(4)}.spill")
         self.engine, self.group_bytes, self.tag = engine, group_bytes, tag
         self.file: File = engine.open(self.path, "w")
-        os.unlink(self.path)  # the descriptor keeps it; a crash leaves no file
         self._end = 0
         self._free: list[int] = []
         self._writes: deque[tuple[Future, np.ndarray, int]] = deque()  # (future, buffer, layer)
@@ -110,3 +115,28 @@ class SpillFile:
             self.drain()
         finally:
             self.file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+_STALE = re.compile(r"^\.llmtier-kv-(\d+)-[0-9a-f]{8}\.spill$")
+
+
+def remove_stale(directory: str) -> list[str]:
+    """Remove spill files whose process is gone; returns their names."""
+    gone = []
+    for name in os.listdir(directory):
+        m = _STALE.match(name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # running, as another user
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, name))
+            gone.append(name)
+    return gone
