@@ -149,7 +149,9 @@ def _decode_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: s
     low = min_memory(layers, cfg.batch, heads, head_dim, 2, cfg.context + cfg.new_tokens, page_tokens=cfg.page_tokens)
     fill = _fill(model, cfg.batch, cfg.context)
     kv_dir = os.path.join(cfg.directory, "kv-spill")
-    cells: dict[str, dict[str, Any]] = {"memory": {"system": "DynamicCache", "runs": []}}
+    cells: dict[str, dict[str, Any]] = {"memory": {"system": "DynamicCache", "runs": []},
+                                        "tier-dram": {"system": "TieredCache", "fraction": None, "memory": 2 * total,
+                                                      "runs": []}}
     for f in cfg.fractions:
         cells[f"tier{f}"] = {"system": "TieredCache", "fraction": f, "memory": max(int(total * f), low),
                               "runs": []}
@@ -159,7 +161,7 @@ def _decode_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: s
             res.fio_read_bytes_per_s.append(fio)
         for name, cell in cells.items():
             torch.manual_seed(0)
-            traced = r == 0 and name != "memory"
+            traced = r == 0 and name not in ("memory", "tier-dram")
             if name == "memory":
                 run = _decode(model, DynamicCache(config=model.config), fill, cfg.new_tokens)
             else:
@@ -173,6 +175,9 @@ def _decode_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: s
                         run = _decode(model, cache, fill, cfg.new_tokens)
                     st = cache.stats()
                 run["stats"] = {k: v for k, v in st.as_dict().items() if k != "reads_by_page"}
+                if name == "tier-dram":
+                    cell["runs"].append({**run, "fio": fio})
+                    continue
                 g = cfg.batch * res.kv_bytes_per_token // layers * cfg.page_tokens
                 reads, writes = analytic_bytes(cfg.context, cfg.new_tokens, st.spilled_layers, cfg.page_tokens, g)
                 run["analytic"] = {"read_bytes": reads, "write_bytes": writes}
@@ -197,14 +202,17 @@ def _decode_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: s
 
 def decode_summary(res: KVBenchResult, cfg: KVBenchConfig) -> list[dict[str, Any]]:
     """Per cell: median step, tok/s, bounds and efficiency, bytes against the analytic count."""
-    mem = next(c for c in res.decode if c["system"] == "DynamicCache")
-    compute = statistics.median(s for run in mem["runs"] for s in run["step_s"][1:] or run["step_s"])
+    def median_step(c: dict[str, Any]) -> float:
+        return statistics.median(s for run in c["runs"] for s in run["step_s"][1:] or run["step_s"])
+
+    in_dram = [c for c in res.decode if c.get("fraction") is None]
+    compute = min(median_step(c) for c in in_dram)  # the faster of the two caches held wholly in DRAM
     out = []
     for c in res.decode:
-        step = statistics.median(s for run in c["runs"] for s in run["step_s"][1:] or run["step_s"])
+        step = median_step(c)
         row = {"system": c["system"], "fraction": c.get("fraction"), "memory": c.get("memory"),
                "step_s": step, "tok_s": cfg.batch / step, "tokens_identical": c["tokens_identical"]}
-        if c["system"] == "TieredCache":
+        if c.get("fraction") is not None:
             run = c["runs"][0]
             st = run["stats"]
             per_step = run["analytic"]["read_bytes"] / cfg.new_tokens
@@ -376,8 +384,10 @@ def format_result(res: KVBenchResult, cfg: KVBenchConfig) -> str:
         lines.append(f"(a) offloaded decode, batch {cfg.batch}, context {cfg.context}, {cfg.new_tokens} steps, "
                      f"page {cfg.page_tokens} tokens")
         for r in decode_summary(res, cfg):
-            if r["system"] == "DynamicCache":
-                lines.append(f"  DynamicCache (in memory): {r['step_s']:.3f} s/step, {r['tok_s']:.2f} tok/s")
+            if r["fraction"] is None:
+                what = "DynamicCache" if r["system"] == "DynamicCache" else "TieredCache, all in DRAM"
+                lines.append(f"  {what}: {r['step_s']:.3f} s/step, {r['tok_s']:.2f} tok/s, tokens identical: "
+                             f"{r['tokens_identical']}")
                 continue
             io = f"{r['io_bound_s']:.3f}" if r.get("io_bound_s") is not None else "n/a"
             lines.append(f"  TieredCache {human(r['memory'])} ({r['fraction']:.0%} of KV): {r['step_s']:.3f} s/step, "

@@ -258,12 +258,16 @@ class PrefixStore:
             cache.update(k, v, layer)
         self._m.hits += got * len(rows)
         self._m.hit_tokens += tokens * len(rows)
+        self._touch(chains, got)
+        return tokens
+
+    def _touch(self, chains: list[list[str]], upto: int) -> None:
+        """Mark the first ``upto`` chunks of each chain used now; later chunks count as a little older."""
         now = time.time()
         for ch in chains:
-            for j, k in enumerate(ch[:got]):
+            for j, k in enumerate(ch[:upto]):
                 if k in self._index:
-                    self._index[k].last_used = now - j * 1e-6  # ties: later chunks count as older
-        return tokens
+                    self._index[k].last_used = now - j * 1e-6
 
     def _worth_loading(self, mid: str, tokens: int, nbytes: int) -> bool:
         tps, bw = self._prefill_tps.get(mid), self._m.load_gibps
@@ -375,6 +379,7 @@ class PrefixStore:
             done.add(key)
             written += 1
         self._m.save_s += time.perf_counter() - t0
+        self._touch(chains, len(chains[0]))
         self._evict()
         self._write_state()
         return written
@@ -386,7 +391,6 @@ class PrefixStore:
         with StoreWriter(path, metadata=meta, engine=self.engine) as w:
             w.add("kv", chunk)
         c = self._check_file(path, key)
-        c.last_used = time.time() - position * 1e-6
         self._index[key] = c
         self._m.saved_chunks += 1
         self._m.saved_bytes += c.size
