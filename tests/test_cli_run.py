@@ -96,3 +96,35 @@ def test_bench_weights_quick(tmp_path):
     row = next(r for r in res["rows"] if r["system"] == "llmtier")
     assert row["streamed_bytes_per_token"] > 0 and row["compute_bound_s"] > 0
     assert "| llmtier | 50% | 1 |" in p.stdout
+
+
+def test_run_kv_offload_and_prefix_cache(model, tmp_path):
+    path, least = model
+    ids = ",".join(str(5 + i % 400) for i in range(150))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    want = generate_timed(ref, torch.tensor([[5 + i % 400 for i in range(150)]] * 2), 6).tokens
+    common = ["run", "--model", path, "--memory", str(least), "--prompt-ids", ids, "--max-new-tokens", "6",
+              "--batch", "2", "--kv-offload", "--kv-memory", "150KiB", "--kv-dir", str(tmp_path / "spill"),
+              "--kv-page-tokens", "16", "--prefix-cache", str(tmp_path / "prefix"), "--json"]
+    first = json.loads(llmtier(*common).stdout)
+    assert first["tokens"] == want
+    assert first["kv"]["spilled_layers"] > 0 and first["kv"]["bytes_read"] > 0 and first["kv"]["bytes_written"] > 0
+    assert first["kv"]["peak_dram_bytes"] <= 150 * 1024
+    assert first["prefix"]["loaded_tokens"] == 0 and first["prefix"]["chunks"] == 9  # 150 tokens: 9 whole chunks
+    second = json.loads(llmtier(*common).stdout)  # a new process: the store is reopened from disk
+    assert second["tokens"] == want
+    assert second["prefix"]["loaded_tokens"] == 144 and second["prefix"]["hits"] == 18
+    assert second["prefix"]["misses"] == 0
+    p = llmtier(*common[:-1], "--no-progress")
+    assert "prefix cache: 144 tokens loaded" in p.stdout and "layers on SSD" in p.stdout
+    assert os.listdir(tmp_path / "spill") == []  # the spill file went with the process
+
+
+def test_bench_kv_quick(tmp_path):
+    out = tmp_path / "kv.json"
+    p = llmtier("bench", "kv", "--quick", "--dir", str(tmp_path), "--json", str(out), "--no-progress")
+    assert "(a) offloaded decode" in p.stdout and "(c) restart: 4/4" in p.stdout
+    res = json.loads(out.read_text())
+    assert all(c["tokens_identical"] for c in res["decode"])
+    assert res["restart"]["hit_rate"] == 1.0
+    assert all(r["same_logits_as_recomputed_kv"] for r in res["ttft"])

@@ -48,7 +48,7 @@ def _kv_setup(args: argparse.Namespace, model: Any, stack: contextlib.ExitStack)
         from .offload.kv import PrefixStore  # noqa: PLC0415
 
         store = stack.enter_context(PrefixStore(args.prefix_cache, capacity=args.prefix_capacity,
-                                                chunk_tokens=args.kv_page_tokens))
+                                                chunk_tokens=args.kv_page_tokens, admit=args.prefix_admit))
         if cache is None:
             from transformers import DynamicCache  # noqa: PLC0415
 
@@ -143,7 +143,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if store is not None:
             if not loaded:
                 store.observe_prefill(model, len(ids) * args.batch, timed.prefill_s)
-            store.save(model, input_ids, cache)
+            whole = torch.cat([input_ids, torch.tensor(timed.tokens, dtype=input_ids.dtype)], dim=1)
+            store.save(model, whole, cache, prompt_tokens=len(ids))
         stats = st.stats()
         plan = st.plan
         kv_out = _kv_record(cache, store, loaded, fetch_s, timed.prefill_s)
@@ -207,6 +208,8 @@ def add_cli(sub: Any) -> None:
                      help="reuse the KV of earlier prompts stored in DIR, and store this prompt's")
     run.add_argument("--prefix-capacity", type=parse_size, default=parse_size("10GiB"),
                      help="SSD capacity of the prefix cache (default 10GiB; least recently used chunks go first)")
+    run.add_argument("--prefix-admit", choices=("prompt", "all"), default="prompt",
+                     help="what the prefix cache stores: the prompt's KV (default) or the answer's too")
     run.add_argument("--trace", help="record the I/O to this trace file (.npz)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     run.add_argument("--no-progress", action="store_true")

@@ -267,7 +267,12 @@ def _age_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult) -> None:
     n = max(pages) + 1 if pages else 0
     counts = np.array([pages.get(p, 0) for p in range(n)])
     layers = st.spilled_layers or 1
-    res.age = {"trace": trace_path, "page_tokens": cfg.age_page_tokens, "prompt": cfg.age_prompt,
+    from ..trace.report import write_report  # noqa: PLC0415
+
+    report = write_report(t, os.path.join(cfg.directory, "kv-age-report"),
+                          title="llmtier bench kv: KV decode, every layer on SSD (age profile)")
+    res.age = {"trace": trace_path, "report": report.get("html"), "findings": report.get("findings"),
+               "page_tokens": cfg.age_page_tokens, "prompt": cfg.age_prompt,
                "new_tokens": cfg.age_new_tokens, "spilled_layers": st.spilled_layers,
                "reads_per_page": (counts / layers).round(2).tolist(),
                "expected_per_page": [_expected_reads(p, cfg) for p in range(n)]}
@@ -300,6 +305,10 @@ def _ttft_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: str
             recompute = time.perf_counter() - t0
             store.observe_prefill(model, n, recompute)
             store.save(model, ids, cache)
+            # what the hit computes, from recomputed KV: the prompt less its last token, then that token alone
+            # (a one-token forward rounds differently from the same token inside a long prefill)
+            cache.crop(-1)
+            ref = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
             del cache
             fio = _fio(fio_path, os.path.getsize(fio_path))
             drop_page_cache()
@@ -308,22 +317,27 @@ def _ttft_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: str
             t0 = time.perf_counter()
             got = store.fetch(model, ids, cache, force=True)
             t1 = time.perf_counter()
-            hit_first = model(input_ids=ids[:, got:], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+            hit_logits = model(input_ids=ids[:, got:], past_key_values=cache, use_cache=True).logits[:, -1]
             hit = time.perf_counter() - t0
+            hit_first = hit_logits.argmax(-1)
             after = store.metrics()
             nbytes = after.ssd_bytes - before.ssd_bytes
             row = {"prompt": n, "recompute_s": recompute, "hit_s": hit, "load_s": t1 - t0, "loaded_tokens": got,
                    "speedup": recompute / hit, "load_bytes": nbytes, "load_bytes_per_s": nbytes / (t1 - t0),
-                   "ssd_read_s": after.ssd_s - before.ssd_s, "fio": fio, "same_first_token": bool(
-                       torch.equal(first, hit_first))}
+                   "ssd_read_s": after.ssd_s - before.ssd_s, "fio": fio,
+                   "same_logits_as_recomputed_kv": bool(torch.equal(hit_logits, ref)),
+                   "same_first_token": bool(torch.equal(ref.argmax(-1), hit_first)),
+                   "same_first_token_as_full_prefill": bool(torch.equal(first, hit_first))}
+            row["chunk_bytes_per_s"] = nbytes / row["ssd_read_s"] if row["ssd_read_s"] > 0 else None
             row["vs_fio"] = row["load_bytes_per_s"] / fio if fio else None
+            row["chunks_vs_fio"] = row["chunk_bytes_per_s"] / fio if fio and row["chunk_bytes_per_s"] else None
             res.ttft.append(row)
             if fio:
                 res.fio_read_bytes_per_s.append(fio)
             if progress:
-                print(f"  kv ttft {n} tokens: recompute {recompute:.2f} s, hit {hit:.3f} s "
-                      f"({row['speedup']:.0f}x), load {human(row['load_bytes_per_s'])}/s"
-                      + (f" = {row['vs_fio']:.2f}x fio" if fio else ""), file=sys.stderr)
+                print(f"  kv ttft {n} tokens: recompute {recompute:.2f} s, hit {hit:.3f} s ({row['speedup']:.0f}x), "
+                      f"chunks {human(row['chunk_bytes_per_s'] or 0)}/s, fetch {human(row['load_bytes_per_s'])}/s"
+                      + (f", fio {human(fio)}/s" if fio else ""), file=sys.stderr)
     # (c) a fresh process right after: every stored chunk of every prompt must hit
     job = {"store": store_dir, "model": res.config["model_dir"], "chunk": cfg.page_tokens,
            "prompts": {str(n): ids[0].tolist() for n, ids in prompts.items()}}
@@ -371,7 +385,7 @@ def run_kv_bench(cfg: KVBenchConfig, progress: bool = True) -> KVBenchResult:
         _decode_part(cfg, model, res, fio_path, progress)
     if "t" in cfg.parts:
         _age_part(cfg, model, res)
-    if "b" in cfg.parts:
+    if "b" in cfg.parts or "c" in cfg.parts:
         _ttft_part(cfg, model, res, fio_path, progress)
     return res
 
@@ -404,18 +418,61 @@ def format_result(res: KVBenchResult, cfg: KVBenchConfig) -> str:
     if res.age:
         a = res.age
         lines.append(f"(t) age profile: prompt {a['prompt']}, {a['new_tokens']} new tokens, page {a['page_tokens']}: "
-                     f"reads per page (oldest first) {a['reads_per_page']}; expected {a['expected_per_page']}")
+                     f"reads per page (oldest first) {a['reads_per_page']}; expected {a['expected_per_page']}; "
+                     f"report {a.get('report')}")
     for r in res.ttft:
         vs = f" = {r['vs_fio']:.2f}x fio" if r.get("vs_fio") else ""
+        cv = f" = {r['chunks_vs_fio']:.2f}x fio" if r.get("chunks_vs_fio") else ""
         lines.append(f"(b) prompt {r['prompt']}: recompute {r['recompute_s']:.2f} s, hit {r['hit_s']:.3f} s "
-                     f"({r['speedup']:.0f}x sooner), {r['loaded_tokens']} tokens loaded at "
-                     f"{human(r['load_bytes_per_s'])}/s{vs}; same first token: {r['same_first_token']}")
+                     f"({r['speedup']:.0f}x sooner); {r['loaded_tokens']} tokens, {human(r['load_bytes'])}: chunks "
+                     f"read and verified at {human(r['chunk_bytes_per_s'] or 0)}/s{cv}, whole fetch into the cache "
+                     f"{human(r['load_bytes_per_s'])}/s{vs}; logits equal to recomputed KV's: "
+                     f"{r['same_logits_as_recomputed_kv']}; first token as a full prefill's: "
+                     f"{r['same_first_token_as_full_prefill']}")
     if res.restart:
         r = res.restart
         lines.append(f"(c) restart: {r.get('chunks_hit')}/{r.get('chunks_expected')} stored chunks hit in a fresh "
                      f"process (index opened in {r.get('open_s', float('nan')):.3f} s)" if r.get("ok")
                      else f"(c) restart failed: {r.get('stderr')}")
     return "\n".join(lines)
+
+
+def add_cli(bench: Any) -> None:
+    k = bench.add_parser("kv", help="KV tier: offloaded decode vs in-memory, age profile, prefix-hit TTFT, restart")
+    k.add_argument("--quick", action="store_true", help="a small model, small context, one round")
+    k.add_argument("--dir", help="where the synthetic checkpoint, the spill files, the store and traces go")
+    k.add_argument("--rounds", type=int)
+    k.add_argument("--batch", type=int)
+    k.add_argument("--context", type=int, help="tokens of context for the decode study (default 4096)")
+    k.add_argument("--new-tokens", type=int, help="decode steps timed (default 16)")
+    k.add_argument("--fractions", help="DRAM budgets as shares of the KV, comma list (default 0.25,0.5)")
+    k.add_argument("--prompts", help="prompt lengths of the multi-turn study, comma list (default 512,...,8192)")
+    k.add_argument("--parts", help="which of a (decode), t (age profile), b (TTFT), c (restart; needs b)")
+    k.add_argument("--json", metavar="PATH")
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(func=cli_main)
+
+
+def cli_main(args: Any) -> int:
+    kw: dict[str, Any] = {}
+    for name in ("rounds", "batch", "context", "new_tokens"):
+        if getattr(args, name):
+            kw[name] = getattr(args, name)
+    if args.fractions:
+        kw["fractions"] = tuple(float(x) for x in args.fractions.split(","))
+    if args.prompts:
+        kw["prompts"] = tuple(int(x) for x in args.prompts.split(","))
+    if args.parts:
+        kw["parts"] = tuple(args.parts.replace(",", ""))
+    cfg = KVBenchConfig.quick(args.dir, **kw) if args.quick else \
+        KVBenchConfig(**({"directory": args.dir} if args.dir else {}), **kw)
+    res = run_kv_bench(cfg, progress=not args.no_progress)
+    print(format_result(res, cfg))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(asdict(res), f, indent=1, default=str)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

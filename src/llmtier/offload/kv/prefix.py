@@ -247,14 +247,17 @@ class PrefixStore:
         tokens = min(got * self.chunk, len(rows[0]) - 1)
         L, _, H, C, D = first.shape
         dt = getattr(torch, first.dtype)
-        per_row = []
-        for ch in chains:  # [got, L, 2, H, C, D] per row
-            per_row.append(torch.stack([torch.from_numpy(data[k]).view(dt).view(L, 2, H, C, D) for k in ch[:got]]))
-        allrows = torch.stack(per_row)  # [B, got, L, 2, H, C, D]
-        for layer in range(L):
-            kv = allrows[:, :, layer].permute(0, 2, 3, 1, 4, 5).reshape(len(rows), 2, H, got * C, D)
-            k = kv[:, 0, :, :tokens].contiguous()
-            v = kv[:, 1, :, :tokens].contiguous()
+        for layer in range(L):  # one copy from the chunks into each layer's [B, H, tokens, D]
+            k = torch.empty((len(rows), H, tokens, D), dtype=dt)
+            v = torch.empty_like(k)
+            for b, ch in enumerate(chains):
+                for j, key in enumerate(ch[:got]):
+                    lo, hi = j * C, min(tokens, (j + 1) * C)
+                    if lo >= hi:
+                        break
+                    kv = torch.from_numpy(data[key]).view(dt).view(L, 2, H, C, D)[layer]
+                    k[b, :, lo:hi] = kv[0, :, :hi - lo]
+                    v[b, :, lo:hi] = kv[1, :, :hi - lo]
             cache.update(k, v, layer)
         self._m.hits += got * len(rows)
         self._m.hit_tokens += tokens * len(rows)
@@ -291,31 +294,42 @@ class PrefixStore:
         t0 = time.perf_counter()
         total = sum(c.nbytes for c in need)
         buf = alloc(total)
-        files, reqs, pos = [], [], 0
-        try:
+        files, futs, pos = [], [], 0
+        try:  # every chunk's read is queued at once; each is checked while the later ones are still reading
             for c in need:
-                f = self.engine.open(c.path)
-                files.append(f)
-                reqs.append((f, "read", buf[pos:pos + c.nbytes], c.offset, f"kvprefix:{c.position}"))
+                view = buf[pos:pos + c.nbytes]
                 pos += c.nbytes
-            counts = self.engine.submit(reqs, exact=False).result()
+                try:
+                    f = self.engine.open(c.path)
+                except OSError:  # deleted under us: a miss, recomputed
+                    futs.append((c, view, None))
+                    continue
+                files.append(f)
+                futs.append((c, view, f.pread(view, c.offset, tag=f"kvprefix:{c.position}", exact=False)))
+            for c, view, fut in futs:
+                n = -1
+                if fut is not None:
+                    try:
+                        n = fut.result()
+                    except OSError:
+                        n = -1
+                if n != c.nbytes or crc32c(view) != c.crc:
+                    self._m.corrupt += 1
+                    self._drop(c.key)
+                    continue
+                out[c.key] = view
+                self._m.ssd_hits += 1
+                self._m.ssd_bytes += c.nbytes
+                self._remember(c.key, view)
         finally:
+            for _, _, fut in futs:  # none may still write into buf
+                if fut is not None and not fut.done():
+                    with contextlib.suppress(Exception):
+                        fut.result()
             for f in files:
                 f.close()
         dt = time.perf_counter() - t0
-        pos = 0
-        for c, n in zip(need, counts):
-            view = buf[pos:pos + c.nbytes]
-            pos += c.nbytes
-            if n != c.nbytes or crc32c(view) != c.crc:
-                self._m.corrupt += 1
-                self._drop(c.key)
-                continue
-            out[c.key] = view
-            self._m.ssd_hits += 1
-            self._m.ssd_bytes += c.nbytes
-            self._remember(c.key, view)
-        self._m.ssd_s += time.perf_counter() - t0
+        self._m.ssd_s += dt
         if total >= 1 << 20:
             gibps = total / dt / 2**30
             old = self._m.load_gibps
