@@ -139,6 +139,7 @@ class PrefixStore:
         self._index: dict[str, _Chunk] = {}
         self._dram: OrderedDict[str, np.ndarray] = OrderedDict()
         self._dram_bytes = 0
+        self._buf = alloc(0)  # the load buffer, as large as the largest load so far
         self._prefill_tps: dict[str, float] = {}
         self._ids: dict[int, str] = {}
         self._closed = False
@@ -293,7 +294,9 @@ class PrefixStore:
             return out
         t0 = time.perf_counter()
         total = sum(c.nbytes for c in need)
-        buf = alloc(total)
+        if self._buf.nbytes < total:  # kept across loads: a fresh buffer costs a page fault per 4 KiB
+            self._buf = alloc(-(-total // (16 << 20)) * (16 << 20))
+        buf = self._buf[:total]
         files, futs, pos = [], [], 0
         try:  # every chunk's read is queued at once; each is checked while the later ones are still reading
             for c in need:
@@ -500,6 +503,7 @@ class PrefixStore:
             self._write_state()
         finally:
             self._dram.clear()
+            self._buf = alloc(0)
             if self._own_engine:
                 self.engine.close()
 
