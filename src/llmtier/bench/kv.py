@@ -330,6 +330,7 @@ def _ttft_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: str
             warm = time.perf_counter() - t2
             again = store.metrics()
             del cache
+            fio_same = _fio(fio_path, max(nbytes, 1 << 20))  # fio moving the same bytes: ramp-up included alike
             row = {"prompt": n, "recompute_s": recompute, "hit_s": hit, "load_s": t1 - t0, "loaded_tokens": got,
                    "speedup": recompute / hit, "load_bytes": nbytes, "load_bytes_per_s": nbytes / (t1 - t0),
                    "ssd_read_s": after.ssd_s - before.ssd_s, "fio": fio,
@@ -344,6 +345,11 @@ def _ttft_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: str
             row["chunks_vs_fio"] = row["chunk_bytes_per_s"] / fio if fio and row["chunk_bytes_per_s"] else None
             row["chunks_warm_vs_fio"] = (row["chunk_bytes_per_s_warm"] / fio
                                          if fio and row["chunk_bytes_per_s_warm"] else None)
+            row["fio_same_size"] = fio_same
+            row["chunks_vs_fio_same_size"] = (row["chunk_bytes_per_s"] / fio_same
+                                              if fio_same and row["chunk_bytes_per_s"] else None)
+            row["chunks_warm_vs_fio_same_size"] = (row["chunk_bytes_per_s_warm"] / fio_same
+                                                   if fio_same and row["chunk_bytes_per_s_warm"] else None)
             res.ttft.append(row)
             if fio:
                 res.fio_read_bytes_per_s.append(fio)
@@ -441,7 +447,10 @@ def format_result(res: KVBenchResult, cfg: KVBenchConfig) -> str:
                      f"({r['speedup']:.0f}x sooner), warm load buffer {r['hit_warm_s']:.3f} s "
                      f"({r['speedup_warm']:.0f}x); {r['loaded_tokens']} tokens, {human(r['load_bytes'])}: chunks "
                      f"read and verified at {human(r['chunk_bytes_per_s'] or 0)}/s{cv} (warm buffer "
-                     f"{human(r['chunk_bytes_per_s_warm'] or 0)}/s{wv}), whole fetch into the cache "
+                     f"{human(r['chunk_bytes_per_s_warm'] or 0)}/s{wv}); fio moving the same bytes "
+                     f"{human(r.get('fio_same_size') or 0)}/s, the chunks "
+                     f"{r.get('chunks_vs_fio_same_size') or float('nan'):.2f}x / warm "
+                     f"{r.get('chunks_warm_vs_fio_same_size') or float('nan'):.2f}x of it; whole fetch into the cache "
                      f"{human(r['load_bytes_per_s'])}/s{vs}; logits equal to recomputed KV's: "
                      f"{r['same_logits_as_recomputed_kv']}; first token as a full prefill's: "
                      f"{r['same_first_token_as_full_prefill']}")
