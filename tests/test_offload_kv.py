@@ -220,3 +220,20 @@ def test_killed_process_leaves_no_spill_file_behind_after_next_open(models, tmp_
         p.wait()
     removed = remove_stale(str(tmp_path))
     assert len(removed) == 1 and not any(n.startswith(".llmtier-kv") for n in os.listdir(tmp_path))
+
+
+def test_reset_starts_over_with_another_batch(models, tmp_path):
+    model = load(models["llama"])
+    memory = max(least(model, 2, 410), least(model, 3, 210))
+    with TieredCache(model.config, memory=memory, path=tmp_path, page_tokens=PAGE) as cache:
+        generate(model, prompt(2, 400), cache, new=4)
+        written = cache.stats().bytes_written
+        assert written > 0 and cache.stats().spilled_layers > 0
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        assert [p for p in os.listdir(tmp_path) if p.startswith(".llmtier-kv")] == []
+        ids = prompt(3, 200, seed=4)
+        want = generate(model, ids, DynamicCache(config=model.config), new=4)
+        got = generate(model, ids, cache, new=4)
+        assert torch.equal(got.sequences, want.sequences)
+        assert cache.stats().bytes_written > written  # counters run on across the reset

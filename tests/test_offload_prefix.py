@@ -243,3 +243,20 @@ def test_writer_killed_mid_save_leaves_only_good_chunks(model, tmp_path):
             ids = torch.randint(1, 512, (1, 160), generator=torch.Generator().manual_seed(seed))
             store.fetch(model, ids, DynamicCache(config=model.config), force=True)
         assert store.metrics().corrupt == 0
+
+
+def test_another_chunk_size_is_refused_not_dropped(model, tmp_path):
+    ids = ids_of(40, seed=13)
+    with PrefixStore(tmp_path, chunk_tokens=C) as store:
+        prefill_and_save(model, store, ids)
+    with pytest.raises(KVConfigError, match="chunks of 16 tokens"):
+        PrefixStore(tmp_path, chunk_tokens=32)
+    with PrefixStore(tmp_path, chunk_tokens=C) as store:
+        assert store.metrics().chunks == 2
+        with pytest.raises(KVConfigError, match="empty cache"):
+            c = DynamicCache(config=model.config)
+            store.fetch(model, ids, c)
+            store.fetch(model, ids, c)
+    (tmp_path / "store.json").write_text("{not json")
+    with pytest.raises(KVConfigError, match="unreadable"):
+        PrefixStore(tmp_path, chunk_tokens=C)

@@ -158,6 +158,7 @@ class Tier:
         self._inflight: dict[int, tuple[int, int, Future_, np.ndarray]] = {}  # layer -> (pages, staging, fut, buf)
         self._free_staging: list[int] = []
         self._closed = False
+        self._written_before = 0  # bytes written to spill files closed by a reset
 
     # -- geometry and budget ----------------------------------------------------------------------------------------
     def _init(self, k: Any) -> None:
@@ -489,15 +490,23 @@ class Tier:
             for off in lay.pages:
                 self.spill.give(off)
         self.layers[i] = _Layer()
+        if not any(lay.length or lay.pages for lay in self.layers) and not self._inflight:
+            # empty again (``Cache.reset`` resets every layer): the next sequence may have another
+            # batch size or dtype, so the geometry, the spill file and the buffers start over
+            if self.spill is not None:
+                self.spill.close()
+                self._written_before += self.spill.bytes_written
+                self.spill = None
+            self.geo, self._staging, self._free_staging, self._work = None, [], [], None
         self._account()
 
     def sync_stats(self) -> KVStats:
         if self.spill is not None:
             self.spill.reap()
-            self.stats.bytes_written = self.spill.bytes_written
             self.stats.write_wait_s += self.spill.write_s
             self.spill.write_s = 0.0
         self._account()
+        self.stats.bytes_written = self._written_before + (self.spill.bytes_written if self.spill else 0)
         return self.stats
 
     def close(self) -> None:
@@ -509,7 +518,8 @@ class Tier:
                 self._discard(j)
             if self.spill is not None:
                 self.spill.close()
-                self.stats.bytes_written = self.spill.bytes_written
+                self._written_before += self.spill.bytes_written
+                self.stats.bytes_written = self._written_before
         finally:
             self.spill = None
             self._staging, self._work = [], None

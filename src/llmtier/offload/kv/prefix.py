@@ -147,6 +147,7 @@ class PrefixStore:
 
     # -- start-up: the chunk files are the index --------------------------------------------------------------------
     def _open(self) -> None:
+        self._check_layout()
         state = self._read_state()
         self._prefill_tps = {k: float(v) for k, v in state.get("prefill_tps", {}).items()}
         bw = state.get("load_gibps")
@@ -176,6 +177,30 @@ class PrefixStore:
                 self._m.dropped_at_open += self._drop(c.key)
         self._refresh()
 
+    def _check_layout(self) -> None:
+        """The store's chunk size is fixed at creation (``store.json``); another one would drop every chunk."""
+        p = os.path.join(self.path, "store.json")
+        try:
+            with open(p, encoding="utf-8") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            meta = None
+        except (OSError, ValueError) as exc:
+            raise KVConfigError(f"{p} is unreadable ({exc}); move it aside to start a new store") from exc
+        if meta is None:
+            tmp = p + f".tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"format": "llmtier-kv-prefix", "version": FORMAT, "chunk_tokens": self.chunk}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+            return
+        if not isinstance(meta, dict) or meta.get("format") != "llmtier-kv-prefix" or meta.get("version") != FORMAT:
+            raise KVConfigError(f"{self.path} is not an llmtier prefix store of version {FORMAT} ({p})")
+        if meta.get("chunk_tokens") != self.chunk:
+            raise KVConfigError(f"the prefix store {self.path} holds chunks of {meta.get('chunk_tokens')} tokens; "
+                                f"open it with chunk_tokens={meta.get('chunk_tokens')}, not {self.chunk}")
+
     def _check_file(self, path: str, key: str) -> _Chunk:
         infos, meta = read_index(path)
         size = os.stat(path).st_size
@@ -187,6 +212,8 @@ class PrefixStore:
         if pos == 0 and parent != meta["model"]:
             raise FormatError("first chunk not chained on its model", path=path, field="parent")
         t = infos[0]
+        if len(t.shape) != 5 or t.shape[1] != 2 or t.shape[3] != self.chunk:
+            raise FormatError(f"chunk shape {t.shape} is not [L, 2, H, {self.chunk}, D]", path=path, field="kv")
         if t.offset + t.nbytes > size or t.crc32c is None:
             raise FormatError("payload outside the file (truncated)", path=path, field="kv")
         return _Chunk(key, parent, pos, path, t.offset, t.nbytes, t.crc32c, t.shape, t.dtype.name, size, 0.0)
@@ -220,6 +247,8 @@ class PrefixStore:
         import torch  # noqa: PLC0415
 
         self._check_open()
+        if cache.get_seq_length():
+            raise KVConfigError(f"fetch fills an empty cache; this one holds {cache.get_seq_length()} tokens")
         rows = [list(map(int, r)) for r in input_ids.tolist()]
         mid = self.identity(model)
         self._m.lookups += 1
