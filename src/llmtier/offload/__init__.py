@@ -1,5 +1,6 @@
-"""Runtimes built on the engine and the store: weight streaming (``weights``);
-the KV-cache tier and optimizer offload come next."""
+"""Runtimes built on the engine and the store: weight streaming (``weights``)
+and the KV-cache tier (``kv``: ``TieredCache``, ``PrefixStore``; import
+``llmtier.offload.kv``); optimizer offload comes next."""
 from __future__ import annotations
 
 from .weights import BudgetError, Plan, WeightStreamer, stream_model

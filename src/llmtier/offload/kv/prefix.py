@@ -454,30 +454,35 @@ class PrefixStore:
                 break
             if c.key not in self._index:
                 continue
-            before = sum(x.size for x in self._index.values())
+            gone = [self._index[k].size for k in self._subtree(c.key)]
             self._m.evictions += self._drop(c.key)
-            total -= before - sum(x.size for x in self._index.values())
+            total -= sum(gone)
         self._refresh()
 
-    def _drop(self, key: str) -> int:
-        """Delete a chunk and every chunk chained on it; returns how many went."""
-        gone, todo = 0, [key]
+    def _subtree(self, key: str) -> list[str]:
+        """``key`` and every stored chunk chained on it."""
         children: dict[str, list[str]] = {}
         for c in self._index.values():
             children.setdefault(c.parent, []).append(c.key)
+        out, todo = [], [key]
         while todo:
             k = todo.pop()
-            c = self._index.pop(k, None)
-            if c is None:
-                continue
-            gone += 1
+            if k in self._index:
+                out.append(k)
+                todo += children.get(k, [])
+        return out
+
+    def _drop(self, key: str) -> int:
+        """Delete a chunk and every chunk chained on it; returns how many went."""
+        keys = self._subtree(key)
+        for k in keys:
+            c = self._index.pop(k)
             old = self._dram.pop(k, None)
             if old is not None:
                 self._dram_bytes -= old.nbytes
             with contextlib.suppress(OSError):
                 os.unlink(c.path)
-            todo += children.get(k, [])
-        return gone
+        return len(keys)
 
     def pin(self, model: Any, ids: Any, pinned: bool = True) -> int:
         """Keep the stored chunks of ``ids`` (one sequence) from eviction; returns how many were marked."""
