@@ -67,7 +67,7 @@ def _kv_record(cache: Any, store: Any, loaded: int, fetch_s: float, prefill_s: f
     if store is not None:
         m = store.metrics()
         out["prefix"] = {"loaded_tokens": loaded, "fetch_s": fetch_s, "ttft_s": fetch_s + prefill_s,
-                         **{k: v for k, v in m.as_dict().items()}}
+                         **m.as_dict()}
     return out
 
 
