@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -374,11 +375,7 @@ def _restart_child(job: dict[str, Any]) -> dict[str, Any]:
 
     config = AutoConfig.from_pretrained(job["model"])
 
-    class _Model:  # identity only: the store needs the config and the dtype
-        pass
-
-    m = _Model()
-    m.config, m.dtype = config, torch.bfloat16  # type: ignore[attr-defined]
+    m = types.SimpleNamespace(config=config, dtype=torch.bfloat16)  # identity only: config and dtype
     t0 = time.perf_counter()
     with PrefixStore(job["store"], chunk_tokens=job["chunk"]) as store:
         opened = time.perf_counter() - t0

@@ -127,16 +127,22 @@ def remove_stale(directory: str) -> list[str]:
     gone = []
     for name in os.listdir(directory):
         m = _STALE.match(name)
-        if m is None or int(m.group(1)) == os.getpid():
+        if m is None or _running(int(m.group(1))):
             continue
-        try:
-            os.kill(int(m.group(1)), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # running, as another user
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(directory, name))
             gone.append(name)
     return gone
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (this one included)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # running, as another user
+    return True
