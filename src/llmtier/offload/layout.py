@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine
@@ -81,6 +81,20 @@ def make_group(name: str, layer: int | None, items: Sequence[tuple[hf.Binding, T
     return Group(name, layer, placed, runs, nbytes, sum(t.nbytes for _, t in order))
 
 
+DEVICE_ALIGN = 256  # where each tensor starts in a GPU buffer: what the allocator gives a parameter of its own
+
+
+def device_items(g: Group) -> tuple[list[tuple[hf.Binding, TensorInfo, int, int]], int]:
+    """Group ``g`` laid out in device memory: ``(binding, tensor, host pos, device pos)``
+    per tensor, each at a :data:`DEVICE_ALIGN` boundary (the kernels see the
+    alignment they would see in a model loaded onto the GPU), and the size."""
+    out, pos = [], 0
+    for b, t, hpos in g.items:
+        out.append((b, t, hpos, pos))
+        pos += -(-t.nbytes // DEVICE_ALIGN) * DEVICE_ALIGN
+    return out, pos
+
+
 # -- the plan ------------------------------------------------------------------------------------------------------
 @dataclass
 class Plan:
@@ -95,6 +109,13 @@ class Plan:
     slot_bytes: int
     reason: str
     on_demand_bytes: int = 0  # the input embedding table, read row by row as tokens need it (0: resident)
+    # On a GPU (``device="cuda"``) the budget is GPU memory and two more tiers sit in host memory:
+    device: str = "cpu"
+    cached: list[int] = field(default_factory=list)  # streamed layers held in pinned host memory
+    host_budget: int = 0
+    host_layer_bytes: list[int] = field(default_factory=list)  # a layer's host buffer (its aligned reads)
+    host_slots: int = 0  # pinned slots the disk reads of the other streamed layers land in
+    host_slot_bytes: int = 0
 
     @property
     def resident_bytes(self) -> int:
@@ -110,6 +131,22 @@ class Plan:
         return sum(self.layer_bytes[i] for i in self.streamed)
 
     @property
+    def from_disk(self) -> list[int]:
+        """Streamed layers read from the disk on every pass (on a GPU: those not cached in host memory)."""
+        cached = set(self.cached)
+        return [i for i in self.streamed if i not in cached]
+
+    @property
+    def disk_bytes_per_pass(self) -> int:
+        sizes = self.host_layer_bytes or self.layer_bytes
+        return sum(sizes[i] for i in self.from_disk)
+
+    @property
+    def host_memory_bytes(self) -> int:
+        """Pinned host memory of a GPU plan: cached layers and the disk's slots."""
+        return sum(self.host_layer_bytes[i] for i in self.cached) + self.host_slots * self.host_slot_bytes
+
+    @property
     def resident_share(self) -> float:
         total = self.outside_bytes + sum(self.layer_bytes) + self.on_demand_bytes
         return self.resident_bytes / total if total else 1.0
@@ -123,8 +160,13 @@ class Plan:
             lines.append(f"the input embedding table ({human(self.on_demand_bytes)}) is not held: each forward reads "
                          "the rows of its tokens")
         if self.streamed:
-            lines.append(f"{self.slots} slot buffers of {human(self.slot_bytes)} (prefetch depth {self.slots - 1}); "
-                         f"weights take {human(self.memory_bytes)}")
+            where = "GPU " if self.device != "cpu" else ""
+            lines.append(f"{self.slots} {where}slot buffers of {human(self.slot_bytes)} (prefetch depth {self.slots - 1}); "
+                         f"weights take {human(self.memory_bytes)}{' of GPU memory' if where else ''}")
+        if self.device != "cpu" and self.streamed:
+            lines.append(f"host tier: {len(self.cached)} of {len(self.streamed)} streamed layers cached in pinned host "
+                         f"memory, {len(self.from_disk)} read from the disk through {self.host_slots} pinned slots of "
+                         f"{human(self.host_slot_bytes)}; {human(self.host_memory_bytes)} of host memory")
         lines.append(self.reason)
         return "\n".join(lines)
 
@@ -177,6 +219,41 @@ def make_plan(budget: int, outside: int, layers: list[int], slot_bytes: int, pre
     return Plan(budget, outside, layers, resident, streamed, slots, slot_bytes, reason)
 
 
+def plan_host_tier(plan: Plan, host_layers: list[int], host_budget: int | None, prefetch: int | None = None,
+                   inflight_bytes: int = INFLIGHT_BYTES) -> Plan:
+    """Fill in the host tiers of a GPU ``plan``: which streamed layers stay in
+    pinned host memory (``host_budget`` bytes; ``None``: none, every streamed
+    layer comes from the disk) and the pinned slots the disk reads land in.
+    Cached layers are spread over the streamed ones, as resident layers are
+    over the depth, so that their copies alternate with disk reads."""
+    plan.host_layer_bytes = list(host_layers)
+    plan.host_budget = host_budget or 0
+    streamed = plan.streamed
+    if not streamed:
+        return plan
+    slot = max(host_layers[i] for i in streamed)
+    total = sum(host_layers[i] for i in streamed)
+    if host_budget is not None and total <= host_budget:
+        plan.cached = list(streamed)
+        plan.reason += "; every streamed layer fits the host budget: they are copied from pinned host memory"
+        return plan
+    want = prefetch + 1 if prefetch is not None else 1 + max(1, -(-inflight_bytes // max(1, slot)))
+    slots = max(2, min(MAX_SLOTS, want, len(streamed) + 1))
+    if host_budget is not None:
+        if host_budget < 2 * slot:
+            raise BudgetError(f"a host memory budget of {human(host_budget)} is below the least that streams from the "
+                              f"disk to the GPU: 2 pinned slots of {human(slot)} = {human(2 * slot)}")
+        slots = min(slots, host_budget // slot)
+        room = host_budget - slots * slot
+        for count in range(len(streamed) - 1, 0, -1):
+            pick = [streamed[k] for k in spread(count, len(streamed))]
+            if sum(host_layers[i] for i in pick) <= room:
+                plan.cached = pick
+                break
+    plan.host_slots, plan.host_slot_bytes = slots, slot
+    return plan
+
+
 def _ranges(xs: list[int]) -> str:
     out: list[str] = []
     for x in xs:
@@ -214,6 +291,27 @@ class Layout:
         plan = make_plan(budget, self.outside.nbytes, sizes, max(sizes, default=0), prefetch)
         plan.on_demand_bytes = self.embedding_bytes
         return plan
+
+    def device_plan(self, memory: int | str, host_memory: int | str | None = None,
+                    prefetch: int | None = None) -> Plan:
+        """The plan on a GPU: ``memory`` bytes of GPU memory hold the layers
+        outside, resident layers spread over the depth and the GPU slots the
+        streamed layers are copied into (three: one computing, one being
+        copied, one queued); ``host_memory`` bytes of pinned host memory cache
+        streamed layers and hold the disk's slots (see :func:`plan_host_tier`)."""
+        budget = parse_size(memory)
+        sizes = [device_items(g)[1] for g in self.groups]
+        outside = device_items(self.outside)[1]
+        emb = -(-self.embedding_bytes // DEVICE_ALIGN) * DEVICE_ALIGN
+        slot = max(sizes, default=0)
+        if budget >= outside + emb + sum(sizes) or not self.embedding:
+            plan = make_plan(budget, outside + emb, sizes, slot, prefetch, inflight_bytes=2 * slot)
+        else:
+            plan = make_plan(budget, outside, sizes, slot, prefetch, inflight_bytes=2 * slot)
+            plan.on_demand_bytes = self.embedding_bytes
+        plan.device = "cuda"
+        host = parse_size(host_memory) if host_memory is not None else None
+        return plan_host_tier(plan, [g.nbytes for g in self.groups], host, prefetch)
 
     @property
     def least_memory(self) -> int:
@@ -281,5 +379,5 @@ def _row_readable_embedding(model: Any, outside: list) -> tuple[hf.Binding, Tens
     return None
 
 
-__all__ = ["INFLIGHT_BYTES", "MAX_SLOTS", "RUN_OVERHEAD", "BudgetError", "Group", "Layout", "Plan", "Run",
-           "make_group", "make_plan", "open_layout", "spread"]
+__all__ = ["INFLIGHT_BYTES", "MAX_SLOTS", "RUN_OVERHEAD", "BudgetError", "DEVICE_ALIGN", "Group", "Layout", "Plan", "Run",
+           "device_items", "make_group", "make_plan", "open_layout", "plan_host_tier", "spread"]

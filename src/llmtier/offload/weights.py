@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..engine import Engine, alloc
+from ..engine.cuda import require_cuda
 from ..errors import ChecksumError, FormatError, LLMTierError
 from ..store import dtypes
 from ..store.format import TensorInfo, crc32c
@@ -101,14 +102,10 @@ class WeightStreamer:
             if embedding is not None and not plan.on_demand_bytes:  # it fits: held like the rest
                 outside = make_group(outside.name, None, [*((b, t) for b, t, _ in outside.items), embedding])
             for g in [outside, *(groups[i] for i in plan.resident)]:
-                buf = alloc(g.nbytes)
-                self._wait(g, self._submit(g, buf), buf, check=verify != "never")
-                self._bind(g, buf)
-                self._resident[g.name] = buf
+                self._hold(g)
                 self.stats_.resident_bytes_read += sum(r.length for r in g.runs)
             self.stats_.load_s = time.perf_counter() - t0
-            self._slots = [alloc(plan.slot_bytes) for _ in range(plan.slots if self._cycle else 0)]
-            self._free = list(range(len(self._slots)))
+            self._make_slots()
             self._hooks.append(model.register_forward_pre_hook(self._check_open))
             if self._embedding is not None:
                 if verify != "never":
@@ -126,6 +123,24 @@ class WeightStreamer:
         except BaseException:
             self.close()
             raise
+
+    # -- what each tier holds (the GPU streamer overrides these) ----------------------------------------------------
+    device: Any = "cpu"
+
+    def _hold(self, g: Group) -> None:
+        """Read group ``g`` once and keep it bound (the resident set)."""
+        buf = alloc(g.nbytes)
+        self._wait(g, self._submit(g, buf), buf, check=self.verify != "never")
+        self._bind(g, buf)
+        self._resident[g.name] = buf
+
+    def _make_slots(self) -> None:
+        self._slots = [alloc(self.plan.slot_bytes) for _ in range(self.plan.slots if self._cycle else 0)]
+        self._free = list(range(len(self._slots)))
+
+    def _on_device(self, table: Any) -> Any:
+        """A tensor built on the host, where the layers compute (the CPU here)."""
+        return table
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def _submit(self, g: Group, buf: np.ndarray) -> list:
@@ -152,17 +167,19 @@ class WeightStreamer:
                     raise ChecksumError(f"tensor {t.name!r}: CRC-32C mismatch (the data on disk is damaged)",
                                         path=t.file, field=t.name)
 
-    def _tensor(self, b: hf.Binding, t: TensorInfo, buf: np.ndarray, pos: int) -> Any:
+    def _tensor(self, b: hf.Binding, t: TensorInfo, buf: Any, pos: int) -> Any:
         torch = self._torch
         raw = buf[pos:pos + t.nbytes]
         dt = dtypes.torch_dtype(t.dtype)
+        if isinstance(raw, torch.Tensor):  # device memory, laid out with every tensor aligned
+            return raw.view(dt).reshape(b.shape)
         if pos % max(1, t.dtype.itemsize):  # unaligned element (odd safetensors layouts): copy
             return torch.from_numpy(raw.copy()).view(dt).reshape(b.shape)
         return torch.from_numpy(raw).view(dt).reshape(b.shape)
 
-    def _bind(self, g: Group, buf: np.ndarray) -> None:
+    def _bind(self, g: Group, buf: Any, items: list | None = None) -> None:
         torch = self._torch
-        for b, t, pos in g.items:
+        for b, t, pos in g.items if items is None else items:
             x = self._tensor(b, t, buf, pos)
             for module, attr, is_param in b.places:
                 key = (id(module), attr)
@@ -233,6 +250,7 @@ class WeightStreamer:
                                                  tags=[f"{self.tag}:embedding"] * n).result()
         self.stats_.embedding_bytes_read += n * rb
         table = torch.from_numpy(self._rows[:n * rb]).view(dtypes.torch_dtype(t.dtype)).reshape(n, *b.shape[1:])
+        table = self._on_device(table)
         self._placeholders.setdefault((id(module), "weight"), module._parameters["weight"])
         module._parameters["weight"] = torch.nn.Parameter(table, requires_grad=table.is_floating_point())
         # padding_idx only shapes gradients (refused here), but F.embedding checks it against the table's rows
@@ -337,6 +355,29 @@ class WeightStreamer:
                 m._buffers[attr] = meta
 
 
+def bind_streamer(layout: Layout, plan: Plan, device: str = "cpu", *, verify: str = "first") -> WeightStreamer:
+    """The streamer of ``layout`` under ``plan``: a :class:`WeightStreamer` on
+    the CPU, a :class:`~llmtier.offload.device.DeviceStreamer` elsewhere (its
+    tiered schedule also runs on ``"cpu"`` when ``plan.device`` is set, which
+    is how it is tested without a GPU)."""
+    kw = {"layers_prefix": layout.layers_prefix, "verify": verify, "embedding": layout.embedding}
+    args = (layout.source, layout.model, layout.groups, layout.outside, plan)
+    if plan.device == "cpu":
+        return WeightStreamer(*args, **kw)
+    from .device import DeviceStreamer  # noqa: PLC0415 - imports the GPU module only for a GPU plan
+
+    _buffers_to(layout.model, device)
+    return DeviceStreamer(*args, device=device, **kw)
+
+
+def _buffers_to(model: Any, device: str) -> None:
+    """Move the buffers the skeleton computed (rotary tables ...) to ``device``."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device.type != "meta":
+                module._buffers[name] = buf.to(device)
+
+
 # -- the model as a context manager --------------------------------------------------------------------------------
 class _Streamed:
     """Mixed into the model's class: ``with stream_model(...) as model:``."""
@@ -353,15 +394,22 @@ class _Streamed:
         """Release the buffers and files of the streamed weights."""
         self.llmtier.close()
 
+    @property
+    def device(self) -> Any:
+        """Where the layers compute (the parameters themselves wait on the meta device)."""
+        import torch  # noqa: PLC0415
+
+        return torch.device(self.llmtier.device)
+
 
 @functools.cache
 def _streamed_class(cls: type) -> type:
     return type(cls.__name__, (_Streamed, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
-def stream_model(path: str | os.PathLike[str], memory: int | str, device: str = "cpu", *, dtype: Any = None,
-                 prefetch: int | None = None, engine: Engine | None = None, verify: str = "first",
-                 io_nice: int | None = -10) -> Any:
+def stream_model(path: str | os.PathLike[str], memory: int | str, device: Any = "cpu", *, dtype: Any = None,
+                 host_memory: int | str | None = None, prefetch: int | None = None, engine: Engine | None = None,
+                 verify: str = "first", io_nice: int | None = -10) -> Any:
     """A transformers causal LM whose weights stream from ``path`` within ``memory`` bytes.
 
     ``path``: a Hugging Face model directory (config.json + safetensors, read
@@ -372,26 +420,36 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: str = 
     (stores only) the ``"first"`` time each tensor is read (default),
     ``"always"`` or ``"never"``.  ``io_nice``: the nice value of the I/O
     threads (default -10, where permitted: torch's compute threads spin and
-    would otherwise starve the reads; None leaves them).  The model is in eval mode and ready for
+    would otherwise starve the reads; None leaves them).
+
+    ``device="cuda"``: ``memory`` is GPU memory (layers outside, resident
+    layers, three GPU slots) and ``host_memory`` is pinned host memory that
+    caches streamed layers and holds the disk's slots (``None``: no cache,
+    every streamed layer is read from the disk); see
+    :mod:`llmtier.offload.device`.  The model is in eval mode and ready for
     ``generate()``; use it as a context manager (or call ``close()``) to
     release its buffers and files.  ``model.llmtier`` is the
     :class:`WeightStreamer`, with ``.plan`` and ``.stats()``.
     """
-    if device != "cpu":
-        raise LLMTierError(f"device {device!r}: this version streams weights for the CPU only "
-                           "(the CUDA path is not written and verified yet)")
+    dev = str(device)
+    if dev.split(":")[0] not in ("cpu", "cuda"):
+        raise LLMTierError(f"device {device!r}: weights stream to the CPU or to a CUDA GPU ('cuda', 'cuda:1')")
+    if dev == "cpu" and host_memory is not None:
+        raise LLMTierError("host_memory is the pinned host tier of a GPU model (device='cuda'); on the CPU, "
+                           "memory= is the whole budget")
+    if dev != "cpu":
+        require_cuda(f"stream_model(device={dev!r})")
     if verify not in ("first", "always", "never"):
         raise ValueError(f"verify must be 'first', 'always' or 'never', got {verify!r}")
     layout = open_layout(path, dtype=dtype, engine=engine)
     try:
-        plan = layout.plan(memory, prefetch)
+        plan = layout.plan(memory, prefetch) if dev == "cpu" else layout.device_plan(memory, host_memory, prefetch)
         if engine is None and plan.streamed and io_nice is not None:
             why = layout.source.engine.prioritize(io_nice)
             if why:
                 plan.reason += (f"\nnote: {why}; torch's spinning compute threads may then slow the reads: "
                                 "OMP_WAIT_POLICY=PASSIVE in the environment helps")
-        streamer = WeightStreamer(layout.source, layout.model, layout.groups, layout.outside, plan,
-                                  layers_prefix=layout.layers_prefix, verify=verify, embedding=layout.embedding)
+        streamer = bind_streamer(layout, plan, dev, verify=verify)
     except BaseException:
         layout.source.close()
         raise
@@ -402,4 +460,4 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: str = 
 
 
 __all__ = ["INFLIGHT_BYTES", "MAX_SLOTS", "RUN_OVERHEAD", "BudgetError", "Group", "Layout", "Plan", "StreamStats",
-           "WeightStreamer", "make_group", "make_plan", "open_layout", "spread", "stream_model"]
+           "WeightStreamer", "bind_streamer", "make_group", "make_plan", "open_layout", "spread", "stream_model"]
