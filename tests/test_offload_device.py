@@ -144,3 +144,27 @@ def test_cuda_logits_bitwise_equal_to_the_model_in_gpu_memory(model_dir, residen
         got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
     assert torch.equal(got_logits, want_logits)
     assert torch.equal(got, want)
+
+
+@cuda
+@pytest.mark.parametrize("share", [1.0, 0.3, 0.0])
+def test_cuda_kv_tier_matches_dynamic_cache(model_dir, tmp_path, share):
+    from llmtier.offload.kv import TieredCache, min_memory  # noqa: PLC0415
+
+    ref = reference(model_dir, "cuda")
+    ids = prompt(3, 40).cuda()
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        want = ref.generate(ids, past_key_values=transformers.DynamicCache(config=ref.config), **kw)
+    c = ref.config
+    least = min_memory(c.num_hidden_layers, 3, c.num_key_value_heads, c.head_dim, 2, 64, page_tokens=16)
+    full = 2 * c.num_key_value_heads * c.head_dim * 2 * 3 * 64 * c.num_hidden_layers
+    memory = max(least, int(full * share)) if share < 1 else 4 * full
+    with TieredCache(ref.config, memory=memory, path=tmp_path, page_tokens=16) as cache, torch.no_grad():
+        got = ref.generate(ids, past_key_values=cache, **kw)
+        s = cache.stats()
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+    assert (s.spilled_layers > 0) == (share < 1)
+    assert s.device_bytes > 0

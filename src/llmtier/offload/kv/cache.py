@@ -20,6 +20,12 @@ a layer's pages are read only after its writes finished, so nothing is read
 that is not on disk.  Budget, in bytes of DRAM: resident layers' capacity +
 one tail page group per spilled layer + ``prefetch`` staging buffers + the
 working buffer (K and V) + at most ``MAX_WRITES`` page groups being written.
+
+For a CUDA model the pool is the same, in pinned host memory: each layer's
+new tokens are copied to the host, and attention gets a GPU copy of the
+layer's past (the resident K/V, or the working buffer assembled from the
+pages read from SSD) with the new tokens.  Those copies run on the compute
+stream: they are not yet overlapped with the previous layer's compute.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ...engine import Engine, alloc, open_engine
+from ...engine.cuda import require_cuda
 from ...errors import LLMTierError
 from ...units import human, parse_size
 from ..layout import BudgetError
@@ -63,6 +70,7 @@ class KVStats:
     peak_dram_bytes: int = 0
     ssd_bytes: int = 0
     reads_by_page: dict[int, int] = field(default_factory=dict)  # page index -> reads (all layers)
+    device_bytes: int = 0  # a CUDA model: host -> GPU bytes of the past handed to attention
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +157,7 @@ class Tier:
         if self._own_engine and io_nice is not None:
             self.engine.prioritize(io_nice)
         self.geo: Geometry | None = None
+        self.device: Any = None  # of the model's K/V, set by the first update
         self.layers = [_Layer() for _ in range(n_layers)]
         self.order = spill_order(n_layers)
         self.spill: SpillFile | None = None
@@ -163,10 +172,32 @@ class Tier:
     # -- geometry and budget ----------------------------------------------------------------------------------------
     def _init(self, k: Any) -> None:
         b, h, _, d = k.shape
-        if k.device.type != "cpu":
-            raise KVConfigError(f"TieredCache runs its KV on the CPU; got tensors on {k.device} "
-                                "(the CUDA path is not built yet)")
+        if k.device.type not in ("cpu", "cuda"):
+            raise KVConfigError(f"TieredCache keeps KV for CPU and CUDA models; got tensors on {k.device}")
+        self.device = k.device
+        if k.device.type == "cuda":
+            require_cuda("a TieredCache of a CUDA model")
         self.geo = Geometry(b, h, d, self.page, k.dtype, k.element_size())
+
+    # -- a CUDA model: the pool stays in (pinned) host memory ------------------------------------------------------
+    def _host(self, k: Any, v: Any) -> tuple[Any, Any]:
+        """The new tokens, copied to pinned host memory.  The wait at the end also
+        means every copy queued earlier out of the pool has happened, so the pool
+        may be written again."""
+        torch = self.torch
+        kh = torch.empty(k.shape, dtype=k.dtype, pin_memory=True)
+        vh = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+        kh.copy_(k, non_blocking=True)
+        vh.copy_(v, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return kh, vh
+
+    def _to_device(self, t: Any) -> Any:
+        """A contiguous pinned host tensor, copied to the model's GPU (asynchronously)."""
+        d = self.torch.empty(t.shape, dtype=t.dtype, device=self.device)
+        d.copy_(t, non_blocking=True)
+        self.stats.device_bytes += t.numel() * t.element_size()
+        return d
 
     def _capacity(self, tokens: int) -> int:
         return -(-tokens // self.page) * self.page
@@ -251,21 +282,34 @@ class Tier:
         if k.shape[0] != g.batch or k.shape[1] != g.heads or k.shape[3] != g.head_dim or k.dtype != g.dtype:
             raise KVConfigError(f"layer {i}: K/V of shape {tuple(k.shape)} {k.dtype} do not match the cache's "
                                 f"[{g.batch}, {g.heads}, *, {g.head_dim}] {g.dtype}")
+        if k.device != self.device:
+            raise KVConfigError(f"layer {i}: K/V on {k.device}, the cache holds KV of a model on {self.device}")
         lay = self.layers[i]
         q = k.shape[2]
         if i == 0:  # a forward pass starts: make room for its tokens
             self.stats.forwards += 1
             self.plan(lay.length + q)
+        if self.device.type == "cpu":
+            if lay.resident:
+                return self._update_resident(lay, k, v)
+            return self._update_spilled(i, lay, k, v)
+        # A CUDA model: the same pool on the host; attention gets a GPU copy of the layer's past + new tokens.
+        kh, vh = self._host(k, v)
         if lay.resident:
-            return self._update_resident(lay, k, v)
-        return self._update_spilled(i, lay, k, v)
+            self._update_resident(lay, kh, vh)
+            n = lay.length
+            return self._to_device(lay.keys)[:, :, :n], self._to_device(lay.values)[:, :, :n]
+        wk, wv = self._update_spilled(i, lay, kh, vh)
+        return self._to_device(wk), self._to_device(wv)
 
     def _update_resident(self, lay: _Layer, k: Any, v: Any) -> tuple[Any, Any]:
         n, q = lay.length, k.shape[2]
         cap = self._capacity(n + q)
         if lay.keys is None or lay.keys.shape[2] < cap:
             shape = (k.shape[0], k.shape[1], cap, k.shape[3])
-            nk, nv = self.torch.empty(shape, dtype=k.dtype), self.torch.empty(shape, dtype=k.dtype)
+            pin = self.device.type == "cuda"
+            nk = self.torch.empty(shape, dtype=k.dtype, pin_memory=pin)
+            nv = self.torch.empty(shape, dtype=k.dtype, pin_memory=pin)
             if n:
                 nk[:, :, :n].copy_(lay.keys[:, :, :n])
                 nv[:, :, :n].copy_(lay.values[:, :, :n])
@@ -422,7 +466,9 @@ class Tier:
         numel = g.batch * g.heads * tokens * g.head_dim
         if self._work is None or self._work[0].numel() < numel:
             cap = g.batch * g.heads * self._capacity(tokens) * g.head_dim
-            self._work = (self.torch.empty(cap, dtype=g.dtype), self.torch.empty(cap, dtype=g.dtype))
+            pin = self.device.type == "cuda"
+            self._work = (self.torch.empty(cap, dtype=g.dtype, pin_memory=pin),
+                          self.torch.empty(cap, dtype=g.dtype, pin_memory=pin))
             self._account()
         shape = (g.batch, g.heads, tokens, g.head_dim)
         return self._work[0][:numel].view(shape), self._work[1][:numel].view(shape)
@@ -497,7 +543,7 @@ class Tier:
                 self.spill.close()
                 self._written_before += self.spill.bytes_written
                 self.spill = None
-            self.geo, self._staging, self._free_staging, self._work = None, [], [], None
+            self.geo, self.device, self._staging, self._free_staging, self._work = None, None, [], [], None
         self._account()
 
     def sync_stats(self) -> KVStats:

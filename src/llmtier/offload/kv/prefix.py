@@ -277,6 +277,7 @@ class PrefixStore:
         tokens = min(got * self.chunk, len(rows[0]) - 1)
         L, _, H, C, D = first.shape
         dt = getattr(torch, first.dtype)
+        device = _model_device(model)
         for layer in range(L):  # one copy from the chunks into each layer's [B, H, tokens, D]
             k = torch.empty((len(rows), H, tokens, D), dtype=dt)
             v = torch.empty_like(k)
@@ -288,6 +289,8 @@ class PrefixStore:
                     kv = torch.from_numpy(data[key]).view(dt).view(L, 2, H, C, D)[layer]
                     k[b, :, lo:hi] = kv[0, :, :hi - lo]
                     v[b, :, lo:hi] = kv[1, :, :hi - lo]
+            if device.type != "cpu":  # a GPU model: the cache takes K/V where the model computes
+                k, v = k.to(device), v.to(device)
             cache.update(k, v, layer)
         self._m.hits += got * len(rows)
         self._m.hit_tokens += tokens * len(rows)
@@ -570,7 +573,20 @@ def _layer_kv(cache: Any, layer: int, n: int) -> tuple[Any, Any]:
 def _as_bytes(t: Any) -> np.ndarray:
     import torch  # noqa: PLC0415
 
-    return t.contiguous().view(torch.uint8).reshape(-1).numpy().copy()
+    return t.contiguous().view(torch.uint8).reshape(-1).cpu().numpy().copy()
+
+
+def _model_device(model: Any) -> Any:
+    """Where ``model`` computes: a streamed model says so; otherwise its first real parameter's device."""
+    import torch  # noqa: PLC0415
+
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device) and dev.type != "meta":
+        return dev
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 __all__ = ["PrefixMetrics", "PrefixStore", "chain_keys", "model_identity"]
