@@ -46,7 +46,7 @@ def stand_in(path, resident, cached):
         host = None if cached is None else 2 * hslot + cached * hslot
     plan = lay.device_plan(gpu, host, prefetch=1)  # two slots a ring: the tightest schedule
     model = lay.model
-    from llmtier.offload.weights import _streamed_class  # noqa: PLC0415
+    from llmtier.offload.weights import _streamed_class
 
     streamer = bind_streamer(lay, plan, "cpu")
     model.__class__ = _streamed_class(type(model))
@@ -149,7 +149,7 @@ def test_cuda_logits_bitwise_equal_to_the_model_in_gpu_memory(model_dir, residen
 @cuda
 @pytest.mark.parametrize("share", [1.0, 0.3, 0.0])
 def test_cuda_kv_tier_matches_dynamic_cache(model_dir, tmp_path, share):
-    from llmtier.offload.kv import TieredCache, min_memory  # noqa: PLC0415
+    from llmtier.offload.kv import TieredCache, min_memory
 
     ref = reference(model_dir, "cuda")
     ids = prompt(3, 40).cuda()

@@ -17,6 +17,8 @@ def cmd_bench_io(args: argparse.Namespace) -> int:
     from .engine import current_settings  # noqa: PLC0415
 
     directory = args.dir or tempfile.gettempdir()
+    if args.device != "cpu":
+        return _bench_io_device(args, directory)
     overrides = {k: v for k, v in (("chunk_size", args.chunk_size), ("queue_depth", args.queue_depth),
                                    ("threads", args.threads)) if v is not None}
     kw = {"settings": current_settings(**overrides)}
@@ -47,6 +49,29 @@ def cmd_bench_io(args: argparse.Namespace) -> int:
     if args.plot:
         io_report.plot(cells, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _bench_io_device(args: argparse.Namespace, directory: str) -> int:
+    """``bench io --device cuda``: SSD <-> GPU memory per path (the study's GPU half)."""
+    import json  # noqa: PLC0415
+
+    from .bench.io_cuda import QUICK_SIZES, SIZES, format_table, run_device_study  # noqa: PLC0415
+    from .engine.cuda import require_cuda  # noqa: PLC0415
+
+    require_cuda(f"bench io --device {args.device}")
+    sizes = tuple(_size(s) for s in args.sizes.split(",")) if args.sizes else (QUICK_SIZES if args.quick else SIZES)
+    ops = tuple(o for o in (args.ops or "read,write").split(",") if o in ("read", "write")) or ("read", "write")
+    rounds = args.rounds or (3 if args.quick else 5)
+    volume = (256 << 20) if args.quick else (1 << 30)
+    print(f"llmtier bench io --device {args.device}: {rounds} rounds + warm-up in {directory}", file=sys.stderr)
+    cells, notes = run_device_study(directory, device=args.device, sizes=sizes, ops=ops, rounds=rounds,
+                                    volume=volume, progress=not args.no_progress)
+    print(format_table(cells, notes))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"cells": [c.record() for c in cells], "notes": notes}, fh, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
@@ -82,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--json", metavar="PATH", help="write one JSON record per cell")
     io.add_argument("--plot", metavar="PATH", help="write a PNG of bandwidth vs tensor size")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
+    io.add_argument("--device", default="cpu", help="'cuda' (or 'cuda:N'): the GPU half -- tensors between the SSD "
+                    "and GPU memory per path (llmtier pinned pipeline, host, naive .cuda(), kvikio, DeepNVMe, fio)")
     io.set_defaults(func=cmd_bench_io)
 
     from .cli_store import add_store_verbs  # noqa: PLC0415

@@ -107,9 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         trace = record(args.trace, device_path=args.model, label=f"llmtier run {os.path.basename(args.model)}")
     t0 = time.perf_counter()
-    with trace, stream_model(args.model, args.memory, prefetch=args.prefetch, verify=args.verify) as model, \
+    with trace, stream_model(args.model, args.memory, args.device, host_memory=args.host_memory,
+                             prefetch=args.prefetch, verify=args.verify) as model, \
             contextlib.ExitStack() as kv_stack:
         load_s = time.perf_counter() - t0
+        input_ids = input_ids.to(model.device)
         st = model.llmtier
         if not args.json:
             print(st.plan.describe(), file=sys.stderr)
@@ -143,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if store is not None:
             if not loaded:
                 store.observe_prefill(model, len(ids) * args.batch, timed.prefill_s)
-            whole = torch.cat([input_ids, torch.tensor(timed.tokens, dtype=input_ids.dtype)], dim=1)
+            whole = torch.cat([input_ids.cpu(), torch.tensor(timed.tokens, dtype=input_ids.dtype)], dim=1)
             store.save(model, whole, cache, prompt_tokens=len(ids))
         stats = st.stats()
         plan = st.plan
@@ -195,6 +197,10 @@ def add_cli(sub: Any) -> None:
     run.add_argument("--temperature", type=float, default=0.8)
     run.add_argument("--top-k", type=int, default=50)
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="cpu", help="where the layers compute: cpu (default) or cuda[:N]; on a GPU "
+                     "--memory is GPU memory")
+    run.add_argument("--host-memory", type=parse_size, help="with --device cuda: pinned host memory that caches "
+                     "streamed layers (default: none, every streamed layer is read from the disk)")
     run.add_argument("--prefetch", type=int, help="layers read ahead (default: from the budget)")
     run.add_argument("--verify", choices=("first", "always", "never"), default="first",
                      help="CRC-32C checks of store tensors (default: the first time each is read)")

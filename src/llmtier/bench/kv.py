@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..units import human
+from .system import engine_read_bw
 from .weights import QUICK, TINYLLAMA, _fio
 
 
@@ -50,6 +51,7 @@ class KVBenchConfig:
     age_new_tokens: int = 128
     age_page_tokens: int = 16
     parts: tuple[str, ...] = ("a", "t", "b", "c")
+    device: str = "cpu"  # "cuda": the model and its K/V on the GPU (the tier's pool in pinned host memory)
 
     @classmethod
     def quick(cls, directory: str | None = None, **kw: Any) -> KVBenchConfig:
@@ -76,7 +78,7 @@ def _load_model(cfg: KVBenchConfig, progress: bool) -> tuple[Any, str]:
     from .store import Arch, ensure_checkpoint  # noqa: PLC0415
 
     ck = ensure_checkpoint(cfg.directory, Arch(*cfg.shape), shard_bytes=8 << 30, progress=progress)
-    model = AutoModelForCausalLM.from_pretrained(ck.hf_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(ck.hf_dir, dtype=torch.bfloat16).to(cfg.device).eval()
     return model, ck.hf_dir
 
 
@@ -107,8 +109,10 @@ def _fill(model: Any, batch: int, context: int, seed: int = 0) -> list[tuple[Any
 
     layers, heads, head_dim = _geometry(model)
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, heads, context, head_dim, generator=g).to(torch.bfloat16),
-             torch.randn(batch, heads, context, head_dim, generator=g).to(torch.bfloat16)) for _ in range(layers)]
+    dev = model.device
+    return [(torch.randn(batch, heads, context, head_dim, generator=g).to(torch.bfloat16).to(dev),
+             torch.randn(batch, heads, context, head_dim, generator=g).to(torch.bfloat16).to(dev))
+            for _ in range(layers)]
 
 
 def _decode(model: Any, cache: Any, fill: list[tuple[Any, Any]], steps: int, seed: int = 1) -> dict[str, Any]:
@@ -118,14 +122,16 @@ def _decode(model: Any, cache: Any, fill: list[tuple[Any, Any]], steps: int, see
         cache.update(k, v, i)
     batch = fill[0][0].shape[0]
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(model.device)
     times, tokens = [], []
     with torch.no_grad():
         for _ in range(steps):
             t0 = time.perf_counter()
             out = model(input_ids=ids, past_key_values=cache, use_cache=True)
             ids = out.logits[:, -1:].argmax(-1)
+            step = ids.flatten().tolist()  # (on a GPU this waits for the step)
             times.append(time.perf_counter() - t0)
-            tokens.append(ids.flatten().tolist())
+            tokens.append(step)
     return {"step_s": times, "tokens": tokens}
 
 
@@ -157,7 +163,7 @@ def _decode_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: s
         cells[f"tier{f}"] = {"system": "TieredCache", "fraction": f, "memory": max(int(total * f), low),
                               "runs": []}
     for r in range(cfg.rounds):
-        fio = _fio(fio_path, os.path.getsize(fio_path))
+        fio = _fio(fio_path, os.path.getsize(fio_path)) or engine_read_bw([fio_path])  # no fio: the engine's own reads
         if fio:
             res.fio_read_bytes_per_s.append(fio)
         for name, cell in cells.items():
@@ -470,6 +476,7 @@ def add_cli(bench: Any) -> None:
     k.add_argument("--fractions", help="DRAM budgets as shares of the KV, comma list (default 0.25,0.5)")
     k.add_argument("--prompts", help="prompt lengths of the multi-turn study, comma list (default 512,...,8192)")
     k.add_argument("--parts", help="which of a (decode), t (age profile), b (TTFT), c (restart; needs b)")
+    k.add_argument("--device", default="cpu", help="cuda: the model and its K/V on the GPU (decode study, part a)")
     k.add_argument("--json", metavar="PATH")
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(func=cli_main)
@@ -486,6 +493,12 @@ def cli_main(args: Any) -> int:
         kw["prompts"] = tuple(int(x) for x in args.prompts.split(","))
     if args.parts:
         kw["parts"] = tuple(args.parts.replace(",", ""))
+    if args.device != "cpu":
+        from ..engine.cuda import require_cuda  # noqa: PLC0415
+
+        require_cuda(f"bench kv --device {args.device}")
+        kw["device"] = args.device
+        kw.setdefault("parts", ("a",))
     cfg = KVBenchConfig.quick(args.dir, **kw) if args.quick else \
         KVBenchConfig(**({"directory": args.dir} if args.dir else {}), **kw)
     res = run_kv_bench(cfg, progress=not args.no_progress)

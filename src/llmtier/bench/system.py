@@ -42,3 +42,27 @@ def timed(fn: Callable[[], object]) -> Timing:
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     return Timing(t1 - t0, cpu)
+
+
+def engine_read_bw(paths: list[str], piece: int = 64 << 20, depth: int = 4) -> float | None:
+    """Bytes/s of llmtier's engine reading ``paths`` whole (``piece``-byte direct
+    reads, ``depth`` in flight, page cache dropped first): the disk's bound
+    where fio is not installed."""
+    from ..engine import alloc, open_engine  # noqa: PLC0415 - the bench layer sits above the engine
+
+    drop_page_cache()
+    bufs = [alloc(piece) for _ in range(depth)]
+    total, t0 = 0, time.perf_counter()
+    with open_engine("auto") as eng:
+        for p in paths:
+            with eng.open(p) as f:
+                size, futs = f.size, []
+                for k, off in enumerate(range(0, size, piece)):
+                    if len(futs) == depth:
+                        futs.pop(0).result()
+                    futs.append(f.pread(bufs[k % depth][:min(piece, size - off)], off, exact=False))
+                for fut in futs:
+                    fut.result()
+                total += size
+    dt = time.perf_counter() - t0
+    return total / dt if dt > 0 and total else None

@@ -364,12 +364,27 @@ def add_cli(bench: Any) -> None:
     w.add_argument("--new-tokens", type=int)
     w.add_argument("--peers", help="comma list of accelerate-hf,accelerate-dispatch (or 'none')")
     w.add_argument("--no-trace", action="store_true")
+    w.add_argument("--device", default="cpu", help="cuda: stream onto the GPU (a third of the layers resident, the rest "
+                   "from pinned host memory and from the disk) against the in-GPU model and accelerate's CPU and "
+                   "disk offload at the same GPU budget")
     w.add_argument("--json", metavar="PATH")
     w.add_argument("--no-progress", action="store_true")
     w.set_defaults(func=cli_main)
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    if args.device != "cpu":
+        from .weights_cuda import format_report as gpu_report  # noqa: PLC0415
+        from .weights_cuda import run_weights_cuda  # noqa: PLC0415
+
+        out = run_weights_cuda(args.dir or os.path.join(tempfile.gettempdir(), "llmtier-bench-weights-cuda"),
+                               shape=QUICK if args.quick else None, rounds=args.rounds or (1 if args.quick else 3),
+                               new_tokens=args.new_tokens or 16, progress=not args.no_progress)
+        print(gpu_report(out))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1, default=str)
+        return 0
     kw: dict[str, Any] = {}
     if args.rounds:
         kw["rounds"] = args.rounds

@@ -142,6 +142,12 @@ class DeviceOps:
             dst.copy_(src, non_blocking=True)
             return self.event()
 
+    def follow_compute(self) -> None:
+        """Order the copy stream after everything queued on the compute stream so far
+        (a tensor about to be copied out, or memory about to be copied into)."""
+        if self.cuda:
+            self.copy_stream.wait_event(self.compute_event())
+
     def wait(self, event: Any) -> None:
         """Make the compute stream wait for ``event`` (no host blocking)."""
         if self.cuda and event is not None:
@@ -188,49 +194,89 @@ class DevicePipe:
         self._lock = threading.Lock()  # one transfer at a time uses the slots
         self.last_event: Any = None
 
+    def _batches(self, offsets: list[int], tensors: list[Any]) -> list[list[tuple[int, int, Any]]]:
+        """The transfer cut into slot loads: each a list of (file offset, position
+        in the slot, flat device view), at most ``slot_bytes`` together; small
+        tensors share a slot, large ones span several."""
+        out: list[list[tuple[int, int, Any]]] = []
+        fill = self.slot_bytes
+        for off, t in zip(offsets, tensors, strict=True):
+            n, p = t.numel(), 0
+            while p < n:
+                if fill == self.slot_bytes:
+                    out.append([])
+                    fill = 0
+                m = min(self.slot_bytes - fill, n - p)
+                out[-1].append((off + p, fill, t[p:p + m]))
+                fill = round_up(fill + m, PAGE)  # each piece starts page-aligned in the slot (direct I/O)
+                fill = min(fill, self.slot_bytes)
+                p += m
+        return out
+
     def read(self, file: Any, offset: int, dst: Any, *, tag: Any = None) -> Any:
         """Fill the flat ``uint8`` device tensor ``dst`` with ``dst.numel()`` bytes of
         ``file`` at ``offset``; return the event of the last copy (also ``last_event``)."""
+        return self.read_many(file, [offset], [dst], tag=tag)
+
+    def read_many(self, file: Any, offsets: list[int], dsts: list[Any], *, tag: Any = None) -> Any:
+        """:meth:`read` of several tensors, pipelined across all of them; the
+        compute stream must wait on the returned event before using them."""
         torch = self.ops.torch
-        n, step, k = dst.numel(), self.slot_bytes, len(self._host)
-        pieces = [(p, min(step, n - p)) for p in range(0, n, step)]
+        batches, k = self._batches(offsets, dsts), len(self._host)
+
+        def load(i: int) -> Any:
+            host = self._host[i % k]
+            return file.pread_many([host[pos:pos + d.numel()] for _, pos, d in batches[i]],
+                                   [off for off, _, _ in batches[i]], tags=[tag] * len(batches[i]))
+
         with self._lock:
+            self.ops.follow_compute()
             events: list[Any] = [None] * k
             futs: dict[int, Any] = {}
             try:
-                for i in range(min(k, len(pieces))):
-                    p, m = pieces[i]
-                    futs[i] = file.pread(self._host[i][:m], offset + p, tag=tag)
-                for i, (p, m) in enumerate(pieces):
+                for i in range(min(k, len(batches))):
+                    futs[i] = load(i)
+                for i, batch in enumerate(batches):
                     s = i % k
                     futs.pop(i).result()
-                    events[s] = self.ops.copy(dst[p:p + m], torch.from_numpy(self._host[s][:m]))
-                    j = i + k
-                    if j < len(pieces):
+                    for _, pos, d in batch:
+                        events[s] = self.ops.copy(d, torch.from_numpy(self._host[s][pos:pos + d.numel()]))
+                    if i + k < len(batches):
                         events[s].synchronize()  # the slot's bytes are on the device: refill it
-                        pj, mj = pieces[j]
-                        futs[j] = file.pread(self._host[s][:mj], offset + pj, tag=tag)
+                        futs[i + k] = load(i + k)
             finally:
                 for f in futs.values():  # a failure: no read may still land in a slot the next call reuses
                     f.exception()
-            self.last_event = events[(len(pieces) - 1) % k] if pieces else None
+            self.last_event = events[(len(batches) - 1) % k] if batches else None
             return self.last_event
 
     def write(self, file: Any, offset: int, src: Any, *, tag: Any = None) -> int:
-        """Write the flat ``uint8`` device tensor ``src`` to ``file`` at ``offset``
-        (``offset`` and every piece but the last aligned, as the engine's direct
-        writes need); returns the bytes written once they are on disk."""
+        """Write the flat ``uint8`` device tensor ``src`` to ``file`` at ``offset``;
+        returns the bytes written once they are on disk (not yet fsynced)."""
+        return self.write_many(file, [offset], [src], tag=tag)
+
+    def write_many(self, file: Any, offsets: list[int], srcs: list[Any], *, tag: Any = None) -> int:
+        """:meth:`write` of several tensors: device -> slot on the copy stream,
+        then the slot to disk while the next slot is copied."""
         torch = self.ops.torch
-        n, step, k = src.numel(), self.slot_bytes, len(self._host)
+        k = len(self._host)
+        total = 0
         with self._lock:
+            self.ops.follow_compute()
             futs: list[Any] = [None] * k
             try:
-                for i, p in enumerate(range(0, n, step)):
-                    s, m = i % k, min(step, n - p)
+                for i, batch in enumerate(self._batches(offsets, srcs)):
+                    s = i % k
                     if futs[s] is not None:
                         futs[s].result()
-                    self.ops.copy(torch.from_numpy(self._host[s][:m]), src[p:p + m]).synchronize()
-                    futs[s] = file.pwrite(self._host[s][:m], offset + p, tag=tag)
+                    host = self._host[s]
+                    ev = None
+                    for _, pos, d in batch:
+                        ev = self.ops.copy(torch.from_numpy(host[pos:pos + d.numel()]), d)
+                    ev.synchronize()
+                    futs[s] = file.pwrite_many([host[pos:pos + d.numel()] for _, pos, d in batch],
+                                               [off for off, _, _ in batch], tags=[tag] * len(batch))
+                    total += sum(d.numel() for _, _, d in batch)
             finally:
                 for f in futs:
                     if f is not None:
@@ -238,7 +284,7 @@ class DevicePipe:
             for f in futs:
                 if f is not None:
                     f.result()
-        return n
+        return total
 
     def close(self) -> None:
         """Wait for the device, then free the pinned slots."""
