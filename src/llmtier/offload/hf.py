@@ -111,15 +111,19 @@ class Binding:
     dtype: Any
 
 
-def bindings(model: Any, names: set[str], dtype_of: Any) -> tuple[dict[str, Binding], list[str]]:
+def bindings(model: Any, names: set[str], dtype_of: Any,
+             renames: dict[str, str] | None = None) -> tuple[dict[str, Binding], list[str]]:
     """Match the model's parameters (and persistent buffers found in the
     checkpoint) with checkpoint tensor names.
 
     Returns ``(by tensor name, unused checkpoint names)``.  Parameters that
     are the same object (tied embeddings) share one binding; a checkpoint
     name may carry or lack the base model prefix.  A parameter with no tensor
-    raises :class:`ModelLayoutError`.
+    raises :class:`ModelLayoutError`.  ``renames`` maps a model state-dict
+    name to the checkpoint name transformers would load it from (see
+    :mod:`llmtier.offload.mapping`); it is asked first.
     """
+    renames = renames or {}
     prefix = getattr(model, "base_model_prefix", "") or ""
     modules = dict(model.named_modules())
 
@@ -128,6 +132,8 @@ def bindings(model: Any, names: set[str], dtype_of: Any) -> tuple[dict[str, Bind
         return modules[owner], attr
 
     def lookup(full: str) -> str | None:
+        if renames.get(full) in names:
+            return renames[full]
         if full in names:
             return full
         if prefix and full.startswith(prefix + ".") and full[len(prefix) + 1:] in names:

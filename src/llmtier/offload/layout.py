@@ -19,7 +19,7 @@ from ..store import dtypes
 from ..store.format import ALIGN, TensorInfo
 from ..store.reader import TensorSource, open_store
 from ..units import human, parse_size
-from . import hf
+from . import hf, mapping
 
 _GAP = 64 << 10  # tensors of one group closer than this are read in one request
 INFLIGHT_BYTES = 32 << 20  # what the read-ahead should keep in flight (engine default: 32 x 1 MiB)
@@ -48,22 +48,59 @@ class Run:
 
 
 @dataclass
+class FusedInfo:
+    """A parameter transformers assembles from several checkpoint tensors (an
+    MoE layer's experts): its pieces, each read straight to its place."""
+
+    name: str
+    dtype: Any  # the store dtype of its sources
+    shape: tuple[int, ...]
+    nbytes: int
+    pieces: list[tuple[TensorInfo, mapping.Piece]]
+    converter: str = ""
+    crc32c: int | None = None  # checked per source tensor (Group.checks)
+    tags: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def file(self) -> str:
+        return self.pieces[0][0].file
+
+    @property
+    def offset(self) -> int:
+        return self.pieces[0][0].offset + self.pieces[0][1].src
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+
+
+def fused_info(f: mapping.Fused, infos: dict[str, TensorInfo]) -> FusedInfo:
+    srcs = [infos[p.source] for p in f.pieces]
+    return FusedInfo(f.name, srcs[0].dtype, tuple(f.shape), sum(p.nbytes for p in f.pieces),
+                     list(zip(srcs, f.pieces)), f.converter)
+
+
+@dataclass
 class Group:
     """The tensors read together: one decoder layer, or everything outside the layers."""
 
     name: str
     layer: int | None
-    items: list[tuple[hf.Binding, TensorInfo, int]]  # binding, where on disk, offset in the group buffer
+    items: list[tuple[hf.Binding, Any, int]]  # binding, where on disk (TensorInfo, FusedInfo), offset in the buffer
     runs: list[Run]
     nbytes: int  # size of the buffer the group needs
     data_bytes: int  # tensor bytes (what the model holds)
+    # checksums of the sources of fused tensors: (source, [(buffer position, bytes)] in source order)
+    checks: list[tuple[TensorInfo, list[tuple[int, int]]]] = field(default_factory=list)
 
 
-def make_group(name: str, layer: int | None, items: Sequence[tuple[hf.Binding, TensorInfo]]) -> Group:
-    """Lay the tensors of a group out as few aligned reads as possible."""
-    order = sorted(items, key=lambda bt: (bt[1].file, bt[1].offset))
+def make_group(name: str, layer: int | None, items: Sequence[tuple[hf.Binding, Any]]) -> Group:
+    """Lay the tensors of a group out as few aligned reads as possible; a fused
+    tensor gets a region of its own after them, each piece read to its place."""
+    fused = [(b, t) for b, t in items if isinstance(t, FusedInfo)]
+    order = sorted(((b, t) for b, t in items if not isinstance(t, FusedInfo)), key=lambda bt: (bt[1].file, bt[1].offset))
     runs: list[Run] = []
-    placed: list[tuple[hf.Binding, TensorInfo, int]] = []
+    placed: list[tuple[hf.Binding, Any, int]] = []
     pos = 0
     cur: Run | None = None
     for b, t in order:
@@ -78,7 +115,27 @@ def make_group(name: str, layer: int | None, items: Sequence[tuple[hf.Binding, T
         cur.length = -(-cur.need // ALIGN) * ALIGN
         placed.append((b, t, cur.pos + t.offset - cur.start))
     nbytes = runs[-1].pos + runs[-1].length if runs else 0
-    return Group(name, layer, placed, runs, nbytes, sum(t.nbytes for _, t in order))
+    spans: dict[str, tuple[TensorInfo, list[tuple[int, int, int]]]] = {}
+    for b, t in fused:
+        region = -(-nbytes // ALIGN) * ALIGN
+        placed.append((b, t, region))
+        for src, p in sorted(t.pieces, key=lambda sp: (sp[0].file, sp[0].offset + sp[1].src)):
+            last = runs[-1] if runs else None
+            at = src.offset + p.src
+            if last is not None and last.file == src.file and last.start + last.need == at \
+                    and last.pos + last.need == region + p.dst and last.length == last.need:
+                last.length += p.nbytes
+                last.need += p.nbytes
+            else:
+                runs.append(Run(src.file, at, p.nbytes, region + p.dst, p.nbytes))
+            spans.setdefault(src.name, (src, []))[1].append((p.src, region + p.dst, p.nbytes))
+        nbytes = region + t.nbytes
+    checks = []
+    for src, parts in spans.values():  # a source read whole (in pieces) can be checked whole
+        parts.sort()
+        if src.crc32c is not None and sum(n for _, _, n in parts) == src.nbytes and parts[0][0] == 0:
+            checks.append((src, [(pos, n) for _, pos, n in parts]))
+    return Group(name, layer, placed, runs, nbytes, sum(t.nbytes for _, t in items), checks)
 
 
 DEVICE_ALIGN = 256  # where each tensor starts in a GPU buffer: what the allocator gives a parameter of its own
@@ -342,8 +399,13 @@ def open_layout(path: str | os.PathLike[str], *, dtype: Any = None, engine: Engi
         model = hf.build_skeleton(config, dtype)
         hf.load_generation_config(model, p)
         prefix, layer_list = hf.decoder_layers(model)
+        smap = mapping.source_map(model, set(infos), lambda n: infos[n].shape, lambda n: infos[n].dtype.itemsize)
+        for target, src in smap.items():
+            if isinstance(src, mapping.Fused):
+                infos[target] = fused_info(src, infos)  # type: ignore[assignment]
+        renames = {k: (v if isinstance(v, str) else k) for k, v in smap.items()}
         binds, _unused = hf.bindings(model, set(infos),
-                                     lambda n: (infos[n].shape, dtypes.torch_dtype(infos[n].dtype)))
+                                     lambda n: (infos[n].shape, dtypes.torch_dtype(infos[n].dtype)), renames)
         per_layer: dict[int, list] = {i: [] for i in range(len(layer_list))}
         outside: list = []
         layer_of = {id(m): i for i, layer in enumerate(layer_list) for m in layer.modules()}
@@ -374,10 +436,12 @@ def _row_readable_embedding(model: Any, outside: list) -> tuple[hf.Binding, Tens
     if not isinstance(emb, torch.nn.Embedding) or emb.max_norm is not None:
         return None
     for b, t in outside:
+        if isinstance(t, FusedInfo):
+            continue
         if len(b.places) == 1 and b.places[0][0] is emb and b.places[0][1] == "weight" and len(t.shape) == 2:
             return (b, t)
     return None
 
 
 __all__ = ["INFLIGHT_BYTES", "MAX_SLOTS", "RUN_OVERHEAD", "BudgetError", "DEVICE_ALIGN", "Group", "Layout", "Plan", "Run",
-           "device_items", "make_group", "make_plan", "open_layout", "plan_host_tier", "spread"]
+           "FusedInfo", "device_items", "fused_info", "make_group", "make_plan", "open_layout", "plan_host_tier", "spread"]

@@ -166,6 +166,13 @@ class WeightStreamer:
                 if t.crc32c is not None and crc32c(buf[pos:pos + t.nbytes]) != t.crc32c:
                     raise ChecksumError(f"tensor {t.name!r}: CRC-32C mismatch (the data on disk is damaged)",
                                         path=t.file, field=t.name)
+            for src, spans in g.checks:  # sources of fused tensors, over their pieces in order
+                crc = 0
+                for pos, n in spans:
+                    crc = crc32c(buf[pos:pos + n], crc)
+                if crc != src.crc32c:
+                    raise ChecksumError(f"tensor {src.name!r}: CRC-32C mismatch (the data on disk is damaged)",
+                                        path=src.file, field=src.name)
 
     def _tensor(self, b: hf.Binding, t: TensorInfo, buf: Any, pos: int) -> Any:
         torch = self._torch
