@@ -69,7 +69,30 @@ def build_skeleton(config: Any, dtype: Any) -> Any:
 
     with _params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _init_buffers_as_loaded(model)
     return model.eval()
+
+
+def _init_buffers_as_loaded(model: Any) -> None:
+    """Recompute the non-persistent buffers (rotary and sinusoidal tables) the
+    way ``from_pretrained`` does after loading: by the model's own
+    ``_init_weights``, outside the ``dtype`` default that ``from_config`` sets
+    while building (GPT-J's and CodeGen's tables come out different in bf16).
+    Parameters are marked initialized and stay on the meta device."""
+    if not hasattr(model, "named_non_persistent_buffers") or not hasattr(model, "initialize_weights"):
+        return  # an older transformers: the buffers from from_config are what it loads too
+    owners = {name.rpartition(".")[0] for name, _ in model.named_non_persistent_buffers()}
+    if not owners:
+        return
+    for p in model.parameters():
+        p._is_hf_initialized = True
+    modules = dict(model.named_modules())
+    for name in owners:
+        for m in (modules.get(name), *(modules.get(name).modules() if modules.get(name) is not None else ())):
+            if m is not None:
+                m._is_hf_initialized = False
+    model._is_hf_initialized = False
+    model.initialize_weights()
 
 
 def load_generation_config(model: Any, path: str) -> None:
