@@ -112,6 +112,13 @@ class WeightStreamer:
                     self._verify_table(*self._embedding)
                 emb = self._embedding[0].places[0][0]
                 self._padding = emb.padding_idx
+                # Between passes the table is a one-element stand-in on the compute device, not a meta
+                # tensor: model code that asks it where to put the ids (Llama 4) gets the compute device.
+                self._placeholders.setdefault((id(emb), "weight"), emb._parameters["weight"])
+                b = self._embedding[0]
+                stub = self._torch.empty((), dtype=b.dtype, device=self.device).expand(b.shape)
+                self._emb_stub = self._torch.nn.Parameter(stub, requires_grad=False)
+                emb._parameters["weight"] = self._emb_stub
                 self._hooks.append(emb.register_forward_pre_hook(self._rows_before))
                 self._hooks.append(emb.register_forward_hook(self._rows_after))
             layer_list = dict(model.named_modules())[layers_prefix]
@@ -265,7 +272,7 @@ class WeightStreamer:
         return (inverse.reshape(ids.shape), *args[1:])
 
     def _rows_after(self, module: Any, args: Any, output: Any) -> None:
-        module._parameters["weight"] = self._placeholders[(id(module), "weight")]
+        module._parameters["weight"] = self._emb_stub
         module.padding_idx = self._padding
 
     # -- hooks -----------------------------------------------------------------------------------------------------
