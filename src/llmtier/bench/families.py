@@ -28,7 +28,7 @@ LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 # model_type -> overrides on top of TINY (what the family needs to build small)
 FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {}, "mistral": {"sliding_window": None}, "ministral": {}, "qwen2": {"tie_word_embeddings": True},
+    "llama": {}, "mistral": {}, "ministral": {}, "qwen2": {"tie_word_embeddings": True},
     "qwen3": {}, "qwen2_moe": {}, "qwen3_moe": {}, "qwen3_next": {},
     "phi": {}, "phi3": {}, "phimoe": {}, "gemma": {}, "gemma2": {}, "gemma3_text": {},
     "olmo": {}, "olmo2": {}, "olmoe": {}, "stablelm": {}, "starcoder2": {}, "cohere": {}, "cohere2": {},

@@ -227,11 +227,7 @@ def source_map(model: Any, names: set[str], shape_of: Any, itemsize_of: Any) -> 
             target = pre + key + post if hit is not None else key
             if target not in meta:
                 continue
-            pieces, pos = [], 0
-            for start, n, src, s0 in vt.runs:
-                pieces.append(Piece(src, s0 * isz, start * isz, n * isz))
-                pos = start + n
-            del pos
+            pieces = [Piece(src, s0 * isz, start * isz, n * isz) for start, n, src, s0 in vt.runs]
             out[target] = Fused(target, vt.shape, pieces, ops)
     return out
 
