@@ -168,3 +168,25 @@ def test_cuda_kv_tier_matches_dynamic_cache(model_dir, tmp_path, share):
     assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
     assert (s.spilled_layers > 0) == (share < 1)
     assert s.device_bytes > 0
+
+
+def test_damaged_disk_layer_is_refused_when_reached_and_the_rest_still_works(model_dir, tmp_path):
+    from llmtier.errors import ChecksumError  # noqa: PLC0415
+    from llmtier.store.convert import convert  # noqa: PLC0415
+
+    store = str(tmp_path / "m.lts")
+    convert(model_dir, store, progress=False)
+    lay = open_layout(store)
+    t = lay.groups[LAYERS - 1].items[0][1]  # a layer the plan streams from the disk
+    lay.source.close()
+    with open(store, "r+b") as f:
+        f.seek(t.offset + 7)
+        b = f.read(1)
+        f.seek(t.offset + 7)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with stand_in(store, 0, None) as model, torch.no_grad():
+        assert LAYERS - 1 in model.llmtier.plan.from_disk
+        with pytest.raises(ChecksumError):
+            model(prompt(1))
+        with pytest.raises(ChecksumError):  # checked again: a damaged layer never computes
+            model(prompt(1))
