@@ -35,7 +35,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "granite": {}, "granitemoe": {}, "smollm3": {}, "glm": {}, "glm4": {}, "glm4_moe": {},
     "gpt2": {}, "gpt_bigcode": {}, "gpt_neo": {"attention_types": [[["global", "local"], 2]], "window_size": 8},
     "gpt_neox": {}, "gptj": {}, "codegen": {}, "bloom": {}, "opt": {"word_embed_proj_dim": 64}, "falcon": {},
-    "jetmoe": {}, "gpt_oss": {}, "mamba": {}, "mixtral": {}, "deepseek_v2": {}, "deepseek_v3": {},
+    "jetmoe": {}, "gpt_oss": {}, "mamba": {}, "mixtral": {}, "deepseek_v2": {}, "deepseek_v3": {"head_dim": 8},
     "exaone": {}, "exaone4": {}, "llama4_text": {"interleave_moe_layer_step": 1}, "mpt": {},
     "persimmon": {}, "nemotron": {}, "helium": {}, "arcee": {}, "biogpt": {}, "ernie4_5": {},
     "hunyuan_v1_dense": {}, "seed_oss": {}, "xglm": {},
