@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
 import threading
 import time
 import warnings
@@ -124,11 +125,13 @@ class Checkpointer:
         """Save ``state`` as checkpoint ``step``; returns once it is durable and committed on every rank."""
         self.wait()
         t0 = time.perf_counter()
-        tree, leaves = encode(state)
-        step_dir = self._prepare(step, metadata)
-        bounce = None if not any(_is_torch(x.value) and x.value.device.type != "cpu" for x in leaves) else alloc(CHUNK)
         err, size = None, 0
+        step_dir = os.path.join(self.directory, layout.step_name(step))
         try:
+            tree, leaves = encode(state)
+            step_dir = self._prepare(step, metadata)
+            cuda = any(_is_torch(x.value) and x.value.device.type != "cpu" for x in leaves)
+            bounce = alloc(CHUNK) if cuda else None
             size = self._write(step_dir, step, tree, leaves, lambda leaf: host_pieces(leaf.value, bounce))
         except BaseException as exc:  # noqa: BLE001 - every rank must learn of it before anyone raises
             err = exc
@@ -141,11 +144,16 @@ class Checkpointer:
         the background.  A previous asynchronous save is waited for first (its error is raised here)."""
         self.wait()
         t0 = time.perf_counter()
-        tree, leaves = encode(state)
-        total = sum(_spec(x.value)[0].itemsize * int(np.prod(_spec(x.value)[1], dtype=object)) for x in leaves)
-        step_dir = self._prepare(step, metadata)
+        step_dir = os.path.join(self.directory, layout.step_name(step))
         if self._bg_ranks is None:
             self._bg_ranks = Ranks(self._group, separate=True)
+        try:
+            tree, leaves = encode(state)
+            total = sum(_spec(x.value)[0].itemsize * int(np.prod(_spec(x.value)[1], dtype=object)) for x in leaves)
+            step_dir = self._prepare(step, metadata)
+        except BaseException as exc:  # noqa: BLE001 - the other ranks' background commits must hear of it
+            self._commit(self._bg_ranks, step, step_dir, exc, 0, metadata)
+            raise
         pool = self._staging_pool(total)
         handle = AsyncSave(CheckpointInfo(step, step_dir))
         q: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -252,10 +260,13 @@ class Checkpointer:
         """Every rank's file is durable -> rank 0 writes the manifest, ``latest`` and applies retention."""
         statuses = ranks.gather((None if err is None else f"{type(err).__name__}: {err}", size))
         failed = [(r, e) for r, (e, _) in enumerate(statuses) if e]
-        if failed:
-            if ranks.rank == 0:
-                with contextlib.suppress(OSError):
-                    os.rmdir(step_dir)  # only if nothing is left in it
+        if failed:  # nothing is committed: every rank removes its shard, rank 0 the directory
+            with contextlib.suppress(OSError):
+                if err is None:
+                    os.unlink(os.path.join(step_dir, layout.rank_file(ranks.rank)))
+            if ranks.rank == 0 and not os.path.exists(os.path.join(step_dir, layout.MANIFEST)):
+                shutil.rmtree(step_dir, ignore_errors=True)
+            ranks.from_rank0(None)  # nobody returns before the directory is gone
             if err is not None:
                 raise err
             r, e = failed[0]
@@ -288,7 +299,7 @@ class Checkpointer:
         non-tensor values and tensors absent from ``into`` are returned new.
         """
         self.wait()
-        candidates = [step] if step is not None else layout.list_steps(self.directory)
+        candidates = [step] if step is not None else self._ranks.from_rank0(layout.list_steps(self.directory))
         skipped = []
         for s in candidates:
             step_dir = os.path.join(self.directory, layout.step_name(s))

@@ -78,7 +78,8 @@ def write_atomic(path: str, data: bytes) -> None:
     fsync_dir(d or ".")
 
 
-def _canonical(body: dict[str, Any]) -> bytes:
+def canonical(body: Any) -> bytes:
+    """The bytes a body's CRC-32C is computed over (sorted keys, no spaces)."""
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
@@ -87,7 +88,7 @@ def write_manifest(step_dir: str, *, step: int, files: list[dict[str, Any]], wor
     """Commit the checkpoint in ``step_dir`` (every file listed must already be durable)."""
     body = {"format": FORMAT, "version": VERSION, "kind": kind, "step": step, "world_size": world_size,
             "files": files, "created_unix": round(time.time(), 3), "user": user or {}}
-    doc = {"crc32c": crc32c(_canonical(body)), "manifest": body}
+    doc = {"crc32c": crc32c(canonical(body)), "manifest": body}
     write_atomic(os.path.join(step_dir, MANIFEST), json.dumps(doc, indent=1, ensure_ascii=False).encode() + b"\n")
     return body
 
@@ -107,7 +108,7 @@ def read_manifest(step_dir: str) -> dict[str, Any]:
     except FormatError as exc:
         raise CheckpointError(f"{path} is damaged: {exc}") from None
     body = doc.get("manifest") if isinstance(doc, dict) else None
-    if not isinstance(body, dict) or doc.get("crc32c") != crc32c(_canonical(body)):
+    if not isinstance(body, dict) or doc.get("crc32c") != crc32c(canonical(body)):
         raise CheckpointError(f"{path} is damaged: its CRC-32C does not match its content")
     if body.get("format") != FORMAT or body.get("version") != VERSION:
         raise CheckpointError(f"{path}: not a version-{VERSION} {FORMAT} manifest")
