@@ -53,6 +53,7 @@ class AsyncSave:
         self.info = info
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._reported = False  # the error was raised once already (by this handle's wait)
 
     def done(self) -> bool:
         """True once the checkpoint is durable (or failed)."""
@@ -63,6 +64,7 @@ class AsyncSave:
         if self._thread is not None:
             self._thread.join()
         if self.error is not None:
+            self._reported = True
             raise self.error
         return self.info
 
@@ -178,7 +180,9 @@ class Checkpointer:
     def wait(self) -> CheckpointInfo | None:
         """Wait for the pending asynchronous save, if any; raises its error."""
         pending, self._pending = self._pending, None
-        return pending.wait() if pending is not None else None
+        if pending is None or (pending._reported and pending.done()):
+            return None
+        return pending.wait()
 
     def _staging_pool(self, total: int) -> StagingPool:
         limit = self.staging_limit if self.staging_limit is not None else max(total, self._chunk)
