@@ -270,3 +270,17 @@ def test_concurrent_loads_while_saving(tmp_path: Path) -> None:
             c.save({"x": torch.full((4,), float(s))}, step=s)
     th.join()
     assert not errors
+
+
+def test_bench_checkpoint_quick(tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    from llmtier.bench.checkpoint import CheckpointBenchConfig, format_result, run_checkpoint_bench
+
+    cfg = CheckpointBenchConfig.quick(str(tmp_path), kill_trials=2)
+    res = run_checkpoint_bench(cfg, progress=False)
+    assert {"llmtier", "llmtier_async", "torch", "safetensors", "dcp", "dcp_async"} <= set(res.save_s)
+    assert {"llmtier", "llmtier_into", "torch", "safetensors", "dcp"} <= set(res.load_s)
+    assert res.kill["corrupt"] == 0 and res.kill["lost"] == 0
+    text = format_result(res, cfg)
+    assert "llmtier save (durable)" in text and "stall" in text
+    assert [p.name for p in tmp_path.iterdir()] == [], "the bench left files behind"

@@ -202,8 +202,7 @@ class Checkpointer:
                 self._lock = layout.DirLock(self.directory)
         if os.path.exists(os.path.join(step_dir, layout.MANIFEST)):
             raise CheckpointError(f"checkpoint {step_dir} already exists; choose another step or delete it")
-        os.makedirs(step_dir, exist_ok=True)
-        fsync_dir(self.directory)
+        os.makedirs(step_dir, exist_ok=True)  # its entry in the directory is fsynced at the commit
         return step_dir
 
     def _writer(self, step_dir: str, step: int, tree: Any) -> StoreWriter:
@@ -280,6 +279,7 @@ class Checkpointer:
         if ranks.rank == 0:
             try:
                 files = [{"name": layout.rank_file(r), "bytes": s} for r, (_, s) in enumerate(statuses)]
+                fsync_dir(self.directory)  # the step directory's entry, before the manifest inside it
                 layout.write_manifest(step_dir, step=step, files=files, world_size=ranks.world, user=metadata)
                 layout.write_latest(self.directory, step)
                 result = ("", layout.apply_retention(self.directory, self.keep_last, step))
