@@ -287,8 +287,7 @@ def run_checkpoint_bench(cfg: CheckpointBenchConfig, *, progress: bool = True) -
     from .fio import fio_available  # noqa: PLC0415
 
     res = CheckpointBenchResult()
-    ok, note = drop_page_cache()
-    res.cache_note = note
+    res.cache_note = drop_page_cache()[1]
     methods = list(cfg.methods)
     if "fio" in methods and not fio_available()[0]:
         methods.remove("fio")

@@ -154,7 +154,7 @@ class Checkpointer:
             tree, leaves = encode(state)
             total = sum(_spec(x.value)[0].itemsize * int(np.prod(_spec(x.value)[1], dtype=object)) for x in leaves)
             step_dir = self._prepare(step, metadata)
-        except BaseException as exc:  # noqa: BLE001 - the other ranks' background commits must hear of it
+        except BaseException as exc:
             self._commit(self._bg_ranks, step, step_dir, exc, 0, metadata)
             raise
         pool = self._staging_pool(total)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..engine import alloc, as_bytes_view
-from .tree import LazyTensor, Leaf, _is_torch
+from .tree import LazyTensor, _is_torch
 
 CHUNK = 64 << 20
 
