@@ -163,11 +163,11 @@ class Checkpointer:
         th = threading.Thread(target=self._background, args=(handle, q, pool, step_dir, step, tree, leaves,
                                                               metadata, t0), name=f"llmtier-ckpt-{step}", daemon=True)
         handle._thread = th
-        pool.reserve(total + pool.chunk)  # once per Checkpointer: later saves reuse the chunks
+        pool.reserve(total)  # once per Checkpointer: later saves reuse the chunks
         # When the pool holds the whole state, the writer starts after the snapshot: the copy then has the
         # memory bandwidth and the CPU to itself, which is what the caller waits for.  Otherwise the
         # writer must free chunks while the snapshot runs.
-        overlap = pool.limit < total + pool.chunk
+        overlap = pool.limit < total  # the packer fills chunks back to back: ceil(total / chunk) of them
         if overlap:
             th.start()
         packer = Packer(pool, q.put)

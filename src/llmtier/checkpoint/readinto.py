@@ -3,8 +3,8 @@
 A destination whose address is 4 KiB aligned is read into directly (the
 store's ``get_many(out=...)``: one direct read per tensor, no copy).  Other
 destinations (torch's and numpy's allocators give 64-byte alignment) cannot
-take O_DIRECT, so they are filled through two reusable page-aligned windows:
-window k+1 is read while window k is copied into place and checksummed, so
+take O_DIRECT, so they are filled through three reusable page-aligned windows:
+windows k+1 and k+2 are read while window k is copied into place and checksummed, so
 the copy hides behind the disk and no memory is allocated per tensor.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..errors import ChecksumError, FormatError
 from ..store.format import ALIGN, TensorInfo, align_up, crc32c
 
 WINDOW = 64 << 20
+DEPTH = 3  # windows: up to two in flight while the third is copied out
 
 
 def _address(dst: Any) -> int:
@@ -44,22 +45,22 @@ def read_into(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, win
                 used = 0
             windows[-1].append((info, dst, off, n, used))
             used += align_up(n)
-    bufs = [alloc(window), alloc(window)]
+    depth = min(DEPTH, len(windows))
+    bufs = [alloc(window) for _ in range(depth)]
     crcs: dict[str, int] = {}
 
     def submit(k: int) -> Any:
-        w, buf = windows[k], bufs[k % 2]
+        w, buf = windows[k], bufs[k % depth]
         f = st.file(w[0][0].file)
         return f.pread_many([buf[pos : pos + align_up(n)] for _, _, _, n, pos in w],
                             [info.offset + off for info, _, off, _, _ in w],
                             tags=[info.name for info, *_ in w], exact=False)
 
-    pending = submit(0)
+    inflight = [submit(k) for k in range(depth)]
     for k in range(len(windows)):
-        got = pending.result()
-        pending = submit(k + 1) if k + 1 < len(windows) else None
+        got = inflight.pop(0).result()
         try:
-            buf = bufs[k % 2]
+            buf = bufs[k % depth]
             for (info, dst, off, n, pos), g in zip(windows[k], got if isinstance(got, list) else [got]):
                 if g < n:
                     raise FormatError(f"the file ends inside tensor {info.name!r}", path=info.file, field="size")
@@ -72,6 +73,8 @@ def read_into(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, win
                                             f"0x{info.crc32c:08x} (the data on disk is damaged)", path=info.file,
                                             field=info.name)
         except BaseException:
-            if pending is not None:  # never leave a read writing into our buffers
-                pending.result()
+            for fut in inflight:  # never leave a read writing into our buffers
+                fut.exception()
             raise
+        if k + depth < len(windows):  # this window's buffer is free again
+            inflight.append(submit(k + depth))
