@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_store import add_store_verbs  # noqa: PLC0415
 
     add_store_verbs(sub, bench)
+    from .bench.checkpoint import add_cli as add_bench_checkpoint  # noqa: PLC0415
     from .bench.kv import add_cli as add_bench_kv  # noqa: PLC0415
     from .bench.weights import add_cli as add_bench_weights  # noqa: PLC0415
     from .cli_run import add_cli as add_run  # noqa: PLC0415
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run(sub)
     add_bench_weights(bench)
     add_bench_kv(bench)
+    add_bench_checkpoint(bench)
     return p
 
 
