@@ -3,6 +3,11 @@
 Pre-norm blocks of causal self-attention and a GELU MLP, learned position
 embeddings, the token embedding tied to the head -- the GPT-2 shape.  Built
 with random weights from a :class:`GPTConfig`; nothing is downloaded.
+
+Weights may be bf16 (``model.to(torch.bfloat16)``) while the arithmetic runs
+in ``compute_dtype`` (fp32 by default): each weight is cast on use, so the
+gradients land on the bf16 parameters in bf16.  CPUs without bf16 matrix
+units run bf16 matmuls many times slower than fp32.
 """
 from __future__ import annotations
 
@@ -39,6 +44,14 @@ class GPTConfig:
         return best
 
 
+def _linear(x: torch.Tensor, m: nn.Linear) -> torch.Tensor:
+    return F.linear(x, m.weight.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
+
+
+def _norm(x: torch.Tensor, m: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, m.normalized_shape, m.weight.to(x.dtype), m.bias.to(x.dtype), m.eps)
+
+
 class Block(nn.Module):
     """One pre-norm transformer block."""
 
@@ -54,19 +67,20 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)  # (B, T, D) each
+        q, k, v = _linear(_norm(x, self.ln1), self.qkv).split(d, dim=2)  # (B, T, D) each
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(y)
-        return x + self.down(F.gelu(self.up(self.ln2(x))))
+        x = x + _linear(y, self.proj)
+        return x + _linear(F.gelu(_linear(_norm(x, self.ln2), self.up)), self.down)
 
 
 class GPT(nn.Module):
     """Token ids ``(B, T)`` -> logits ``(B, T, vocab)``; with ``targets``, also the mean cross-entropy."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.cfg = cfg
+        self.compute_dtype = compute_dtype
         self.tok = nn.Embedding(cfg.vocab, cfg.dim)
         self.pos = nn.Embedding(cfg.context, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
@@ -82,10 +96,10 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = idx.shape[1]
-        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        x = (self.tok(idx) + self.pos(torch.arange(t, device=idx.device))).to(self.compute_dtype)  # (B, T, D)
         for blk in self.blocks:
             x = blk(x)
-        logits = self.head(self.ln(x))
+        logits = _linear(_norm(x, self.ln), self.head)  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long())
