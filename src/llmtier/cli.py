@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_bench_weights(bench)
     add_bench_kv(bench)
+    from .bench.trainbench import add_cli as add_bench_train  # noqa: PLC0415
+    add_bench_train(bench)
     return p
 
 

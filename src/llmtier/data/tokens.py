@@ -215,8 +215,9 @@ class BatchReader:
         for row, a in enumerate(at.tolist()):
             tokens[row] = buf[a:a + ds.window_bytes].view(ds.dtype)
         self._free.append(buf)
-        t = torch.from_numpy(tokens)
-        self._put((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
+        # numpy copies: torch's parallel strided copy can take tens of ms when the cores are busy
+        x, y = np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
+        self._put((torch.from_numpy(x), torch.from_numpy(y)))
 
     def _put(self, item: Any) -> None:
         while not self._stop.is_set():
