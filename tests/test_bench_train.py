@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from llmtier.bench.fio import fio_available  # noqa: E402
-from llmtier.cli import main  # noqa: E402
+from llmtier.bench.fio import fio_available
+from llmtier.cli import main
 
 
 def test_train_cli_budgets_agree_and_trace_shows_the_pattern(tmp_path, capsys):

@@ -87,7 +87,7 @@ def test_megatron_indexed_round_trip(tmp_path):
     ds = TokenDataset(tmp_path / "corpus", seq_len=50, batch_size=4, seed=0)
     assert ds.index is not None
     flat = np.concatenate(docs)
-    x, y = next(iter(ds))
+    x, _ = next(iter(ds))
     for row, s in enumerate(ds.starts(0).tolist()):
         assert np.array_equal(x[row].numpy(), flat[s:s + 50])
     for i in (0, 17, 59):
