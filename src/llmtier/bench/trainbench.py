@@ -39,7 +39,7 @@ import numpy as np
 
 from ..units import human
 
-OVERHEAD = 768 << 20  # interpreter, torch, numpy and their libraries (page cache charged by the cgroup)
+OVERHEAD = 1 << 30  # interpreter, torch, numpy and their libraries (their page cache is charged by the cgroup)
 
 
 @dataclass
@@ -85,10 +85,11 @@ def optim_child(job: dict[str, Any]) -> dict[str, Any]:
     from .gpt import GPT, GPTConfig  # noqa: PLC0415
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig.sized(job["params"], vocab=32768)).to(torch.bfloat16)
-    params = list(model.parameters())
+    with torch.device("meta"):  # the shapes of a GPT; bf16 values made directly (no fp32 transient)
+        shapes = [p.shape for p in GPT(GPTConfig.sized(job["params"], vocab=32768)).parameters()]
+    params = [torch.nn.Parameter(torch.empty(s, dtype=torch.bfloat16).normal_(0.0, 0.02)) for s in shapes]
     for p in params:
-        p.grad = (torch.randn(p.shape) * 1e-3).to(torch.bfloat16)
+        p.grad = torch.empty(p.shape, dtype=torch.bfloat16).normal_(0.0, 1e-3)
     n = sum(p.numel() for p in params)
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # the first optimizer imports ~70 MiB of torch modules
     base = _rss()

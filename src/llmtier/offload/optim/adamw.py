@@ -34,12 +34,13 @@ from typing import Any
 
 import torch
 
-from ...engine import BufferPool, Engine, open_engine
+from ...engine import BufferPool, Engine, alloc, open_engine
 from ...errors import LLMTierError
 from ...units import parse_size
 from .layout import BYTES_PER_ELEM, LOW_PRECISION, SLOTS, Chunk, chunk_elems_for, least_budget, plan_chunks
 
 STATE_FILE = "adamw.state"
+_REGIONS = {"master": 0, "exp_avg": 1, "exp_avg_sq": 2}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -294,6 +295,33 @@ class OffloadedAdamW(torch.optim.Optimizer):
         finally:
             self._pool.release(buf)
 
+    def read_state(self, index: int, key: str) -> Iterator[torch.Tensor]:
+        """Parameter ``index``'s ``key`` (``exp_avg``, ``exp_avg_sq`` or ``master``) as fp32 pieces in
+        row-major order, read straight from SSD (one direct read per piece; each piece a fresh buffer)."""
+        region = _REGIONS.get(key)
+        p = self._index[index]
+        if region is None or (key == "master" and str(p.dtype) not in LOW_PRECISION):
+            raise OptimizerError(f"parameter {index} ({p.dtype}) has no state {key!r} on SSD")
+        for c in self.chunks:
+            for pc in c.pieces:
+                if pc.index != index:
+                    continue
+                start = c.offset + (region if c.master else region - 1) * 4 * c.elems + 4 * pc.c_lo
+                n = 4 * pc.n
+                buf = alloc(-(-n // 4096) * 4096)  # stays inside the region: regions are whole 4 KiB pages
+                self._file.pread(buf, start, tag=f"optim:chunk{c.index}").result()
+                yield torch.from_numpy(buf[:n]).view(torch.float32)
+
+    def _packed_groups(self) -> list[dict[str, Any]]:
+        groups = []
+        start = 0
+        for g in self.param_groups:
+            packed = {k: v for k, v in g.items() if k != "params"}
+            packed["params"] = list(range(start, start + len(g["params"])))
+            start += len(g["params"])
+            groups.append(packed)
+        return groups
+
     def state_dict(self) -> dict[str, Any]:
         """torch's AdamW state dict (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter that has stepped),
         plus ``master`` (fp32) for bf16/fp16 parameters.  Materializes the whole state in RAM."""
@@ -315,14 +343,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 for key, base in (("master", 0), ("exp_avg", n), ("exp_avg_sq", 2 * n)):
                     if key in entry:
                         entry[key].view(-1)[pc.p_lo:pc.p_hi].copy_(slot[base + pc.c_lo:base + pc.c_hi])
-        groups = []
-        start = 0
-        for g in self.param_groups:
-            packed = {k: v for k, v in g.items() if k != "params"}
-            packed["params"] = list(range(start, start + len(g["params"])))
-            start += len(g["params"])
-            groups.append(packed)
-        return {"state": state, "param_groups": groups}
+        return {"state": state, "param_groups": self._packed_groups()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of :meth:`state_dict` or of ``torch.optim.AdamW`` (same parameter order).
