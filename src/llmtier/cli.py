@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_store import add_store_verbs  # noqa: PLC0415
 
     add_store_verbs(sub, bench)
+    from .bench.checkpoint import add_cli as add_bench_checkpoint  # noqa: PLC0415
     from .bench.kv import add_cli as add_bench_kv  # noqa: PLC0415
     from .bench.weights import add_cli as add_bench_weights  # noqa: PLC0415
     from .cli_run import add_cli as add_run  # noqa: PLC0415
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_bench_weights(bench)
     add_bench_kv(bench)
+    add_bench_checkpoint(bench)
     from .bench.trainbench import add_cli as add_bench_train  # noqa: PLC0415
     add_bench_train(bench)
     return p

@@ -130,3 +130,7 @@ def io_failure(message: str, *, path: str, offset: int | None, size: int | None,
     elif errno in (_errno.ENOSPC, _errno.EDQUOT):
         cls = DiskFullError
     return cls(message, path=path, offset=offset, size=size, errno=errno)
+
+
+class CheckpointError(LLMTierError):
+    """A checkpoint cannot be saved or loaded: unsupported state, no complete checkpoint, a damaged one asked for."""

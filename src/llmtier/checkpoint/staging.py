@@ -1,0 +1,143 @@
+"""Tensor bytes on their way to the store: host pieces for a synchronous save, a bounded
+staging pool for an asynchronous one.
+
+The pool hands out page-aligned chunks (``llmtier.engine.alloc``) up to a
+fixed total; a snapshot that needs more waits for the background writer to
+give chunks back, so staging memory never exceeds the bound.  Chunks are
+kept between saves (no allocation on the hot path).  CUDA tensors are copied
+device -> host with ``Tensor.copy_`` into the chunk; the chunks are not
+page-locked by this module (see docs/CHECKPOINT.md).
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..engine import alloc, as_bytes_view
+from .tree import LazyTensor, Leaf, _is_torch
+
+CHUNK = 64 << 20
+
+
+def _flat_bytes_torch(t: Any) -> Any:
+    import torch  # noqa: PLC0415
+
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    flat = t.reshape(-1)
+    return flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+
+
+def host_pieces(value: Any, bounce: np.ndarray | None) -> Iterator[Any]:
+    """The bytes of one tensor value as host buffers, in order (a synchronous save's source).
+
+    CPU tensors and numpy arrays are one piece (no copy); a CUDA tensor goes
+    through ``bounce`` piece by piece; a :class:`LazyTensor` yields its own pieces.
+    """
+    if isinstance(value, LazyTensor):
+        yield from value.chunks()
+        return
+    if isinstance(value, np.ndarray):
+        arr = np.ascontiguousarray(value)
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        if arr.size:
+            yield arr.reshape(-1).view(np.uint8)
+        return
+    flat = _flat_bytes_torch(value)
+    if flat.device.type == "cpu":
+        if flat.numel():
+            yield flat
+        return
+    import torch  # noqa: PLC0415
+
+    host = torch.from_numpy(bounce if bounce is not None else alloc(CHUNK))
+    n = flat.numel()
+    for a in range(0, n, host.numel()):
+        m = min(host.numel(), n - a)
+        host[:m].copy_(flat[a : a + m])
+        yield host[:m]
+
+
+class StagingPool:
+    """At most ``limit`` bytes of page-aligned staging memory, in ``chunk``-byte pieces."""
+
+    def __init__(self, limit: int, chunk: int = CHUNK) -> None:
+        self.chunk = chunk
+        self.limit = max(chunk, limit - limit % chunk)
+        self._free: list[np.ndarray] = []
+        self._count = 0
+        self._cond = threading.Condition()
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of staging memory allocated so far (never more than ``limit``)."""
+        return self._count * self.chunk
+
+    def grow_limit(self, limit: int) -> None:
+        """Raise the bound (never lowers it)."""
+        with self._cond:
+            self.limit = max(self.limit, limit + (-limit) % self.chunk)
+
+    def acquire(self) -> np.ndarray:
+        """A free chunk; waits for one to be released when the bound is reached."""
+        with self._cond:
+            while not self._free:
+                if (self._count + 1) * self.chunk <= self.limit:
+                    self._count += 1
+                    return alloc(self.chunk)
+                self._cond.wait()
+            return self._free.pop()
+
+    def release(self, buf: np.ndarray) -> None:
+        """Give a chunk back."""
+        with self._cond:
+            self._free.append(buf)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Drop the free chunks (chunks still in use are freed when released and dropped)."""
+        with self._cond:
+            self._count -= len(self._free)
+            self._free.clear()
+
+
+def stage(leaf: Leaf, pool: StagingPool, put: Any) -> None:
+    """Copy one tensor into pool chunks; ``put((chunk, nbytes))`` hands each filled chunk on.
+
+    A zero-byte tensor puts nothing.  The caller's tensor may change as soon
+    as this returns.
+    """
+    value = leaf.value
+    if _is_torch(value):
+        import torch  # noqa: PLC0415
+
+        flat = _flat_bytes_torch(value)
+        n = flat.numel()
+        for a in range(0, n, pool.chunk):
+            m = min(pool.chunk, n - a)
+            buf = pool.acquire()
+            torch.from_numpy(buf[:m]).copy_(flat[a : a + m])
+            put((buf, m))
+        return
+    # numpy arrays and lazy tensors: pack their pieces into chunks
+    buf, fill = None, 0
+    for piece in host_pieces(value, None):
+        src = np.frombuffer(as_bytes_view(piece, writable=False), dtype=np.uint8)
+        done = 0
+        while done < src.nbytes:
+            if buf is None:
+                buf, fill = pool.acquire(), 0
+            m = min(src.nbytes - done, pool.chunk - fill)
+            buf[fill : fill + m] = src[done : done + m]
+            fill += m
+            done += m
+            if fill == pool.chunk:
+                put((buf, fill))
+                buf = None
+    if buf is not None:
+        put((buf, fill))
