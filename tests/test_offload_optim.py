@@ -173,3 +173,59 @@ def test_unsupported_options_are_typed(tmp_path):
         OffloadedAdamW([torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))], memory="1MiB", path=tmp_path / "o")
     with OffloadedAdamW(model.parameters(), memory="1MiB", path=tmp_path / "o") as opt, pytest.raises(OptimizerError):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4))]})
+
+
+def test_read_state_streams_each_tensor_from_ssd(tmp_path):
+    torch.manual_seed(4)
+    model = GPT(CFG).to(torch.bfloat16)
+    with OffloadedAdamW(model.parameters(), memory=BYTES_PER_ELEM * 16 * 1024, path=tmp_path / "o") as opt:
+        _train(model, opt, _batches(2))
+        sd = opt.state_dict()
+        for i, entry in sd["state"].items():
+            for key in ("exp_avg", "exp_avg_sq", "master"):
+                got = torch.cat(list(opt.read_state(i, key)))
+                assert torch.equal(got, entry[key].reshape(-1))
+        with pytest.raises(OptimizerError):
+            next(opt.read_state(0, "max_exp_avg_sq"))
+
+
+def test_llmtier_checkpoint_straight_from_ssd_and_resume_bitwise(tmp_path):
+    from llmtier import checkpoint
+    from llmtier.data import TokenDataset
+
+    rng = torch.Generator().manual_seed(0)
+    torch.randint(0, CFG.vocab, (60_000,), generator=rng).numpy().astype("uint16").tofile(tmp_path / "tok.bin")
+
+    def setup(model, where):
+        opt = OffloadedAdamW(_groups(model), memory=BYTES_PER_ELEM * 16 * 1024, path=tmp_path / where, lr=2e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
+        data = TokenDataset(tmp_path / "tok.bin", seq_len=CFG.context, batch_size=4, seed=11)
+        return opt, sched, data
+
+    def run(model, opt, sched, it, n):
+        return _train(model, opt, [next(it) for _ in range(n)], sched)
+
+    torch.manual_seed(5)
+    a = GPT(CFG).to(torch.bfloat16)
+    opt, sched, data = setup(a, "a")
+    with opt:
+        it = iter(data)
+        run(a, opt, sched, it, 4)
+        lazy = opt.lazy_state_dict()
+        assert isinstance(lazy["state"][0]["exp_avg"], checkpoint.LazyTensor)
+        checkpoint.save({"model": a.state_dict(), "optim": lazy, "sched": sched.state_dict(), "data": data.state_dict()},
+                        tmp_path / "ckpt", step=4)
+        tail_a = run(a, opt, sched, it, 5)
+    b = GPT(CFG).to(torch.bfloat16)
+    opt2, sched2, data2 = setup(b, "b")
+    with opt2:
+        st = checkpoint.load(tmp_path / "ckpt")
+        b.load_state_dict(st["model"])
+        opt2.load_state_dict(st["optim"])
+        sched2.load_state_dict(st["sched"])
+        data2.load_state_dict(st["data"])
+        assert data2.position == 4
+        tail_b = run(b, opt2, sched2, iter(data2), 5)
+    assert tail_a == tail_b
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)

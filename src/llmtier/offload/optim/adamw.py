@@ -26,6 +26,7 @@ master.  ``amsgrad``, ``capturable``, ``differentiable``, ``fused`` and
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -343,6 +344,23 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 for key, base in (("master", 0), ("exp_avg", n), ("exp_avg_sq", 2 * n)):
                     if key in entry:
                         entry[key].view(-1)[pc.p_lo:pc.p_hi].copy_(slot[base + pc.c_lo:base + pc.c_hi])
+        return {"state": state, "param_groups": self._packed_groups()}
+
+    def lazy_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` for :func:`llmtier.checkpoint.save`: the same structure, with every tensor
+        that lives on SSD a :class:`llmtier.checkpoint.LazyTensor` whose pieces :meth:`read_state` reads
+        straight from the state file while the checkpoint is written (never the whole state in RAM)."""
+        from ...checkpoint import LazyTensor  # noqa: PLC0415 - only when checkpointing
+
+        state: dict[int, dict[str, Any]] = {}
+        for i, p in enumerate(self._index):
+            if "step" not in self.state[p]:
+                continue
+            keys = ("exp_avg", "exp_avg_sq", "master") if str(p.dtype) in LOW_PRECISION else ("exp_avg", "exp_avg_sq")
+            entry: dict[str, Any] = {"step": self.state[p]["step"].clone()}
+            for key in keys:
+                entry[key] = LazyTensor(torch.float32, tuple(p.shape), functools.partial(self.read_state, i, key))
+            state[i] = entry
         return {"state": state, "param_groups": self._packed_groups()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
