@@ -14,10 +14,11 @@ from llmtier.cli import main
 def test_train_cli_budgets_agree_and_trace_shows_the_pattern(tmp_path, capsys):
     out_json = tmp_path / "runs.json"
     rc = main(["train", "--dir", str(tmp_path), "--params", "300k", "--steps", "3", "--context", "32", "--batch", "2",
-               "--tokens", "200000", "--budgets", "0.25,0.5", "--no-fio", "--trace", "--json", str(out_json)])
+               "--tokens", "200000", "--budgets", "0.25,0.5", "--no-fio", "--trace", "--checkpoint-every", "2", "--json", str(out_json)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "loss curves identical across budgets: yes" in text
+    assert "checkpoint (budget 0.25) at step 2" in text
     runs = json.loads(out_json.read_text())
     assert len(runs) == 2 and all(len(r["steps"]) == 3 for r in runs)
     for r in runs:

@@ -229,3 +229,23 @@ def test_llmtier_checkpoint_straight_from_ssd_and_resume_bitwise(tmp_path):
     assert tail_a == tail_b
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_resident_memory_stays_within_the_budget(tmp_path):
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    big = GPTConfig(vocab=4096, context=16, layers=4, heads=4, dim=256)  # ~4.2M params, 50 MB of state
+    model = GPT(big).to(torch.bfloat16)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # torch's optimizer imports, paid by any optimizer
+    base = rss()
+    budget = 12 * sum(p.numel() for p in model.parameters()) // 4  # 25% of the state
+    with OffloadedAdamW(model.parameters(), memory=budget, path=tmp_path / "o") as opt:
+        assert opt.dram_bytes <= budget
+        for _ in range(2):
+            opt.step()
+        grown = rss() - base
+    assert grown <= budget + (16 << 20), (grown, budget)

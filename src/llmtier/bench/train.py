@@ -11,6 +11,8 @@ read and write (1 MiB, QD 32, O_DIRECT) on the same file system just before
 each run: the I/O bound of a step is ``read bytes / fio read + written bytes /
 fio write``, and efficiency = that bound / the measured optimizer step.  Every
 budget computes the same numbers, so the loss curves must be identical.
+With ``checkpoint_every`` an :mod:`llmtier.checkpoint` is saved every N steps
+(the optimizer state streamed from SSD: :meth:`OffloadedAdamW.lazy_state_dict`).
 With ``trace`` the run is recorded (:func:`llmtier.trace.record`): tags
 ``optim:chunkN`` (read-modify-write of chunk N) and ``data:window``.
 """
@@ -54,6 +56,7 @@ class TrainConfig:
     trace: bool = False
     block: bool = False  # with trace: also the block layer (root)
     keep: bool = False  # keep the optimizer state files
+    checkpoint_every: int = 0  # llmtier.checkpoint saves every N steps (0: none)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class BudgetRun:
     analytic_write: int = 0
     trace: str = ""
     peak_rss: int = 0
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)  # step, seconds, bytes
 
     def median(self, key: str, skip: int = 1) -> float:
         vals = [s[key] for s in self.steps[skip:]] or [s[key] for s in self.steps]
@@ -134,6 +138,7 @@ def train_once(cfg: TrainConfig, budget: float, token_file: str) -> BudgetRun:
     """Train ``cfg.steps`` steps with the optimizer state at ``budget`` x its size."""
     import torch  # noqa: PLC0415
 
+    from .. import checkpoint  # noqa: PLC0415
     from ..data import TokenDataset  # noqa: PLC0415
     from ..offload.optim import OffloadedAdamW  # noqa: PLC0415
     from .gpt import GPT, GPTConfig  # noqa: PLC0415
@@ -169,6 +174,11 @@ def train_once(cfg: TrainConfig, budget: float, token_file: str) -> BudgetRun:
             t3 = time.perf_counter()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                info = checkpoint.save({"model": model.state_dict(), "optim": opt.lazy_state_dict(),
+                                        "sched": sched.state_dict(), "data": data.state_dict(), "step": step + 1},
+                                       os.path.join(cfg.directory, f"ckpt-{budget:g}"), step=step + 1, keep_last=1)
+                run.checkpoints.append({"step": step + 1, "seconds": info.seconds, "bytes": info.bytes})
             run.steps.append({"step": step, "loss": loss.item(), "step_s": time.perf_counter() - t0,
                               "data_s": t1 - t0, "fwd_bwd_s": t2 - t1, "optim_s": t3 - t2,
                               "optim_wait_s": opt.stats.wait_s, "read": opt.stats.bytes_read - r0,
@@ -219,6 +229,10 @@ def format_runs(runs: list[BudgetRun]) -> str:
                      f"{r.fio_read_gib_s:.2f}/{r.fio_write_gib_s:.2f} | {r.io_bound_s:.3f} | {eff:.2f} |")
     lines.append("")
     for r in runs:
+        for c in r.checkpoints:
+            lines.append(f"checkpoint (budget {r.budget:g}) at step {c['step']}: {human(c['bytes'])} in {c['seconds']:.2f} s "
+                         f"({c['bytes'] / max(c['seconds'], 1e-9) / 2**30:.2f} GiB/s), optimizer state streamed from SSD")
+    for r in runs:
         lines.append(f"loss (budget {r.budget:g}): " + " ".join(f"{s['loss']:.4f}" for s in r.steps))
     if len(runs) > 1:
         same = all([s["loss"] for s in r.steps] == [s["loss"] for s in runs[0].steps] for r in runs)
@@ -238,6 +252,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.tokens:
         cfg.tokens = args.tokens
     cfg.fio = not args.no_fio
+    cfg.checkpoint_every = args.checkpoint_every or 0
     cfg.trace = args.trace
     cfg.block = args.block
     runs = run_train(cfg)
@@ -264,6 +279,9 @@ def add_cli(sub: Any) -> None:
     t.add_argument("--seed", type=int, help="seed of the model, the data and the token file")
     t.add_argument("--budgets", help="optimizer DRAM budgets as shares of its state, e.g. 0.25,0.5 (default)")
     t.add_argument("--tokens", type=int, help="synthetic token file length (default 8000000)")
+    t.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="save an llmtier.checkpoint every N steps (model, optimizer state streamed from SSD, "
+                   "scheduler, loader position) to --dir/ckpt-<budget>")
     t.add_argument("--no-fio", action="store_true", help="do not measure the fio bound")
     t.add_argument("--trace", action="store_true", help="record the I/O (train-<budget>.trace.npz in --dir)")
     t.add_argument("--block", action="store_true", help="with --trace: also the block layer (root)")
