@@ -49,7 +49,7 @@ class TrainConfig:
     budgets: tuple[float, ...] = (0.25, 0.5)
     tokens: int = 8_000_000  # synthetic token file length (uint16)
     vocab: int = 8192
-    lr: float = 1e-3
+    lr: float = 3e-3
     clip: float = 1.0
     seed: int = 0
     fio: bool = True
@@ -275,7 +275,7 @@ def add_cli(sub: Any) -> None:
     t.add_argument("--steps", type=int, help="training steps per budget (default 12)")
     t.add_argument("--context", type=int, help="sequence length (default 128)")
     t.add_argument("--batch", type=int, help="sequences per step (default 4)")
-    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     t.add_argument("--seed", type=int, help="seed of the model, the data and the token file")
     t.add_argument("--budgets", help="optimizer DRAM budgets as shares of its state, e.g. 0.25,0.5 (default)")
     t.add_argument("--tokens", type=int, help="synthetic token file length (default 8000000)")

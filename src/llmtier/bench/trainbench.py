@@ -12,7 +12,11 @@ OVERHEAD``; the peak (cgroup) and the RSS above the child's baseline (weights
 and grads allocated, before the optimizer) are reported.  fio measures
 sequential write and read (1 MiB, QD 32, O_DIRECT) of a file as large as the
 state before each child: I/O bound = state / fio read + state / fio write;
-efficiency = max(I/O bound, compute bound) / median step.
+efficiency = max(I/O bound, compute bound) / median step.  Because this
+disk's bandwidth swings within seconds, the child also runs fio (256 MiB
+write then read) just before every OffloadedAdamW step, and the per-step
+efficiency (that step's bound / that step's time, median over the steps)
+is reported next to it.
 
 **Loader.**  A token file (uint16) on the disk under test; windows of
 ``seq_len + 1`` tokens (``seq_len = 2048``: every window is one 8 KiB request
@@ -49,12 +53,12 @@ class TrainBenchConfig:
     directory: str = os.path.join(tempfile.gettempdir(), "llmtier-bench-train")
     params: int = 100_000_000
     budgets: tuple[float, ...] = (0.25, 0.5)
-    steps: int = 6  # per child: 1 warm-up + the rest measured
+    steps: int = 8  # per child: 1 warm-up + the rest measured
     rounds: int = 1  # children per system
     loader_bytes: int = 2 << 30
     seq_len: int = 2048
     batch: int = 32
-    loader_batches: int = 128
+    loader_batches: int = 256
     loader_rounds: int = 5
     prefetch: int = 4
     parts: tuple[str, ...] = ("optim", "loader")
@@ -111,15 +115,22 @@ def optim_child(job: dict[str, Any]) -> dict[str, Any]:
         step = opt.step
         close = opt.close
         out.update(state_bytes=opt.state_bytes, dram_bytes=opt.dram_bytes, chunks=len(opt.chunks))
-    times, waits = [], []
+    times, waits, fio_r, fio_w = [], [], [], []
     for _ in range(job["steps"]):
+        if close is not None and job.get("fio"):  # the bound just before the step it bounds
+            from .train import fio_bandwidth  # noqa: PLC0415
+
+            r, w = fio_bandwidth(job["dir"], 256 << 20)
+            fio_r.append(r)
+            fio_w.append(w)
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
         if close is not None:
             waits.append(opt.stats.wait_s)
     if close is not None:
-        out.update(bytes_read=opt.stats.bytes_read, bytes_written=opt.stats.bytes_written, wait_s=waits)
+        out.update(bytes_read=opt.stats.bytes_read, bytes_written=opt.stats.bytes_written, wait_s=waits,
+                   step_fio_read_gib_s=fio_r, step_fio_write_gib_s=fio_w)
         close()
     out.update(step_s=times, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return out
@@ -156,10 +167,11 @@ def run_optim(cfg: TrainBenchConfig, notes: list[str]) -> list[dict[str, Any]]:
     rows = []
     state_dir = os.path.join(cfg.directory, "optim")
     systems = [("memory", 1.0)] + [("llmtier", b) for b in cfg.budgets]
-    for system, frac in systems:
-        for _ in range(cfg.rounds):
+    for _ in range(cfg.rounds):  # rounds interleave the systems: the machine's drift hits all alike
+        for system, frac in systems:
             fio_r, fio_w = fio_bandwidth(cfg.directory, min(12 * cfg.params, 2 << 30))
-            job = {"system": system, "params": cfg.params, "budget": frac, "dir": state_dir, "steps": cfg.steps}
+            job = {"system": system, "params": cfg.params, "budget": frac, "dir": state_dir, "steps": cfg.steps,
+                   "fio": True}
             limit = (16 << 30) if system == "memory" else int(frac * 12 * cfg.params) + 4 * cfg.params + OVERHEAD
             res = _run_child(job, limit, capped)
             res.update(system=system, budget=frac, fio_read_gib_s=fio_r, fio_write_gib_s=fio_w)
@@ -178,6 +190,13 @@ def run_optim(cfg: TrainBenchConfig, notes: list[str]) -> list[dict[str, Any]]:
             gib = 2**30
             r["io_bound_s"] = r["state_bytes"] / (r["fio_read_gib_s"] * gib) + r["state_bytes"] / (r["fio_write_gib_s"] * gib)
             r["efficiency"] = max(r["io_bound_s"], compute) / r["median_s"]
+            if r.get("step_fio_read_gib_s"):  # per step, against fio run just before that step
+                per = [r["state_bytes"] / (fr * gib) + r["state_bytes"] / (fw * gib)
+                       for fr, fw in zip(r["step_fio_read_gib_s"], r["step_fio_write_gib_s"])]
+                r["step_io_bound_s"] = per
+                effs = [max(b, compute) / t for b, t in zip(per[1:], r["step_s"][1:])] or [max(per[0], compute) / r["step_s"][0]]
+                r["efficiency_per_step"] = statistics.median(effs)
+                r["efficiency_per_step_range"] = (min(effs), max(effs))
             r["rss_above_baseline"] = r["peak_rss"] - r["baseline_rss"]
     if os.path.isdir(state_dir):
         for name in os.listdir(state_dir):
@@ -266,7 +285,9 @@ def run_loader(cfg: TrainBenchConfig, notes: list[str]) -> dict[str, Any]:
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     rng = {k: (min(r[k] for r in rounds), max(r[k] for r in rounds)) for k in rounds[0]}
     med.update(vs_fio=med["ours_bytes_s"] / med["fio_bytes_s"], vs_memmap=med["ours_windows_s"] / med["memmap_windows_s"],
-               vs_dataloader=med["ours_windows_s"] / med["dataloader_windows_s"], rounds=rounds, range=rng)
+               vs_dataloader=med["ours_windows_s"] / med["dataloader_windows_s"], rounds=rounds, range=rng,
+               vs_fio_per_round=statistics.median(r["ours_bytes_s"] / r["fio_bytes_s"] for r in rounds),
+               vs_memmap_per_round=statistics.median(r["ours_windows_s"] / r["memmap_windows_s"] for r in rounds))
     return med
 
 
@@ -295,11 +316,26 @@ def format_report(res: dict[str, Any]) -> str:
                 continue
             io = f"{r['io_bound_s']:.3f}" if "io_bound_s" in r else "-"
             eff = f"{r['efficiency']:.2f}" if "efficiency" in r else "-"
+            if "efficiency_per_step" in r:
+                lo, hi = r["efficiency_per_step_range"]
+                eff += f"; per step {r['efficiency_per_step']:.2f} ({lo:.2f}-{hi:.2f})"
             rss = human(r["rss_above_baseline"]) + f" (budget {human(r['dram_bytes'])})" if "rss_above_baseline" in r else "-"
             cg = f"{human(r['cgroup_peak'])} / {human(r['limit'])}" if r.get("cgroup_peak") else "-"
             out.append(f"| {r['system']} | {r['budget']:g} | {r['median_s']:.3f} ({r['range_s'][0]:.3f}-"
                        f"{r['range_s'][1]:.3f}) | {r['compute_bound_s']:.3f} | {io} | {r['fio_read_gib_s']:.2f}/"
                        f"{r['fio_write_gib_s']:.2f} | {eff} | {rss} | {cg} |")
+        out += ["", "| all rounds | budget | children | median step s | compute bound s | median I/O bound s | "
+                "efficiency = max(bounds) / step |", "|---|---|---|---|---|---|---|"]
+        for key in dict.fromkeys((r["system"], r["budget"]) for r in res["optim"]):
+            rs = [r for r in res["optim"] if (r["system"], r["budget"]) == key and r.get("ok")]
+            if not rs:
+                continue
+            med = statistics.median(t for r in rs for t in (r["step_s"][1:] or r["step_s"]))
+            comp = rs[0]["compute_bound_s"]
+            io = statistics.median(b for r in rs for b in r.get("step_io_bound_s", [r.get("io_bound_s", float("nan"))]))
+            eff = max(io, comp) / med if key[0] == "llmtier" else float("nan")
+            out.append(f"| {key[0]} | {key[1]:g} | {len(rs)} | {med:.3f} | {comp:.3f} | "
+                       f"{'-' if key[0] == 'memory' else f'{io:.3f}'} | {'-' if key[0] == 'memory' else f'{eff:.2f}'} |")
     if "loader" in res:
         m = res["loader"]
         out += ["", "| loader (cold cache) | windows/s | request MiB/s | vs fio | llmtier vs it |", "|---|---|---|---|---|",

@@ -75,13 +75,16 @@ class OffloadedAdamW(torch.optim.Optimizer):
         engine: an open :class:`~llmtier.engine.Engine` to use (not closed by
             us), or a backend name to open one (default ``"auto"``).
         chunk_elems: chunk length in elements (default: the largest the budget allows).
+        io_nice: nice value for the I/O threads of an engine we open (root or CAP_SYS_NICE),
+            so that torch's spinning compute threads do not keep them, and the disk,
+            waiting; None leaves them alone.
     """
 
     def __init__(self, params: Iterable[Any], *, memory: int | str, path: str | os.PathLike[str], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, engine: Engine | str = "auto",
-                 chunk_elems: int | None = None) -> None:
+                 chunk_elems: int | None = None, io_nice: int | None = -10) -> None:
         if amsgrad or capturable or differentiable or fused or foreach:
             raise OptimizerError("OffloadedAdamW supports amsgrad=False, capturable=False, differentiable=False, "
                                  "fused=None/False and foreach=None/False only")
@@ -110,6 +113,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.path = os.path.join(self.directory, STATE_FILE)
         self._own_engine = not isinstance(engine, Engine)
         self.engine: Engine = open_engine(engine) if self._own_engine else engine  # type: ignore[arg-type]
+        #: why the I/O threads could not be given priority over the update's compute threads (None: they were)
+        self.io_nice_note = self.engine.prioritize(io_nice) if self._own_engine and io_nice is not None else None
         self._file = None
         self._pool = None
         try:
@@ -191,7 +196,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 fut.result()
                 waited += time.perf_counter() - t
                 self.stats.bytes_read += c.nbytes
-                update(c, torch.from_numpy(buf).view(torch.float32))
+                try:
+                    update(c, torch.from_numpy(buf).view(torch.float32))
+                except BaseException:
+                    pool.release(buf)
+                    raise
                 w = f.pwrite(buf[c.buf_lo:c.buf_lo + c.nbytes], c.offset, tag=f"optim:chunk{c.index}")
                 w.add_done_callback(lambda _w, b=buf: pool.release(b))
                 writes.append(w)
@@ -389,6 +398,10 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 if key in entry and entry[key].numel() != p.numel():
                     raise OptimizerError(f"state {key} of parameter {i} has {entry[key].numel()} elements, "
                                          f"the parameter {p.numel()}")
+        for s in saved:
+            if s.get("amsgrad") or s.get("capturable") or s.get("differentiable") or s.get("fused") or s.get("foreach"):
+                raise OptimizerError("the state dict's groups ask for amsgrad, capturable, differentiable, fused or "
+                                     "foreach, which OffloadedAdamW does not support")
         for s, g in zip(saved, self.param_groups):
             for k, v in s.items():
                 if k != "params":
