@@ -359,7 +359,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         kw["budgets"] = tuple(float(b) for b in args.budgets.split(","))
     if args.parts:
         kw["parts"] = tuple(args.parts.split(","))
-    for key in ("steps", "rounds", "loader_rounds"):
+    for key in ("steps", "rounds", "loader_rounds", "loader_batches"):
         if getattr(args, key) is not None:
             kw[key] = getattr(args, key)
     cfg = TrainBenchConfig.quick(args.dir, **kw) if args.quick else TrainBenchConfig(
@@ -383,6 +383,7 @@ def add_cli(bench: Any) -> None:
     t.add_argument("--steps", type=int, help="steps per optimizer child (first is warm-up)")
     t.add_argument("--rounds", type=int, help="optimizer children per system")
     t.add_argument("--loader-rounds", type=int, help="loader rounds (default 5)")
+    t.add_argument("--loader-batches", type=int, help="batches of 32 windows per loader round (default 256)")
     t.add_argument("--parts", help="optim,loader (default both)")
     t.add_argument("--json", metavar="PATH", help="write the result as JSON")
     t.set_defaults(func=cmd_bench_train)

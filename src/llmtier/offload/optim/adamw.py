@@ -192,14 +192,14 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 pending = None
                 if i + 1 < len(work):
                     pending = read(work[i + 1])
-                t = time.perf_counter()
-                fut.result()
-                waited += time.perf_counter() - t
-                self.stats.bytes_read += c.nbytes
                 try:
+                    t = time.perf_counter()
+                    fut.result()
+                    waited += time.perf_counter() - t
+                    self.stats.bytes_read += c.nbytes
                     update(c, torch.from_numpy(buf).view(torch.float32))
                 except BaseException:
-                    pool.release(buf)
+                    pool.release(buf)  # this slot will not be written: give it back
                     raise
                 w = f.pwrite(buf[c.buf_lo:c.buf_lo + c.nbytes], c.offset, tag=f"optim:chunk{c.index}")
                 w.add_done_callback(lambda _w, b=buf: pool.release(b))
