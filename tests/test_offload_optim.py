@@ -249,3 +249,25 @@ def test_resident_memory_stays_within_the_budget(tmp_path):
             opt.step()
         grown = rss() - base
     assert grown <= budget + (16 << 20), (grown, budget)
+
+
+def test_a_failed_step_gives_its_buffers_back(tmp_path):
+    model = GPT(CFG)
+    params = list(model.parameters())
+    with OffloadedAdamW(params, memory=BYTES_PER_ELEM * 16 * 1024, path=tmp_path / "o") as opt:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        update = opt._update
+
+        def failing(c, slot, steps):
+            if c.index == 1:
+                raise RuntimeError("update failed")
+            update(c, slot, steps)
+
+        opt._update = failing
+        with pytest.raises(RuntimeError, match="update failed"):
+            opt.step()
+        opt._update = update
+        for _ in range(2):  # the pipeline still has all its slots
+            opt.step()
+        assert opt._pool._made == 3  # no slot was lost (a lost one would make a step wait forever)
