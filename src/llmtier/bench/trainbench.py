@@ -239,6 +239,7 @@ def _loader_round(cfg: TrainBenchConfig, path: str, ds_seed: int) -> dict[str, A
 
     out: dict[str, Any] = {}
     size = os.path.getsize(path) // 8192 * 8192
+    drop_page_cache()  # every reader of the round starts cold, fio included (file metadata too)
     fio = run_fio(path, "randread", 8192, 32, size, runtime_s=2.0 if cfg.loader_batches > 8 else 1.0)
     out["fio_bytes_s"] = fio.gib_per_s * 2**30
     ds = TokenDataset(path, seq_len=cfg.seq_len, batch_size=cfg.batch, seed=ds_seed, batches=cfg.loader_batches,
@@ -359,6 +360,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         kw["budgets"] = tuple(float(b) for b in args.budgets.split(","))
     if args.parts:
         kw["parts"] = tuple(args.parts.split(","))
+    if args.loader_gib:
+        kw["loader_bytes"] = int(args.loader_gib * 2**30)
     for key in ("steps", "rounds", "loader_rounds", "loader_batches"):
         if getattr(args, key) is not None:
             kw[key] = getattr(args, key)
@@ -384,6 +387,7 @@ def add_cli(bench: Any) -> None:
     t.add_argument("--rounds", type=int, help="optimizer children per system")
     t.add_argument("--loader-rounds", type=int, help="loader rounds (default 5)")
     t.add_argument("--loader-batches", type=int, help="batches of 32 windows per loader round (default 256)")
+    t.add_argument("--loader-gib", type=float, help="token file size for the loader part (default 2)")
     t.add_argument("--parts", help="optim,loader (default both)")
     t.add_argument("--json", metavar="PATH", help="write the result as JSON")
     t.set_defaults(func=cmd_bench_train)
