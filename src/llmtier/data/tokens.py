@@ -63,11 +63,14 @@ class TokenDataset(torch.utils.data.IterableDataset):
         batches: stop after this many batches of this rank's stream (default: never stop).
         engine: backend name for the engine each iterator opens (``"auto"``).
         rank, world_size: data-parallel split of the stream.
+        io_nice: nice value for the engine's I/O threads (root or CAP_SYS_NICE), so that the
+            training's compute threads do not keep the disk's queue from being refilled; None
+            leaves them alone.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, seq_len: int, batch_size: int, seed: int = 0,
                  dtype: Any = None, prefetch: int = 4, batches: int | None = None, engine: str = "auto",
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, io_nice: int | None = -10) -> None:
         super().__init__()
         if seq_len <= 0 or batch_size <= 0 or prefetch <= 0:
             raise DataError(f"seq_len, batch_size and prefetch must be > 0, got {seq_len}, {batch_size}, {prefetch}")
@@ -92,6 +95,7 @@ class TokenDataset(torch.utils.data.IterableDataset):
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.prefetch, self.batches, self.engine_name = prefetch, batches, engine
         self.rank, self.world_size = rank, world_size
+        self.io_nice = io_nice
         self.window_bytes = (seq_len + 1) * self.dtype.itemsize
         self.limit = data_bytes // ALIGN * ALIGN  # windows end before the last partial page
         self.max_start = (self.limit - self.window_bytes) // self.dtype.itemsize  # last window start, in tokens
@@ -174,6 +178,8 @@ class BatchReader:
         self.ds = ds
         self.ks = ks
         self.engine = open_engine(ds.engine_name)
+        #: why the I/O threads could not be given priority (None: they were, or io_nice is None)
+        self.io_nice_note = self.engine.prioritize(ds.io_nice) if ds.io_nice is not None else None
         self.file = self.engine.open(ds.path, "r")
         self.out: queue.Queue = queue.Queue(maxsize=ds.prefetch)
         self._stop = threading.Event()
