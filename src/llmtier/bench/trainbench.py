@@ -22,7 +22,7 @@ is reported next to it.
 ``seq_len + 1`` tokens (``seq_len = 2048``: every window is one 8 KiB request
 after widening to 4 KiB pages).  Per round, interleaved, the page cache dropped
 before each: fio random reads (8 KiB, QD 32, O_DIRECT) on the same file;
-:class:`~llmtier.data.TokenDataset` (one ``pread_many`` per batch, prefetch);
+:class:`~llmtier.data.TokenDataset` (one ``pread_pages`` per batch, prefetch);
 nanoGPT's way (``np.memmap`` and a list of slices per batch, the same windows);
 and ``DataLoader(num_workers=2)`` over that memmap dataset.
 """

@@ -14,8 +14,10 @@ whose starts are drawn uniformly by ``numpy.random.default_rng([seed, b])``:
 any batch can be produced without the ones before it, so the stream is
 deterministic for a seed and resumes from a position (the number of batches
 consumed, :meth:`TokenDataset.state_dict`).  All windows of a batch are read
-with **one** engine call (``pread_many``): each window widened to 4 KiB
-boundaries (``O_DIRECT``), into one aligned buffer.  A background thread keeps
+with **one** engine call (``pread_pages``): each window widened to ``span``
+bytes of whole 4 KiB pages (``O_DIRECT``), into one aligned buffer; with
+``uring`` the batch goes to the kernel in one call with no Python object per
+window.  A background thread keeps
 ``prefetch`` batches in flight.  Windows end before the file's last partial
 4 KiB page (less than 4 KiB of tokens are never sampled).
 
@@ -103,6 +105,8 @@ class TokenDataset(torch.utils.data.IterableDataset):
             raise DataError(f"{self.path} holds {data_bytes} bytes of tokens; a window of {seq_len + 1} tokens needs "
                             f"{self.window_bytes} bytes within the first {self.limit} (whole 4 KiB pages)")
         self.span = -(-(self.window_bytes + ALIGN - self.dtype.itemsize) // ALIGN) * ALIGN  # most bytes one window reads
+        if self.span > self.limit:
+            raise DataError(f"{self.path} holds {self.limit} bytes of whole pages; a window reads {self.span}")
         self.position = 0
 
     # -- the stream ---------------------------------------------------------------------------------------------
@@ -111,16 +115,16 @@ class TokenDataset(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, k * self.world_size + self.rank])
         return rng.integers(0, self.max_start + 1, size=self.batch_size, dtype=np.int64)
 
-    def extents(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(file offsets, sizes, window start within each extent)`` of the aligned reads of batch ``k``."""
+    def extents(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(file offsets, window start within each extent)`` of the aligned reads of batch ``k``; every
+        extent is ``self.span`` bytes (the most pages a window can touch), none past ``self.limit``."""
         off = self.starts(k) * self.dtype.itemsize
-        lo = off // ALIGN * ALIGN
-        hi = -(-(off + self.window_bytes) // ALIGN) * ALIGN
-        return lo, hi - lo, off - lo
+        lo = np.minimum(off // ALIGN * ALIGN, self.limit - self.span)
+        return lo, off - lo
 
     def request_bytes(self, k: int) -> int:
-        """Bytes batch ``k`` reads from the file (the windows widened to 4 KiB pages)."""
-        return int(self.extents(k)[1].sum())
+        """Bytes batch ``k`` reads from the file (every window widened to ``span`` bytes of whole pages)."""
+        return self.batch_size * self.span
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
@@ -194,12 +198,10 @@ class BatchReader:
             for k in self.ks:
                 if self._stop.is_set():
                     break
-                lo, size, delta = self.ds.extents(k)
+                lo, delta = self.ds.extents(k)
                 buf = self._free.pop()
-                pos = np.concatenate(([0], np.cumsum(size[:-1])))
-                views = [buf[a:a + s] for a, s in zip(pos.tolist(), size.tolist())]
-                fut = self.file.pread_many(views, lo.tolist(), tags=[TAG] * len(views))
-                inflight.append((buf, pos + delta, fut, int(size.sum())))
+                fut = self.file.pread_pages(buf, lo, self.ds.span, tag=TAG)  # the whole batch: one engine call
+                inflight.append((buf, np.arange(len(lo)) * self.ds.span + delta, fut, len(lo) * self.ds.span))
                 if len(inflight) > self.ds.prefetch - 1 or not self._free:
                     self._finish(inflight.popleft())
             while inflight and not self._stop.is_set():
