@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CheckpointError
-from .core import AsyncSave, CheckpointInfo, Checkpointer, CheckpointWarning, latest_step, load, save
+from .core import AsyncSave, Checkpointer, CheckpointInfo, CheckpointWarning, latest_step, load, save
 from .tree import LazyTensor
 
 

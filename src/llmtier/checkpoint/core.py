@@ -22,7 +22,8 @@ from ..store import StoreWriter, dtypes, open_store
 from ..store.writer import STAGE_BYTES, _check_json, fsync_dir
 from . import layout
 from .dist import Ranks
-from .staging import CHUNK, StagingPool, host_pieces, stage
+from .readinto import read_into
+from .staging import CHUNK, Packer, StagingPool, host_pieces
 from .tree import LazyTensor, Leaf, _is_torch, decode, encode, lookup
 
 META_KEY = "llmtier_checkpoint"
@@ -153,7 +154,7 @@ class Checkpointer:
             tree, leaves = encode(state)
             total = sum(_spec(x.value)[0].itemsize * int(np.prod(_spec(x.value)[1], dtype=object)) for x in leaves)
             step_dir = self._prepare(step, metadata)
-        except BaseException as exc:  # noqa: BLE001 - the other ranks' background commits must hear of it
+        except BaseException as exc:
             self._commit(self._bg_ranks, step, step_dir, exc, 0, metadata)
             raise
         pool = self._staging_pool(total)
@@ -162,16 +163,29 @@ class Checkpointer:
         th = threading.Thread(target=self._background, args=(handle, q, pool, step_dir, step, tree, leaves,
                                                               metadata, t0), name=f"llmtier-ckpt-{step}", daemon=True)
         handle._thread = th
-        th.start()
+        pool.reserve(total)  # once per Checkpointer: later saves reuse the chunks
+        # When the pool holds the whole state, the writer starts after the snapshot: the copy then has the
+        # memory bandwidth and the CPU to itself, which is what the caller waits for.  Otherwise the
+        # writer must free chunks while the snapshot runs.
+        overlap = pool.limit < total  # the packer fills chunks back to back: ceil(total / chunk) of them
+        if overlap:
+            th.start()
+        packer = Packer(pool, q.put)
         try:
             for leaf in leaves:
-                stage(leaf, pool, q.put)
+                packer.add(leaf.value)
                 q.put(_END)
+            packer.finish()
             q.put(_DONE)
         except BaseException:
+            packer.finish()
             q.put(_ABORT)
+            if not overlap:
+                th.start()
             th.join()
             raise
+        if not overlap:
+            th.start()
         handle.info.stall_seconds = time.perf_counter() - t0
         handle.info.staging_bytes = pool.allocated + 2 * STAGE_BYTES
         self._pending = handle
@@ -232,16 +246,21 @@ class Checkpointer:
                 if item is _ABORT:
                     finished = True
                     raise CheckpointError(f"the snapshot of checkpoint step {step} failed in the caller")
-                buf, n = item
-                try:
-                    yield buf[:n]
-                finally:
-                    pool.release(buf)
+                if item[0] == "release":
+                    pool.release(item[1])
+                    continue
+                _, buf, a, b = item
+                yield buf[a:b]
 
         err, size = None, 0
         try:
             size = self._write(step_dir, step, tree, leaves, pieces)
-            q.get()  # _DONE (or _ABORT: the snapshot failed after its last tensor was handed over)
+            while True:  # the last chunk's release, then _DONE (or _ABORT: the snapshot failed late)
+                item = q.get()
+                if item is _DONE or item is _ABORT:
+                    break
+                if type(item) is tuple and item[0] == "release":
+                    pool.release(item[1])
             finished = True
         except BaseException as exc:  # noqa: BLE001 - kept for wait()
             err = exc
@@ -249,8 +268,8 @@ class Checkpointer:
             item = q.get()
             if item is _DONE or item is _ABORT:
                 break
-            if item is not _END:
-                pool.release(item[0])
+            if type(item) is tuple and item[0] == "release":
+                pool.release(item[1])
         try:
             handle.info.deleted = self._commit(self._bg_ranks or self._ranks, step, step_dir, err, size, metadata)
             handle.info.bytes = size
@@ -356,7 +375,7 @@ class Checkpointer:
                 else:
                     later[name] = dst
             if outs:
-                st.get_many(out=outs)
+                read_into(st, [(st.info(n), d) for n, d in outs.items()], verify=verify)
             torch_names = [lf["tensor"] for lf, _ in found if lf["tensor"] not in outs and lf["kind"] == "torch"]
             np_names = [lf["tensor"] for lf, _ in found if lf["tensor"] not in outs and lf["kind"] != "torch"]
             got = st.get_many(torch_names, torch=True) if torch_names else {}

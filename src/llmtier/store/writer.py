@@ -19,6 +19,7 @@ copy), and one buffer is written while the other fills.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -98,6 +99,10 @@ class _Stream:
         self.cur ^= 1
         if self.pending[self.cur] is not None:  # the buffer we switch to must be written out
             fut, self.pending[self.cur] = self.pending[self.cur], None
+            # Wait without lending this thread to the engine: ``fut.result()`` would run the write just
+            # submitted (still queued while a worker finishes this one) here, inline, and the next stage
+            # would not fill while it is on its way: copy and write would take turns instead of overlapping.
+            concurrent.futures.wait([fut])
             fut.result()
 
     def drain(self) -> None:
