@@ -120,9 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_run import add_cli as add_run  # noqa: PLC0415
 
     add_run(sub)
+    from .bench.train import add_cli as add_train  # noqa: PLC0415
+    add_train(sub)
     add_bench_weights(bench)
     add_bench_kv(bench)
     add_bench_checkpoint(bench)
+    from .bench.trainbench import add_cli as add_bench_train  # noqa: PLC0415
+    add_bench_train(bench)
     return p
 
 
