@@ -37,6 +37,7 @@ from ..store import dtypes
 from ..store.format import TensorInfo, crc32c
 from ..store.reader import TensorSource
 from . import hf
+from .hfcompat import TransformersLike
 from .layout import (
     INFLIGHT_BYTES,
     MAX_SLOTS,
@@ -157,8 +158,10 @@ class WeightStreamer:
         raw = buf[pos:pos + t.nbytes]
         dt = dtypes.torch_dtype(t.dtype)
         if pos % max(1, t.dtype.itemsize):  # unaligned element (odd safetensors layouts): copy
-            return torch.from_numpy(raw.copy()).view(dt).reshape(b.shape)
-        return torch.from_numpy(raw).view(dt).reshape(b.shape)
+            x = torch.from_numpy(raw.copy()).view(dt).reshape(b.shape)
+        else:
+            x = torch.from_numpy(raw).view(dt).reshape(b.shape)
+        return x.to(b.dtype) if x.dtype != b.dtype and x.is_floating_point() else x  # stream_model(dtype=): cast
 
     def _bind(self, g: Group, buf: np.ndarray) -> None:
         torch = self._torch
@@ -233,6 +236,8 @@ class WeightStreamer:
                                                  tags=[f"{self.tag}:embedding"] * n).result()
         self.stats_.embedding_bytes_read += n * rb
         table = torch.from_numpy(self._rows[:n * rb]).view(dtypes.torch_dtype(t.dtype)).reshape(n, *b.shape[1:])
+        if table.dtype != b.dtype and table.is_floating_point():
+            table = table.to(b.dtype)
         self._placeholders.setdefault((id(module), "weight"), module._parameters["weight"])
         module._parameters["weight"] = torch.nn.Parameter(table, requires_grad=table.is_floating_point())
         # padding_idx only shapes gradients (refused here), but F.embedding checks it against the table's rows
@@ -356,7 +361,8 @@ class _Streamed:
 
 @functools.cache
 def _streamed_class(cls: type) -> type:
-    return type(cls.__name__, (_Streamed, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return type(cls.__name__, (_Streamed, TransformersLike, cls), {"__module__": cls.__module__,
+                                                                  "__qualname__": cls.__qualname__})
 
 
 def stream_model(path: str | os.PathLike[str], memory: int | str, device: str = "cpu", *, dtype: Any = None,
