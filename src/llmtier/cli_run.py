@@ -201,6 +201,7 @@ def _generate(model: Any, ids: list[int], args: argparse.Namespace, opts: dict[s
             cache = _cache(args, model, stack, store)
         fetch_s = time.perf_counter() - t1
     streamer = _Printer(tokenizer, len(ids)) if stream else None
+    torch.manual_seed(args.seed)  # as `torch.manual_seed(seed); model.generate(...)` would
     timed = generate_timed(model, input_ids, args.max_new_tokens, on_token=on_token, cache=cache, exact=False,
                            options=opts, streamer=streamer)
     if store is not None:
@@ -267,10 +268,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise RunError("-i reads text turns; it needs a tokenizer, not --prompt-ids")
     if args.greedy and args.sample:
         raise RunError("--greedy and --sample contradict each other")
-    if args.memory is not None:
-        with contextlib.suppress(ValueError):
-            n = resolve_size(args.memory, whole=0)
-            if "%" not in args.memory and n > total_ram():
+    if args.memory is not None and "%" not in args.memory:
+        if parse_size(args.memory) > total_ram():
                 raise RunError(f"--memory {args.memory} is more than this machine's RAM ({human(total_ram())}); "
                                f"give a size below it, a share of the weights (50%) or of the memory available (50%ram)")
 
@@ -288,7 +287,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise RunError(f"{args.model} has no tokenizer; -i needs one")
     ids = _prompt_ids(args, tokenizer) if not args.interactive else []
     opts = _options(args, tokenizer)
-    torch.manual_seed(args.seed)
     stream = tokenizer is not None and args.batch == 1 and not args.json
     trace_cm: Any = None
     if args.trace:
