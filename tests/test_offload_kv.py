@@ -191,7 +191,7 @@ def test_with_weight_streaming(models, tmp_path):
         assert model.llmtier.plan.streamed
         with TieredCache(model.config, memory=least(ref, 2, 72), path=tmp_path, page_tokens=PAGE) as cache:
             got = generate(model, ids, cache)
-            assert cache.stats().bytes_read > 0 and model.llmtier.stats()["bytes_read"] > 0
+            assert cache.stats().bytes_read > 0 and model.llmtier.stats().bytes_read > 0
     assert torch.equal(got.sequences, want.sequences)
 
 

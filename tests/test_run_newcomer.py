@@ -216,3 +216,35 @@ def test_stream_model_casts_on_load_and_takes_dtype_names(tmp_path):
             assert torch.equal(m(ids).logits, want)
     with pytest.raises(ValueError, match="unknown dtype"):
         stream_model(fp32, least, dtype="bf17")
+
+
+# -- one style for the API -------------------------------------------------------------------------------------------------
+def test_one_api_style_stats_verify_mapping_and_device(llama, tmp_path):
+    import warnings
+
+    from llmtier.offload.kv import PrefixStore, TieredCache
+    from llmtier.store import StoreWriter, TensorNotFoundError, open_store
+
+    with stream_model(llama, "70%", verify=True) as m, torch.no_grad():  # True means "always", as for open_store
+        m(torch.tensor([[5, 6]]))
+        s = m.llmtier.stats()
+        assert s.bytes_read > 0 and s.as_dict()["bytes_read"] == s.bytes_read
+        with pytest.warns(DeprecationWarning):
+            assert s["bytes_read"] == s.bytes_read
+        with TieredCache(m.config, memory="8MiB", path=tmp_path) as c, PrefixStore(tmp_path / "p") as p:
+            for st in (c.stats(), p.metrics()):  # the same shape: attributes and as_dict()
+                assert isinstance(st.as_dict(), dict) and all(getattr(st, k) == v for k, v in st.as_dict().items())
+    path = str(tmp_path / "s.lts")
+    with StoreWriter(path) as w:
+        w.add("a", torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    for verify in (True, False, "first", "always", "never"):
+        with open_store(path, verify=verify) as st, warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert st["a"].tolist() == [[0, 1, 2], [3, 4, 5]] and dict(st.items()).keys() == {"a"}
+            assert st.get_torch("a", device="cpu").dtype == torch.float32
+            with pytest.raises(KeyError):
+                st["b"]
+            with pytest.raises(TensorNotFoundError):
+                st["b"]
+    with pytest.raises(ValueError, match="verify must be"):
+        open_store(path, verify="sometimes")

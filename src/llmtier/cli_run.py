@@ -327,12 +327,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 from tqdm import tqdm  # noqa: PLC0415
 
                 bar = tqdm(total=args.max_new_tokens, unit="tok", desc="generate", file=sys.stderr)
-            start_bytes = st.stats()["bytes_read"]
+            start_bytes = st.stats().bytes_read
 
             def on_token(k: int, elapsed: float) -> None:
                 if bar is None:
                     return
-                gib = (st.stats()["bytes_read"] - start_bytes) / 2**30 / max(elapsed, 1e-9)
+                gib = (st.stats().bytes_read - start_bytes) / 2**30 / max(elapsed, 1e-9)
                 bar.set_postfix_str(f"{gib:.2f} GiB/s streamed, {st.plan.resident_share:.0%} resident", refresh=False)
                 bar.update(1)
 
@@ -360,9 +360,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {
         "model": args.model, "memory_budget": plan.budget, "batch": args.batch, "prompt_tokens": len(ids),
         "new_tokens": args.max_new_tokens, **timed.record(), "load_s": load_s,
-        "bytes_read": stats["bytes_read"], "resident_bytes": stats["resident_bytes"],
-        "weights_memory_bytes": stats["weights_memory_bytes"], "resident_share": stats["resident_share"],
-        "streamed_bytes_per_pass": stats["streamed_bytes_per_pass"], "stall_s": stats["stall_s"],
+        "bytes_read": stats.bytes_read, "resident_bytes": stats.resident_bytes,
+        "weights_memory_bytes": stats.weights_memory_bytes, "resident_share": stats.resident_share,
+        "streamed_bytes_per_pass": stats.streamed_bytes_per_pass, "stall_s": stats.stall_s,
         "resident_layers": plan.resident, "streamed_layers": plan.streamed, "slots": plan.slots,
         "peak_rss_bytes": rss,
     }
@@ -379,11 +379,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not stream:
         for i, row in enumerate(out.get("text") or timed.tokens):
             print(f"[{i}] {row}")
-    total = stats["bytes_read"]
+    total = stats.bytes_read
     seconds = timed.prefill_s + timed.decode_s
     print(f"prefill {timed.prefill_s:.2f} s ({len(ids)} tokens x {args.batch}); decode {timed.decode_tok_s:.2f} "
           f"tok/s ({timed.decode_steps} steps); streamed {human(total)} ({total / 2**30 / max(seconds, 1e-9):.2f} "
-          f"GiB/s), compute waited {stats['stall_s']:.2f} s for reads; resident {human(plan.resident_bytes)} "
+          f"GiB/s), compute waited {stats.stall_s:.2f} s for reads; resident {human(plan.resident_bytes)} "
           f"({plan.resident_share:.0%} of the model); peak RSS {human(rss)}", file=sys.stderr)
     for line in _kv_lines(kv_out):
         print(line, file=sys.stderr)

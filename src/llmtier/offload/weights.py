@@ -35,9 +35,10 @@ from ..engine import Engine, alloc
 from ..errors import ChecksumError, FormatError, LLMTierError
 from ..store import dtypes
 from ..store.format import TensorInfo, crc32c
-from ..store.reader import TensorSource
+from ..store.reader import TensorSource, verify_mode
 from . import hf
 from .hfcompat import TransformersLike
+from .stats import WeightStats
 from .layout import (
     INFLIGHT_BYTES,
     MAX_SLOTS,
@@ -299,15 +300,15 @@ class WeightStreamer:
         self._free.append(slot)
 
     # -- public ----------------------------------------------------------------------------------------------------
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> WeightStats:
+        """The counters now: attributes (``stats().bytes_read``) or ``stats().as_dict()``."""
         s = self.stats_
-        return {"bytes_read": s.bytes_read, "layer_loads": s.layer_loads, "passes": s.passes,
-                "stall_s": s.stall_s, "load_s": s.load_s,
-                "discarded_bytes": s.discarded_bytes,
-                "embedding_bytes_read": s.embedding_bytes_read, "resident_bytes_read": s.resident_bytes_read,
-                "resident_bytes": self.plan.resident_bytes, "weights_memory_bytes": self.plan.memory_bytes,
-                "streamed_bytes_per_pass": self.plan.streamed_bytes_per_pass,
-                "resident_share": self.plan.resident_share}
+        return WeightStats(bytes_read=s.bytes_read, layer_loads=s.layer_loads, passes=s.passes, stall_s=s.stall_s,
+                           load_s=s.load_s, discarded_bytes=s.discarded_bytes,
+                           embedding_bytes_read=s.embedding_bytes_read, resident_bytes_read=s.resident_bytes_read,
+                           resident_bytes=self.plan.resident_bytes, weights_memory_bytes=self.plan.memory_bytes,
+                           streamed_bytes_per_pass=self.plan.streamed_bytes_per_pass,
+                           resident_share=self.plan.resident_share)
 
     def close(self) -> None:
         """Wait for reads in flight, put every parameter back on the meta device,
@@ -366,7 +367,7 @@ def _streamed_class(cls: type) -> type:
 
 
 def stream_model(path: str | os.PathLike[str], memory: int | str, device: str = "cpu", *, dtype: Any = None,
-                 prefetch: int | None = None, engine: Engine | None = None, verify: str = "first",
+                 prefetch: int | None = None, engine: Engine | None = None, verify: bool | str = "first",
                  io_nice: int | None = -10) -> Any:
     """A transformers causal LM whose weights stream from ``path`` within ``memory`` bytes.
 
@@ -386,8 +387,7 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: str = 
     if device != "cpu":
         raise LLMTierError(f"device {device!r}: this version streams weights for the CPU only "
                            "(the CUDA path is not written and verified yet)")
-    if verify not in ("first", "always", "never"):
-        raise ValueError(f"verify must be 'first', 'always' or 'never', got {verify!r}")
+    verify = verify_mode(verify)  # True / False mean "always" / "never", as for open_store
     layout = open_layout(path, dtype=dtype, engine=engine)
     try:
         plan = layout.plan(memory, prefetch)
@@ -408,4 +408,4 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: str = 
 
 
 __all__ = ["INFLIGHT_BYTES", "MAX_SLOTS", "RUN_OVERHEAD", "BudgetError", "Group", "Layout", "Plan", "StreamStats",
-           "WeightStreamer", "make_group", "make_plan", "open_layout", "spread", "stream_model"]
+           "WeightStats", "WeightStreamer", "make_group", "make_plan", "open_layout", "spread", "stream_model"]
