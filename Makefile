@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml setup.py src/llmtier/engine/_uring.c
 
 venv: $(STAMP)
 
+# The main job on built-in defaults: a ~180 MiB random-weight model at 60% of its weights, weights and KV on
+# SSD, a prefix cache hit, traced; the HTML report lands in $(DEMO_DIR)/report/index.html.
+DEMO_DIR ?= demo-out
 demo: venv
-	$(BIN)/llmtier bench io --quick
+	$(BIN)/llmtier demo --dir $(DEMO_DIR)
 
 test: venv
 	$(BIN)/python -m pytest -q -n auto
@@ -42,4 +45,4 @@ bench: venv
 	$(BIN)/llmtier bench io --json bench-io.json --plot bench-io.png
 
 clean:
-	rm -rf $(VENV) $(MIN) build src/*.egg-info src/llmtier/engine/*.so
+	rm -rf $(VENV) $(MIN) $(DEMO_DIR) build src/*.egg-info src/llmtier/engine/*.so

@@ -93,11 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_store import add_store_verbs  # noqa: PLC0415
 
     add_store_verbs(sub, bench)
+    from .bench.demo import add_cli as add_demo  # noqa: PLC0415
     from .bench.kv import add_cli as add_bench_kv  # noqa: PLC0415
     from .bench.weights import add_cli as add_bench_weights  # noqa: PLC0415
     from .cli_run import add_cli as add_run  # noqa: PLC0415
 
     add_run(sub)
+    add_demo(sub)
     add_bench_weights(bench)
     add_bench_kv(bench)
     return p
