@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from llmtier.bench.demo import DemoConfig, run_demo, summary  # noqa: E402
+from llmtier.bench.demo import DemoConfig, run_demo, summary
 
 
 def test_demo_runs_the_main_job(tmp_path):

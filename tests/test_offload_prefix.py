@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from llmtier.bench.hfmodels import make_model  # noqa: E402
-from llmtier.offload.kv import KVConfigError, PrefixStore, TieredCache, chain_keys, model_identity  # noqa: E402
 from llmtier.offload.hfcompat import cache_kwargs  # noqa: E402
+from llmtier.offload.kv import KVConfigError, PrefixStore, TieredCache, chain_keys, model_identity  # noqa: E402
 
 DynamicCache = transformers.DynamicCache
 C = 16

@@ -194,7 +194,7 @@ def test_streamed_model_device_to_casts_and_pipeline(llama):
                                       do_sample=False), want)
         assert m.to("cpu") is m and m.to(torch.bfloat16) is m and m.cpu() is m
         for bad in (lambda: m.to("meta"), m.half, m.float, lambda: m.save_pretrained("x")):
-            with pytest.raises(LLMTierError, match="stream_model|convert"):
+            with pytest.raises(LLMTierError, match=r"stream_model|convert"):
                 bad()
         pipe = transformers.pipeline("text-generation", model=m, tokenizer=tok)
         text = pipe("The disk reads", max_new_tokens=5, do_sample=False)[0]["generated_text"]

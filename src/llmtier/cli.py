@@ -11,7 +11,6 @@ from . import __version__
 from .cli_store import _size
 from .errors import LLMTierError
 
-
 # optional dependencies and the extra that installs each
 _EXTRAS = {"torch": "hf", "transformers": "hf", "tokenizers": "hf", "accelerate": "hf", "safetensors": "hf",
            "matplotlib": "bench", "psutil": "bench", "deepspeed": "peers"}

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .cli_store import _size
 from .errors import LLMTierError
 from .units import human, parse_size, resolve_size, total_ram
 
@@ -48,13 +49,6 @@ def _budget(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- inputs --------------------------------------------------------------------------------------------------------

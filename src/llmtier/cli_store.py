@@ -9,7 +9,6 @@ from typing import Any
 from .units import human, parse_size
 
 
-
 def _size(text: str) -> int:
     """argparse type of a size: the reason, not "invalid value", when it is not one."""
     try:

@@ -38,7 +38,6 @@ from ..store.format import TensorInfo, crc32c
 from ..store.reader import TensorSource, verify_mode
 from . import hf
 from .hfcompat import TransformersLike
-from .stats import WeightStats
 from .layout import (
     INFLIGHT_BYTES,
     MAX_SLOTS,
@@ -52,6 +51,7 @@ from .layout import (
     open_layout,
     spread,
 )
+from .stats import WeightStats
 
 
 # -- the streamer --------------------------------------------------------------------------------------------------
