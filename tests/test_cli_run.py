@@ -40,10 +40,12 @@ def test_run_json_matches_the_in_memory_model(model):
     out = json.loads(llmtier("run", "--model", path, "--memory", str(least), "--prompt-ids", "5,6,7,8",
                              "--max-new-tokens", "6", "--batch", "2", "--json").stdout)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    want = generate_timed(ref, torch.tensor([[5, 6, 7, 8]] * 2), 6).tokens
+    ids = torch.tensor([[5, 6, 7, 8]] * 2)
+    with torch.no_grad():  # generate() as transformers runs it: generation_config.json, EOS included
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6)[:, 4:].tolist()
     assert out["tokens"] == want
     assert out["streamed_layers"] == [0, 1, 2, 3] and out["bytes_read"] > 0
-    assert out["decode_steps"] == 5 and out["prefill_s"] > 0 and out["decode_tok_s"] > 0
+    assert out["decode_steps"] == len(want[0]) - 1 and out["prefill_s"] > 0
     assert out["weights_memory_bytes"] <= least and len(out["text"]) == 2
 
 
@@ -51,7 +53,8 @@ def test_run_text_prompt_and_summary(model):
     path, least = model
     p = llmtier("run", "--model", path, "--memory", str(least + (1 << 20)), "--prompt", "The disk reads",
                 "--max-new-tokens", "4", "--no-progress")
-    assert "decode" in p.stdout and "streamed" in p.stdout and "[0]" in p.stdout
+    assert p.stdout.strip()  # the answer, streamed to stdout as it came
+    assert "decode" in p.stderr and "streamed" in p.stderr  # the summary
     assert "resident" in p.stderr  # the plan
 
 
@@ -119,7 +122,7 @@ def test_run_kv_offload_and_prefix_cache(tmp_path):
     assert second["prefix"]["loaded_tokens"] == 144 and second["prefix"]["hits"] == 18
     assert second["prefix"]["misses"] == 0
     p = llmtier(*common[:-1], "--no-progress")
-    assert "prefix cache: 144 tokens loaded" in p.stdout and "layers on SSD" in p.stdout
+    assert "prefix cache: 144 tokens loaded" in p.stderr and "layers on SSD" in p.stderr
     assert os.listdir(tmp_path / "spill") == []  # the spill file went with the process
 
 

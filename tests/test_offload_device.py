@@ -88,11 +88,11 @@ def test_tiered_schedule_is_exact(model_dir, resident, cached):
         assert torch.equal(got, want)
         s = model.llmtier.stats()
         passes = 1 + 5  # the logits, then prefill + 4 decode steps (the 5th token needs no pass)
-        assert s["passes"] == passes
-        assert s["bytes_read"] == passes * plan.disk_bytes_per_pass
+        assert s.passes == passes
+        assert s.bytes_read == passes * plan.disk_bytes_per_pass
         per_pass = sum(model.llmtier.groups[i].data_bytes for i in plan.streamed)
-        assert s["copied_bytes"] == passes * per_pass
-        assert s["cached_layers"] == len(plan.cached)
+        assert s.copied_bytes == passes * per_pass
+        assert s.cached_layers == len(plan.cached)
 
 
 def test_out_of_order_layers_restart_the_cycle(model_dir):

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from llmtier.bench.hfmodels import ARCHS, make_model  # noqa: E402
 from llmtier.bench.kv import analytic_bytes  # noqa: E402
 from llmtier.offload import BudgetError, stream_model  # noqa: E402
+from llmtier.offload.hfcompat import cache_kwargs  # noqa: E402
 from llmtier.offload.kv import KVConfigError, TieredCache, min_memory, spill_order  # noqa: E402
 from llmtier.offload.kv.spill import remove_stale  # noqa: E402
 from llmtier.offload.weights import open_layout  # noqa: E402
@@ -51,7 +52,7 @@ def kv_bytes(model, batch, tokens):
 def generate(model, ids, cache, new=12):
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                              do_sample=False, past_key_values=cache, output_logits=True,
+                              do_sample=False, **cache_kwargs(cache), output_logits=True,
                               return_dict_in_generate=True, pad_token_id=0)
 
 
@@ -158,8 +159,8 @@ def test_export_and_crop_agree_with_dynamic_cache(models, tmp_path):
         assert cache.get_seq_length() == n - 20
         more = torch.randint(1, 512, (2, 3), generator=torch.Generator().manual_seed(9))
         with torch.no_grad():
-            a = model(more, past_key_values=cache, use_cache=True).logits
-            b = model(more, past_key_values=ref, use_cache=True).logits
+            a = model(more, **cache_kwargs(cache, model), use_cache=True).logits
+            b = model(more, **cache_kwargs(ref, model), use_cache=True).logits
         assert torch.equal(a, b)
         with pytest.raises(KVConfigError):
             cache.export(0, 0, n + 100)
@@ -171,7 +172,7 @@ def test_beam_search_and_gpu_refused(models, tmp_path):
     with TieredCache(model.config, memory="64MiB", path=tmp_path, page_tokens=PAGE) as cache:
         with pytest.raises(KVConfigError, match="beam search"), torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, num_beams=2,
-                           do_sample=False, past_key_values=cache, pad_token_id=0)
+                           do_sample=False, **cache_kwargs(cache), pad_token_id=0)
     with TieredCache(model.config, memory="64MiB", path=tmp_path, page_tokens=PAGE) as cache:
         with pytest.raises(KVConfigError, match="shape"):
             cache.update(torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16), 0)
@@ -190,7 +191,7 @@ def test_with_weight_streaming(models, tmp_path):
         assert model.llmtier.plan.streamed
         with TieredCache(model.config, memory=least(ref, 2, 72), path=tmp_path, page_tokens=PAGE) as cache:
             got = generate(model, ids, cache)
-            assert cache.stats().bytes_read > 0 and model.llmtier.stats()["bytes_read"] > 0
+            assert cache.stats().bytes_read > 0 and model.llmtier.stats().bytes_read > 0
     assert torch.equal(got.sequences, want.sequences)
 
 
@@ -206,9 +207,10 @@ def test_killed_process_leaves_no_spill_file_behind_after_next_open(models, tmp_
     code = (
         "import sys, torch, transformers, time\n"
         "from llmtier.offload.kv import TieredCache\n"
+        "from llmtier.offload.hfcompat import cache_kwargs\n"
         f"m = transformers.AutoModelForCausalLM.from_pretrained({models['llama']!r}, dtype=torch.bfloat16)\n"
         f"c = TieredCache(m.config, memory={memory}, path={str(tmp_path)!r}, page_tokens=16)\n"
-        "m(torch.randint(1, 500, (2, 300)), past_key_values=c, use_cache=True)\n"
+        "m(torch.randint(1, 500, (2, 300)), **cache_kwargs(c, m), use_cache=True)\n"
         "print('ready', flush=True); time.sleep(60)\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

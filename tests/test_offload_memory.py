@@ -37,7 +37,7 @@ with open("/proc/self/clear_refs", "w") as f:
 with stream_model(path, budget) as m:
     plan = m.llmtier.plan
     generate_timed(m, ids, 8)
-    read = m.llmtier.stats()["bytes_read"]
+    read = m.llmtier.stats().bytes_read
 print(json.dumps({"base": base, "peak": status("VmHWM"), "weights_memory": plan.memory_bytes,
                   "streamed": len(plan.streamed), "bytes_read": read}))
 """

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from llmtier.bench.hfmodels import make_model  # noqa: E402
+from llmtier.offload.hfcompat import cache_kwargs  # noqa: E402
 from llmtier.offload.kv import KVConfigError, PrefixStore, TieredCache, chain_keys, model_identity  # noqa: E402
 
 DynamicCache = transformers.DynamicCache
@@ -33,7 +34,7 @@ def ids_of(n, seed=0, batch=1):
 def generate(model, ids, cache, new=6):
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                              do_sample=False, past_key_values=cache, output_logits=True,
+                              do_sample=False, **cache_kwargs(cache), output_logits=True,
                               return_dict_in_generate=True, pad_token_id=0)
 
 
@@ -84,6 +85,7 @@ def test_restart_in_a_fresh_process_hits_every_chunk(model, tmp_path):
     code = (
         "import json, sys, torch, transformers\n"
         "from llmtier.offload.kv import PrefixStore\n"
+        "from llmtier.offload.hfcompat import cache_kwargs\n"
         f"m = transformers.AutoModelForCausalLM.from_pretrained({model.name_or_path!r}, dtype=torch.bfloat16)\n"
         f"with PrefixStore({str(tmp_path)!r}, chunk_tokens={C}) as s:\n"
         f"    ids = torch.tensor([{ids[0].tolist()}])\n"
@@ -216,13 +218,14 @@ def test_writer_killed_mid_save_leaves_only_good_chunks(model, tmp_path):
     code = (
         "import torch, transformers\n"
         "from llmtier.offload.kv import PrefixStore\n"
+        "from llmtier.offload.hfcompat import cache_kwargs\n"
         f"m = transformers.AutoModelForCausalLM.from_pretrained({model.name_or_path!r}, dtype=torch.bfloat16)\n"
         f"s = PrefixStore({str(tmp_path)!r}, chunk_tokens={C})\n"
         "print('ready', flush=True)\n"
         "for seed in range(10000):\n"
         "    ids = torch.randint(1, 512, (1, 160), generator=torch.Generator().manual_seed(seed))\n"
         "    c = transformers.DynamicCache(config=m.config)\n"
-        "    m(ids, past_key_values=c, use_cache=True)\n"
+        "    m(ids, **cache_kwargs(c, m), use_cache=True)\n"
         "    s.save(m, ids, c)\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

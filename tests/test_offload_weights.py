@@ -60,8 +60,8 @@ def test_exact_logits_and_greedy_tokens(models, arch, batch):
             assert torch.equal(got, want), f"{arch} batch {batch}: tokens differ"
             s = model.llmtier.stats()
             # one pass for the logits, then prefill + 5 decode steps
-            assert s["passes"] == 7
-            assert s["bytes_read"] == 7 * plan.streamed_bytes_per_pass
+            assert s.passes == 7
+            assert s.bytes_read == 7 * plan.streamed_bytes_per_pass
             assert isinstance(model, type(ref))
 
 
@@ -84,7 +84,7 @@ def test_everything_fits_streams_nothing(models):
         assert model.llmtier.plan.streamed == []
         with torch.no_grad():
             assert torch.equal(model(prompt(1)).logits, reference(path)(prompt(1)).logits)
-        assert model.llmtier.stats()["bytes_read"] == 0
+        assert model.llmtier.stats().bytes_read == 0
 
 
 def test_budget_too_small_is_a_clear_error(models):
@@ -237,7 +237,7 @@ def test_untied_embedding_is_read_by_rows(models, tmp_path):
         assert plan.on_demand_bytes == emb.weight.numel() * 2 and "rows of its tokens" in plan.describe()
         with torch.no_grad():
             assert torch.equal(model(ids).logits, ref(ids).logits)
-        assert model.llmtier.stats()["embedding_bytes_read"] == 5 * 64 * 2  # 5 distinct ids, 64 bf16 each
+        assert model.llmtier.stats().embedding_bytes_read == 5 * 64 * 2  # 5 distinct ids, 64 bf16 each
         assert emb.padding_idx == ref.get_input_embeddings().padding_idx and emb.weight.device.type == "meta"
         with torch.no_grad(), pytest.raises(IndexError):
             model(torch.tensor([[512]]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -9,6 +10,10 @@ from collections.abc import Sequence
 from . import __version__
 from .cli_store import _size
 from .errors import LLMTierError
+
+# optional dependencies and the extra that installs each
+_EXTRAS = {"torch": "hf", "transformers": "hf", "tokenizers": "hf", "accelerate": "hf", "safetensors": "hf",
+           "matplotlib": "bench", "psutil": "bench", "deepspeed": "peers"}
 
 
 def cmd_bench_io(args: argparse.Namespace) -> int:
@@ -115,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_store_verbs(sub, bench)
     from .bench.checkpoint import add_cli as add_bench_checkpoint  # noqa: PLC0415
+    from .bench.demo import add_cli as add_demo  # noqa: PLC0415
     from .bench.kv import add_cli as add_bench_kv  # noqa: PLC0415
     from .bench.weights import add_cli as add_bench_weights  # noqa: PLC0415
     from .cli_run import add_cli as add_run  # noqa: PLC0415
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run(sub)
     from .bench.train import add_cli as add_train  # noqa: PLC0415
     add_train(sub)
+    add_demo(sub)
     add_bench_weights(bench)
     add_bench_kv(bench)
     add_bench_checkpoint(bench)
@@ -137,6 +144,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llmtier ... | head`: the reader left; nothing to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"llmtier: error: this needs {exc.name}, which is not installed: pip install 'llmtier[{extra}]'",
+              file=sys.stderr)
+        return 1
     except (LLMTierError, OSError, ValueError) as exc:
         print(f"llmtier: error: {exc}", file=sys.stderr)
         return 1

@@ -8,7 +8,14 @@ from typing import Any
 
 from .units import human, parse_size
 
-_size = parse_size
+
+def _size(text: str) -> int:
+    """argparse type of a size: the reason, not "invalid value", when it is not one."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 _gib = human
 
 

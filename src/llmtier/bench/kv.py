@@ -29,6 +29,7 @@ import types
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..offload.hfcompat import cache_kwargs
 from ..units import human
 from .system import engine_read_bw
 from .weights import QUICK, TINYLLAMA, _fio
@@ -127,7 +128,7 @@ def _decode(model: Any, cache: Any, fill: list[tuple[Any, Any]], steps: int, see
     with torch.no_grad():
         for _ in range(steps):
             t0 = time.perf_counter()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, **cache_kwargs(cache, model), use_cache=True)
             ids = out.logits[:, -1:].argmax(-1)
             step = ids.flatten().tolist()  # (on a GPU this waits for the step)
             times.append(time.perf_counter() - t0)
@@ -308,14 +309,14 @@ def _ttft_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: str
         for n, ids in prompts.items():
             cache = DynamicCache(config=model.config)
             t0 = time.perf_counter()
-            first = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+            first = model(input_ids=ids, **cache_kwargs(cache, model), use_cache=True).logits[:, -1].argmax(-1)
             recompute = time.perf_counter() - t0
             store.observe_prefill(model, n, recompute)
             store.save(model, ids, cache)
             # what the hit computes, from recomputed KV: the prompt less its last token, then that token alone
             # (a one-token forward rounds differently from the same token inside a long prefill)
             cache.crop(-1)
-            ref = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+            ref = model(input_ids=ids[:, -1:], **cache_kwargs(cache, model), use_cache=True).logits[:, -1]
             del cache
             fio = _fio(fio_path, os.path.getsize(fio_path))
             drop_page_cache()
@@ -324,7 +325,7 @@ def _ttft_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: str
             t0 = time.perf_counter()
             got = store.fetch(model, ids, cache, force=True)
             t1 = time.perf_counter()
-            hit_logits = model(input_ids=ids[:, got:], past_key_values=cache, use_cache=True).logits[:, -1]
+            hit_logits = model(input_ids=ids[:, got:], **cache_kwargs(cache, model), use_cache=True).logits[:, -1]
             hit = time.perf_counter() - t0
             hit_first = hit_logits.argmax(-1)
             after = store.metrics()
@@ -333,7 +334,7 @@ def _ttft_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: str
             t2 = time.perf_counter()
             store.fetch(model, ids, cache, force=True)
             t3 = time.perf_counter()
-            model(input_ids=ids[:, got:], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, got:], **cache_kwargs(cache, model), use_cache=True)
             warm = time.perf_counter() - t2
             again = store.metrics()
             del cache

@@ -302,7 +302,7 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
     timed = generate_timed(model, ids, job["new_tokens"])
     if job["system"] == "llmtier":
         s = model.llmtier.stats()
-        extra.update(stall_s=s["stall_s"], bytes_read=s["bytes_read"], passes=s["passes"])
+        extra.update(stall_s=s.stall_s, bytes_read=s.bytes_read, passes=s.passes)
         model.close()
     rec = timed.record()
     rec.pop("tokens")

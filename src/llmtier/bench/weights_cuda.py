@@ -106,9 +106,9 @@ def run_weights_cuda(directory: str, *, shape: tuple[int, ...] | None = None, re
                     with stream_model(model_dir, budget, "cuda", host_memory=host) as m:
                         r.update(timed(m))
                         s, plan = m.llmtier.stats(), m.llmtier.plan
-                        r.update(passes=s["passes"], bytes_read=s["bytes_read"], copied_bytes=s["copied_bytes"],
+                        r.update(passes=s.passes, bytes_read=s.bytes_read, copied_bytes=s.copied_bytes,
                                  resident_layers=len(plan.resident), cached_layers=len(plan.cached),
-                                 disk_layers=len(plan.from_disk), stall_s=s["stall_s"],
+                                 disk_layers=len(plan.from_disk), stall_s=s.stall_s,
                                  copied_per_pass=sum(m.llmtier.groups[i].data_bytes for i in plan.streamed),
                                  disk_per_pass=plan.disk_bytes_per_pass)
                     m = None

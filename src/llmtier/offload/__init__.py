@@ -3,6 +3,7 @@ and the KV-cache tier (``kv``: ``TieredCache``, ``PrefixStore``; import
 ``llmtier.offload.kv``); optimizer offload comes next."""
 from __future__ import annotations
 
+from .stats import WeightStats
 from .weights import BudgetError, Plan, WeightStreamer, stream_model
 
-__all__ = ["BudgetError", "Plan", "WeightStreamer", "stream_model"]
+__all__ = ["BudgetError", "Plan", "WeightStats", "WeightStreamer", "stream_model"]

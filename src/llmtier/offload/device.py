@@ -29,6 +29,7 @@ once, events complete): that is how its logic is tested without a GPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -222,12 +223,10 @@ class DeviceStreamer(WeightStreamer):
         self._bound = None
         self._gfree.append(gslot)
 
-    def stats(self) -> dict[str, Any]:
-        out = super().stats()
-        out.update(device=str(self.device), copied_bytes=self.copied_bytes,
-                   cached_layers=len(self.plan.cached), disk_layers=len(self.plan.from_disk),
-                   host_memory_bytes=self.plan.host_memory_bytes)
-        return out
+    def stats(self) -> Any:
+        return dataclasses.replace(super().stats(), device=str(self.device), copied_bytes=self.copied_bytes,
+                                   cached_layers=len(self.plan.cached), disk_layers=len(self.plan.from_disk),
+                                   host_memory_bytes=self.plan.host_memory_bytes)
 
     def close(self) -> None:
         if self._closed:

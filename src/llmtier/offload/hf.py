@@ -21,6 +21,26 @@ class ModelLayoutError(LLMTierError, ValueError):
     differs)."""
 
 
+def check_model_path(path: str) -> None:
+    """Refuse, with the fix, the paths people give by mistake: a model's
+    ``config.json`` instead of its directory, a directory holding only
+    PyTorch pickles (``pytorch_model.bin``)."""
+    if os.path.isfile(path) and path.endswith(".json"):
+        raise ModelLayoutError(f"{path} is a JSON file; give the model's directory "
+                               f"({os.path.dirname(os.path.abspath(path))}), not one of its files")
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if not any(n.endswith((".safetensors", ".lts")) or n == "index.json" for n in names):  # index.json: a sharded store
+            pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth")))
+            if pickles:
+                raise ModelLayoutError(
+                    f"{path} holds {', '.join(pickles[:3])} (PyTorch pickles), which llmtier does not read: "
+                    "save it as safetensors first (AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW)), "
+                    "then use NEW or `llmtier convert NEW STORE`")
+            raise ModelLayoutError(f"{path} has no safetensors weights or llmtier store; give a Hugging Face model "
+                                   "directory (config.json + *.safetensors) or a store made by `llmtier convert`")
+
+
 def load_config(path: str, metadata: dict[str, Any]) -> Any:
     """The transformers config of a model directory (its ``config.json``) or
     of an llmtier store (the ``hf_config`` kept in its metadata by
@@ -68,7 +88,14 @@ def build_skeleton(config: Any, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     with _params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError as exc:
+            if "Unrecognized configuration class" not in str(exc):
+                raise
+            raise ModelLayoutError(f"{type(config).__name__} (model_type {getattr(config, 'model_type', '?')!r}) is not a "
+                                   "decoder-only causal LM; llmtier streams models that AutoModelForCausalLM loads "
+                                   "(Llama, Mistral, Qwen2, OPT ...)") from None
     _init_buffers_as_loaded(model)
     return model.eval()
 
@@ -191,11 +218,10 @@ def bindings(model: Any, names: set[str], dtype_of: Any,
         if tuple(shape) != b.shape:
             raise ModelLayoutError(f"tensor {b.tensor!r} has shape {tuple(shape)} in the checkpoint, the model "
                                    f"wants {b.shape}")
-        if dt != b.dtype and b.places[0][2]:
-            raise ModelLayoutError(f"tensor {b.tensor!r} is {dt} in the checkpoint, the model wants {b.dtype}; "
-                                   f"pass dtype= matching the checkpoint or convert it with --dtype")
+        if dt != b.dtype and b.places[0][2] and not (dt.is_floating_point and b.dtype.is_floating_point):
+            raise ModelLayoutError(f"tensor {b.tensor!r} is {dt} in the checkpoint, the model wants {b.dtype}")
     return out, sorted(names - set(out))
 
 
-__all__ = ["Binding", "ModelLayoutError", "bindings", "build_skeleton", "decoder_layers",
+__all__ = ["Binding", "ModelLayoutError", "bindings", "build_skeleton", "check_model_path", "decoder_layers",
            "load_config", "load_generation_config"]

@@ -18,7 +18,7 @@ from ..errors import LLMTierError
 from ..store import dtypes
 from ..store.format import ALIGN, TensorInfo
 from ..store.reader import TensorSource, open_store
-from ..units import human, parse_size
+from ..units import human, resolve_size
 from . import hf, mapping
 
 _GAP = 64 << 10  # tensors of one group closer than this are read in one request
@@ -337,10 +337,11 @@ class Layout:
         return self.embedding[1].nbytes if self.embedding else 0
 
     def plan(self, memory: int | str, prefetch: int | None = None) -> Plan:
-        """The plan for ``memory``: everything resident when the whole model
+        """The plan for ``memory`` (bytes, ``"4GiB"``, ``"50%"`` of the weights or
+        ``"25%ram"`` of the memory available): everything resident when the whole model
         fits; otherwise the embedding table (if untied) is read by rows and the
         rest of the budget is split by :func:`make_plan`."""
-        budget = parse_size(memory)
+        budget = resolve_size(memory, whole=self.total_bytes, what="the weights")
         sizes = [g.nbytes for g in self.groups]
         if budget >= self.total_bytes or not self.embedding:
             return make_plan(budget, self.outside.nbytes + self.embedding_bytes, sizes, max(sizes, default=0),
@@ -356,7 +357,7 @@ class Layout:
         streamed layers are copied into (three: one computing, one being
         copied, one queued); ``host_memory`` bytes of pinned host memory cache
         streamed layers and hold the disk's slots (see :func:`plan_host_tier`)."""
-        budget = parse_size(memory)
+        budget = resolve_size(memory, whole=self.total_bytes, what="the weights")
         sizes = [device_items(g)[1] for g in self.groups]
         outside = device_items(self.outside)[1]
         emb = -(-self.embedding_bytes // DEVICE_ALIGN) * DEVICE_ALIGN
@@ -367,7 +368,7 @@ class Layout:
             plan = make_plan(budget, outside, sizes, slot, prefetch, inflight_bytes=2 * slot)
             plan.on_demand_bytes = self.embedding_bytes
         plan.device = "cuda"
-        host = parse_size(host_memory) if host_memory is not None else None
+        host = resolve_size(host_memory, whole=self.total_bytes, what="the weights") if host_memory is not None else None
         return plan_host_tier(plan, [g.nbytes for g in self.groups], host, prefetch)
 
     @property
@@ -388,11 +389,16 @@ def open_layout(path: str | os.PathLike[str], *, dtype: Any = None, engine: Engi
     import torch  # noqa: PLC0415
 
     p = os.fspath(path)
+    hf.check_model_path(p)
     source = open_store(p, verify=False, engine=engine)
     try:
         config = hf.load_config(p, source.metadata)
         infos = {t.name: t for t in source.infos()}
-        if dtype is None:  # the checkpoint's: that of its largest floating-point tensor
+        if dtype is not None:  # a compute dtype other than the checkpoint's: floating-point tensors are cast at load
+            dtype = dtypes.as_torch(dtype)
+            if not dtype.is_floating_point:
+                raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        else:  # the checkpoint's: that of its largest floating-point tensor
             big = max((t for t in infos.values() if t.dtype.name.startswith(("float", "bfloat"))),
                       key=lambda t: t.nbytes, default=None)
             dtype = dtypes.torch_dtype(big.dtype) if big is not None else torch.float32

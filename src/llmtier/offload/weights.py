@@ -36,8 +36,9 @@ from ..engine.cuda import require_cuda
 from ..errors import ChecksumError, FormatError, LLMTierError
 from ..store import dtypes
 from ..store.format import TensorInfo, crc32c
-from ..store.reader import TensorSource
+from ..store.reader import TensorSource, verify_mode
 from . import hf
+from .hfcompat import TransformersLike
 from .layout import (
     INFLIGHT_BYTES,
     MAX_SLOTS,
@@ -51,6 +52,7 @@ from .layout import (
     open_layout,
     spread,
 )
+from .stats import WeightStats
 
 
 # -- the streamer --------------------------------------------------------------------------------------------------
@@ -188,8 +190,10 @@ class WeightStreamer:
         if isinstance(raw, torch.Tensor):  # device memory, laid out with every tensor aligned
             return raw.view(dt).reshape(b.shape)
         if pos % max(1, t.dtype.itemsize):  # unaligned element (odd safetensors layouts): copy
-            return torch.from_numpy(raw.copy()).view(dt).reshape(b.shape)
-        return torch.from_numpy(raw).view(dt).reshape(b.shape)
+            x = torch.from_numpy(raw.copy()).view(dt).reshape(b.shape)
+        else:
+            x = torch.from_numpy(raw).view(dt).reshape(b.shape)
+        return x.to(b.dtype) if x.dtype != b.dtype and x.is_floating_point() else x  # stream_model(dtype=): cast
 
     def _bind(self, g: Group, buf: Any, items: list | None = None) -> None:
         torch = self._torch
@@ -264,6 +268,8 @@ class WeightStreamer:
                                                  tags=[f"{self.tag}:embedding"] * n).result()
         self.stats_.embedding_bytes_read += n * rb
         table = torch.from_numpy(self._rows[:n * rb]).view(dtypes.torch_dtype(t.dtype)).reshape(n, *b.shape[1:])
+        if table.dtype != b.dtype and table.is_floating_point():
+            table = table.to(b.dtype)
         table = self._on_device(table)
         self._placeholders.setdefault((id(module), "weight"), module._parameters["weight"])
         module._parameters["weight"] = torch.nn.Parameter(table, requires_grad=table.is_floating_point())
@@ -326,15 +332,15 @@ class WeightStreamer:
         self._free.append(slot)
 
     # -- public ----------------------------------------------------------------------------------------------------
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> WeightStats:
+        """The counters now: attributes (``stats().bytes_read``) or ``stats().as_dict()``."""
         s = self.stats_
-        return {"bytes_read": s.bytes_read, "layer_loads": s.layer_loads, "passes": s.passes,
-                "stall_s": s.stall_s, "load_s": s.load_s,
-                "discarded_bytes": s.discarded_bytes,
-                "embedding_bytes_read": s.embedding_bytes_read, "resident_bytes_read": s.resident_bytes_read,
-                "resident_bytes": self.plan.resident_bytes, "weights_memory_bytes": self.plan.memory_bytes,
-                "streamed_bytes_per_pass": self.plan.streamed_bytes_per_pass,
-                "resident_share": self.plan.resident_share}
+        return WeightStats(bytes_read=s.bytes_read, layer_loads=s.layer_loads, passes=s.passes, stall_s=s.stall_s,
+                           load_s=s.load_s, discarded_bytes=s.discarded_bytes,
+                           embedding_bytes_read=s.embedding_bytes_read, resident_bytes_read=s.resident_bytes_read,
+                           resident_bytes=self.plan.resident_bytes, weights_memory_bytes=self.plan.memory_bytes,
+                           streamed_bytes_per_pass=self.plan.streamed_bytes_per_pass,
+                           resident_share=self.plan.resident_share)
 
     def close(self) -> None:
         """Wait for reads in flight, put every parameter back on the meta device,
@@ -408,22 +414,16 @@ class _Streamed:
         """Release the buffers and files of the streamed weights."""
         self.llmtier.close()
 
-    @property
-    def device(self) -> Any:
-        """Where the layers compute (the parameters themselves wait on the meta device)."""
-        import torch  # noqa: PLC0415
-
-        return torch.device(self.llmtier.device)
-
 
 @functools.cache
 def _streamed_class(cls: type) -> type:
-    return type(cls.__name__, (_Streamed, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return type(cls.__name__, (_Streamed, TransformersLike, cls), {"__module__": cls.__module__,
+                                                                  "__qualname__": cls.__qualname__})
 
 
 def stream_model(path: str | os.PathLike[str], memory: int | str, device: Any = "cpu", *, dtype: Any = None,
                  host_memory: int | str | None = None, prefetch: int | None = None, engine: Engine | None = None,
-                 verify: str = "first", io_nice: int | None = -10) -> Any:
+                 verify: bool | str = "first", io_nice: int | None = -10) -> Any:
     """A transformers causal LM whose weights stream from ``path`` within ``memory`` bytes.
 
     ``path``: a Hugging Face model directory (config.json + safetensors, read
@@ -453,8 +453,7 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: Any = 
                            "memory= is the whole budget")
     if dev != "cpu":
         require_cuda(f"stream_model(device={dev!r})")
-    if verify not in ("first", "always", "never"):
-        raise ValueError(f"verify must be 'first', 'always' or 'never', got {verify!r}")
+    verify = verify_mode(verify)  # True / False mean "always" / "never", as for open_store
     layout = open_layout(path, dtype=dtype, engine=engine)
     try:
         plan = layout.plan(memory, prefetch) if dev == "cpu" else layout.device_plan(memory, host_memory, prefetch)
@@ -474,4 +473,5 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: Any = 
 
 
 __all__ = ["INFLIGHT_BYTES", "MAX_SLOTS", "RUN_OVERHEAD", "BudgetError", "Group", "Layout", "Plan", "StreamStats",
-           "WeightStreamer", "bind_streamer", "make_group", "make_plan", "open_layout", "spread", "stream_model"]
+           "WeightStats", "WeightStreamer", "bind_streamer", "make_group", "make_plan", "open_layout", "spread",
+           "stream_model"]

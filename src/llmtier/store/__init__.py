@@ -14,12 +14,12 @@ from __future__ import annotations
 from ..errors import ChecksumError, FormatError, TensorNotFoundError
 from .dtypes import DTYPES, DType
 from .format import TensorInfo
-from .reader import SafetensorsSource, Store, TensorSource, open_store, read_index
+from .reader import SafetensorsSource, Store, TensorSource, open_store, read_index, verify_mode
 from .safetensors import open_hf_dir, open_safetensors
 from .writer import StoreWriter, TensorSink, write_store
 
 __all__ = [
     "DTYPES", "ChecksumError", "DType", "FormatError", "SafetensorsSource", "Store", "StoreWriter", "TensorInfo",
     "TensorNotFoundError", "TensorSink", "TensorSource", "open_hf_dir", "open_safetensors", "open_store",
-    "read_index", "write_store",
+    "read_index", "verify_mode", "write_store",
 ]

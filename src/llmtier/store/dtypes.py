@@ -54,7 +54,8 @@ ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "fl
 
 def lookup(name: str) -> DType:
     """The :class:`DType` called ``name`` (torch name or alias); ``ValueError`` if unknown."""
-    key = ALIASES.get(name, name)
+    name = str(name).strip().removeprefix("torch.")
+    key = ALIASES.get(name.lower(), name)
     try:
         return DTYPES[key]
     except KeyError:
@@ -72,6 +73,16 @@ def of(tensor: Any) -> DType:
     if name in DTYPES:
         return DTYPES[name]
     raise TypeError(f"cannot store an object of type {type(tensor).__name__} with dtype {name or '?'}")
+
+
+def as_torch(dtype: Any) -> Any:
+    """A ``torch.dtype`` from one (returned as is), a name (``"bf16"``, ``"bfloat16"``,
+    ``"torch.bfloat16"``) or a :class:`DType`; ``ValueError`` if unknown."""
+    import torch  # noqa: PLC0415 - optional dependency
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return torch_dtype(dtype if isinstance(dtype, DType) else lookup(dtype))
 
 
 def torch_dtype(d: DType) -> Any:

@@ -32,11 +32,12 @@ class TensorSource:
 
     kind = "weights"  # the tag of window reads, for the tracer
 
-    def __init__(self, path: str, infos: list[TensorInfo], metadata: dict[str, Any], *, verify: bool,
+    def __init__(self, path: str, infos: list[TensorInfo], metadata: dict[str, Any], *, verify: bool | str,
                  engine: Engine | None, files: dict[str, File] | None = None, own_engine: bool | None = None) -> None:
         self.path = path
         self.metadata = metadata
-        self.verify_default = verify
+        self.verify_default = verify_mode(verify)
+        self._verified: set[str] = set()  # tensors whose checksum matched (verify="first")
         self._infos = {t.name: t for t in infos}
         self._own_engine = engine is None if own_engine is None else own_engine
         self.engine = engine or open_engine()
@@ -57,6 +58,15 @@ class TensorSource:
     def __contains__(self, name: object) -> bool:
         return name in self._infos
 
+    def __getitem__(self, name: str) -> Any:
+        """``store[name]``: the tensor as :meth:`get` returns it (``TensorNotFoundError``, a ``KeyError``, if absent)."""
+        return self.get(name)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """``(name, tensor)`` pairs, each read when reached."""
+        for name in self._infos:
+            yield name, self.get(name)
+
     def info(self, name: str) -> TensorInfo:
         try:
             return self._infos[name]
@@ -75,13 +85,15 @@ class TensorSource:
         return all(t.crc32c is not None for t in self._infos.values())
 
     # -- reading --------------------------------------------------------------
-    def get(self, name: str, out: Any = None, *, rows: slice | None = None, verify: bool | None = None) -> Any:
+    def get(self, name: str, out: Any = None, *, rows: slice | None = None, verify: bool | str | None = None) -> Any:
         """Tensor ``name`` as a numpy array (bf16/fp8 as their raw bits).
 
         ``out``: a caller-given buffer of exactly the tensor's size (numpy,
         torch CPU tensor, memoryview) filled in place and returned.  ``rows``:
         a slice of the leading dimension, read alone (not checksum-verified:
-        the CRC covers the whole tensor).
+        the CRC covers the whole tensor).  ``verify``: ``"always"`` (or True),
+        ``"first"`` (the first read of each tensor) or ``"never"`` (or False);
+        default: the store's.
         """
         info = self.info(name)
         raw = self._get_raw(info, out, rows, verify)
@@ -89,16 +101,21 @@ class TensorSource:
             return out
         return self._typed(raw, info, _rows_shape(info, rows) if rows is not None else None)
 
-    def get_torch(self, name: str, out: Any = None, *, rows: slice | None = None, verify: bool | None = None) -> Any:
-        """Tensor ``name`` as a torch CPU tensor of its real dtype (no copy)."""
+    def get_torch(self, name: str, out: Any = None, *, rows: slice | None = None, verify: bool | str | None = None,
+                  device: Any = None) -> Any:
+        """Tensor ``name`` as a torch tensor of its real dtype: on the CPU without a copy, or copied to
+        ``device`` (``"cuda:0"`` ...) when given."""
         info = self.info(name)
+        if out is not None and device is not None:
+            raise ValueError("give out= (a buffer to fill) or device= (where the tensor goes), not both")
         raw = self._get_raw(info, out, rows, verify)
         if out is not None:
             return out
-        return _torch(raw, info, _rows_shape(info, rows) if rows is not None else info.shape)
+        t = _torch(raw, info, _rows_shape(info, rows) if rows is not None else info.shape)
+        return t if device is None else t.to(device)
 
-    def _get_raw(self, info: TensorInfo, out: Any, rows: slice | None, verify: bool | None) -> np.ndarray | None:
-        verify = self.verify_default if verify is None else verify
+    def _get_raw(self, info: TensorInfo, out: Any, rows: slice | None, verify: bool | str | None) -> np.ndarray | None:
+        verify = self.verify_default if verify is None else verify_mode(verify)
         if rows is not None:
             return self._read_rows(info, rows, out)
         if out is None:
@@ -108,12 +125,11 @@ class TensorSource:
             raise ValueError(f"out has {view.nbytes} bytes; tensor {info.name!r} has {info.nbytes}")
         if info.nbytes:
             self.file(info.file).pread(out, info.offset, tag=info.name).result()
-        if verify:
-            self._check(info, view)
+        self._maybe_check(info, view, verify)
         return None
 
     def get_many(self, names: Iterable[str] | None = None, *, out: dict[str, Any] | None = None,
-                 torch: bool = False, verify: bool | None = None) -> dict[str, Any]:
+                 torch: bool = False, verify: bool | str | None = None) -> dict[str, Any]:
         """Read many tensors (default: all, or the keys of ``out``) in windowed engine batches.
 
         Without ``out`` each window of tensors is read into fresh page-aligned
@@ -126,7 +142,7 @@ class TensorSource:
         if names is None:
             names = self._infos if out is None else out
         infos = [self.info(n) for n in names]
-        verify = self.verify_default if verify is None else verify
+        verify = self.verify_default if verify is None else verify_mode(verify)
         if out is not None:
             for t in infos:
                 if t.name not in out:
@@ -146,7 +162,7 @@ class TensorSource:
         infos = [self.info(n) for n in (self._infos if names is None else names)]
         bad = []
         for w in _windows(infos):
-            raws = self._read_windows(w, False)
+            raws = self._read_windows(w, "never")
             bad.extend(t.name for t in w if t.crc32c is not None and crc32c(raws[t.name]) != t.crc32c)
         return bad
 
@@ -159,7 +175,7 @@ class TensorSource:
             f = self._files[path] = self.engine.open(path, "r")
         return f
 
-    def _read_windows(self, infos: list[TensorInfo], verify: bool,
+    def _read_windows(self, infos: list[TensorInfo], verify: str,
                       dest: dict[str, Any] | None = None) -> dict[str, Any]:
         """Read ``infos`` window by window: wait for window k, submit k+1,
         then check k's checksums while k+1 is on its way."""
@@ -222,11 +238,15 @@ class TensorSource:
             raise FormatError(f"the file ends before tensor data that its index lists (truncated after it was "
                               f"opened?): {sum(got)} of {sum(need)} bytes read", path=t.file, field="size")
 
-    def _keep_window(self, views: list, verify: bool, got: dict[str, Any]) -> None:
+    def _keep_window(self, views: list, verify: str, got: dict[str, Any]) -> None:
         for t, v in views:
-            if verify:
-                self._check(t, v)
+            self._maybe_check(t, v, verify)
             got[t.name] = v
+
+    def _maybe_check(self, info: TensorInfo, view: Any, verify: str) -> None:
+        if verify == "always" or (verify == "first" and info.name not in self._verified):
+            self._check(info, view)
+            self._verified.add(info.name)
 
     def _check(self, info: TensorInfo, view: Any) -> None:
         if info.crc32c is None:
@@ -328,12 +348,25 @@ def _windows(infos: list[TensorInfo]) -> Iterator[list[TensorInfo]]:
 
 
 # -- opening -----------------------------------------------------------------
-def open_store(path: str | os.PathLike[str], *, verify: bool = True, engine: Engine | None = None) -> TensorSource:
+def verify_mode(verify: bool | str) -> str:
+    """The one meaning of ``verify=`` across llmtier: ``"always"`` (True) checks a tensor's CRC-32C
+    on every read, ``"first"`` on its first read, ``"never"`` (False) not at all."""
+    if verify is True:
+        return "always"
+    if verify is False:
+        return "never"
+    if verify in ("always", "first", "never"):
+        return str(verify)
+    raise ValueError(f"verify must be 'always', 'first', 'never' (or True / False), got {verify!r}")
+
+
+def open_store(path: str | os.PathLike[str], *, verify: bool | str = True, engine: Engine | None = None) -> TensorSource:
     """Open a store for reading: an ``.lts`` file, a sharded store directory,
     a ``.safetensors`` file, or a Hugging Face model directory (its
     safetensors shards, read in place).
 
-    ``verify`` (default on) checks each tensor's CRC-32C as it is read.
+    ``verify`` (default ``True``, i.e. ``"always"``) checks each tensor's CRC-32C as it is read;
+    ``"first"`` only the first time, ``"never"`` (False) not (see :func:`verify_mode`).
     Every structural problem raises :class:`~llmtier.errors.FormatError`.
     """
     p = os.fspath(path)
@@ -352,7 +385,7 @@ def open_store(path: str | os.PathLike[str], *, verify: bool = True, engine: Eng
     return open_safetensors(p, verify=verify, engine=engine)
 
 
-def open_parsed(cls: type[TensorSource], path: str, files: list[str], parse: Any, verify: bool,
+def open_parsed(cls: type[TensorSource], path: str, files: list[str], parse: Any, verify: bool | str,
                 engine: Engine | None, meta: dict[str, Any] | None = None, check: Any = None) -> Any:
     """Open ``files`` through the engine, parse each one's index from the open
     descriptor (``parse(path, fd) -> (infos, meta)``) and build ``cls``; on any
@@ -399,7 +432,7 @@ def read_index(path: str, fd: int | None = None) -> tuple[list[TensorInfo], dict
     return parse_index(index, ioff, path)
 
 
-def _open_sharded(path: str, verify: bool, engine: Engine | None) -> Store:
+def _open_sharded(path: str, verify: bool | str, engine: Engine | None) -> Store:
     index_path = os.path.join(path, SHARD_INDEX)
     size = os.path.getsize(index_path)
     if size > MAX_INDEX:

@@ -91,7 +91,7 @@ def _unicode(s: str) -> bool:
     return True
 
 
-def open_safetensors(path: str | os.PathLike[str], *, verify: bool = True,
+def open_safetensors(path: str | os.PathLike[str], *, verify: bool | str = True,
                      engine: Engine | None = None) -> SafetensorsSource:
     """Read one ``.safetensors`` file in place (it has no checksums to verify)."""
     p = os.fspath(path)
@@ -124,7 +124,7 @@ def hf_files(path: str) -> list[str]:
     return [os.path.join(path, n) for n in files]
 
 
-def open_hf_dir(path: str, *, verify: bool = True, engine: Engine | None = None) -> SafetensorsSource:
+def open_hf_dir(path: str, *, verify: bool | str = True, engine: Engine | None = None) -> SafetensorsSource:
     """Read a Hugging Face model directory's safetensors shards in place."""
     files = hf_files(path)
     for f in files:

@@ -21,10 +21,20 @@ tier is capped at ``capacity`` bytes; eviction is LRU with ties broken
 against later chunks, and an evicted chunk takes its descendants along
 (nothing can reach them).  Pinned chunks are never evicted.  Admission: only
 the prompt's chunks are stored by default (``admit="prompt"``), not decode KV.
+
+Several processes may share one store.  Every change (chunks written,
+evicted or dropped, pins, ``state.json``) happens under an exclusive
+``flock`` of ``DIR/lock`` and bumps the counter in ``DIR/generation``; loads
+hold the lock shared, so no chunk is evicted while it is read.  Each store
+re-reads the directory when the counter moved, so chunks another process
+saved are hits, chunks it evicted are misses (not corruption), the capacity
+holds for all processes together, and ``state.json`` (last use, pins) is
+merged, not overwritten.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -45,6 +55,8 @@ from .cache import KVConfigError
 
 FORMAT = 1
 STATE = "state.json"
+LOCK = "lock"
+GENERATION = "generation"
 
 
 @dataclass
@@ -143,7 +155,67 @@ class PrefixStore:
         self._prefill_tps: dict[str, float] = {}
         self._ids: dict[int, str] = {}
         self._closed = False
-        self._open()
+        self._generation = -1
+        with self._locked():
+            self._open()
+            self._bump()
+
+    # -- sharing between processes: a lock and a change counter -------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool = True) -> Any:
+        """Hold ``DIR/lock`` (exclusive for changes, shared for loads); never nested."""
+        fd = os.open(os.path.join(self.path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _read_generation(self) -> int:
+        try:
+            with open(os.path.join(self.path, GENERATION), encoding="ascii") as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _bump(self) -> None:
+        """Tell the other processes the store changed (under the exclusive lock)."""
+        gen = self._read_generation() + 1
+        tmp = os.path.join(self.path, f".{GENERATION}.tmp-{os.getpid()}")
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(str(gen))
+        os.replace(tmp, os.path.join(self.path, GENERATION))
+        self._generation = gen
+
+    def _sync(self) -> None:
+        """Re-read the chunk directory and state.json if another process changed them (under the lock)."""
+        gen = self._read_generation()
+        if gen == self._generation:
+            return
+        names = {n[:-4] for n in os.listdir(self.chunks_dir) if n.endswith(".lts") and not n.startswith(".")}
+        for key in [k for k in self._index if k not in names]:  # evicted or dropped elsewhere: gone, not corrupt
+            self._forget(key)
+        state = self._read_state().get("chunks", {})
+        for key in names - set(self._index):
+            p = os.path.join(self.chunks_dir, key + ".lts")
+            try:
+                c = self._check_file(p, key)
+            except (FormatError, OSError, ValueError, KeyError, TypeError):
+                continue  # being written, or bad: the process that opens the store next drops it
+            c.last_used = os.stat(p).st_mtime
+            self._index[key] = c
+        for key, info in state.items():
+            c = self._index.get(key)
+            if c is not None and isinstance(info, dict):
+                c.last_used = max(c.last_used, float(info.get("last_used", 0.0)))
+                c.pinned = bool(info.get("pinned", c.pinned))
+        self._generation = gen
+
+    def _forget(self, key: str) -> None:
+        self._index.pop(key, None)
+        old = self._dram.pop(key, None)
+        if old is not None:
+            self._dram_bytes -= old.nbytes
 
     # -- start-up: the chunk files are the index --------------------------------------------------------------------
     def _open(self) -> None:
@@ -228,6 +300,8 @@ class PrefixStore:
 
     def lookup(self, model: Any, ids: list[int]) -> int:
         """Tokens of ``ids`` (one sequence) whose KV is stored, from the start: a multiple of ``chunk_tokens``."""
+        with self._locked(exclusive=False):
+            self._sync()
         n = 0
         for k in chain_keys(self.identity(model), list(ids), self.chunk):
             if k not in self._index:
@@ -236,17 +310,35 @@ class PrefixStore:
         return n
 
     # -- loading ----------------------------------------------------------------------------------------------------
-    def fetch(self, model: Any, input_ids: Any, cache: Any, *, force: bool = False) -> int:
+    def fetch(self, model: Any, input_ids: Any, cache: Any, *, force: bool = False, attention_mask: Any = None) -> int:
         """Fill the empty ``cache`` with the stored KV of ``input_ids``' common prefix; returns tokens loaded.
 
         At most ``len - 1`` tokens are loaded (the last one is computed, for
         its logits).  Unless ``force``, it loads only when the measured load
         bandwidth makes that faster than recomputing at the measured prefill
-        speed.  Rows must be unpadded (the same length).
+        speed.  Rows must be unpadded: with an ``attention_mask`` that shows
+        padding nothing is loaded.
         """
+        self._check_open()
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            return 0
+        bad: list[str] = []
+        try:
+            with self._locked(exclusive=False):  # no chunk is evicted while it is read
+                self._sync()
+                return self._fetch(model, input_ids, cache, force, bad)
+        finally:
+            if bad:  # chunks that failed their checksum: deleted under the exclusive lock
+                with self._locked():
+                    self._sync()
+                    for key in bad:
+                        if key in self._index:
+                            self._drop(key)
+                    self._bump()
+
+    def _fetch(self, model: Any, input_ids: Any, cache: Any, force: bool, bad: list[str]) -> int:
         import torch  # noqa: PLC0415
 
-        self._check_open()
         if cache.get_seq_length():
             raise KVConfigError(f"fetch fills an empty cache; this one holds {cache.get_seq_length()} tokens")
         rows = [list(map(int, r)) for r in input_ids.tolist()]
@@ -265,7 +357,7 @@ class PrefixStore:
             self._m.recompute_chosen += 1
             return 0
         first = self._index[chains[0][0]]  # shape [L, 2, H, C, D] and dtype of every chunk of this model
-        data = self._load(keys)
+        data = self._load(keys, bad)
         got = take
         for ch in chains:  # a chunk that failed its checksum ends every chain through it
             for j, k in enumerate(ch[:take]):
@@ -311,7 +403,7 @@ class PrefixStore:
             return True  # nothing measured yet: loading is the safe bet on a CPU
         return nbytes / (bw * 2**30) < tokens / tps
 
-    def _load(self, keys: list[str]) -> dict[str, np.ndarray]:
+    def _load(self, keys: list[str], bad: list[str]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         t0 = time.perf_counter()
         for k in keys:
@@ -336,7 +428,10 @@ class PrefixStore:
                 pos += c.nbytes
                 try:
                     f = self.engine.open(c.path)
-                except OSError:  # deleted under us: a miss, recomputed
+                except FileNotFoundError:  # gone (another process's index was behind): a miss, not corruption
+                    self._forget(c.key)
+                    continue
+                except OSError:
                     futs.append((c, view, None))
                     continue
                 files.append(f)
@@ -350,7 +445,7 @@ class PrefixStore:
                         n = -1
                 if n != c.nbytes or crc32c(view) != c.crc:
                     self._m.corrupt += 1
-                    self._drop(c.key)
+                    bad.append(c.key)  # deleted (with what is chained on it) once the shared lock is let go
                     continue
                 out[c.key] = view
                 self._m.ssd_hits += 1
@@ -389,17 +484,38 @@ class PrefixStore:
             self._prefill_tps[mid] = tps if old is None else 0.5 * old + 0.5 * tps
 
     # -- saving -----------------------------------------------------------------------------------------------------
-    def save(self, model: Any, input_ids: Any, cache: Any, *, prompt_tokens: int | None = None) -> int:
+    def save(self, model: Any, input_ids: Any, cache: Any, *, prompt_tokens: int | None = None,
+             attention_mask: Any = None) -> int:
         """Store the full chunks of ``input_ids`` (``[B, n]``) whose KV ``cache`` holds; returns chunks written.
 
         With ``admit="prompt"`` (default) only the first ``prompt_tokens``
         tokens are admitted (all of ``input_ids`` when not given): decode KV
-        is not stored.  Chunks already stored are skipped.
+        is not stored.  Chunks already stored are skipped.  ``attention_mask``
+        (``[B, n]``, as given to the model): only rows without padding are
+        stored (a padded row's KV sits at other positions).  Without it, a
+        batch where some rows start with the pad token and others do not is
+        refused: it looks left-padded.
         """
-        import torch  # noqa: PLC0415
-
         self._check_open()
         rows = [list(map(int, r)) for r in input_ids.tolist()]
+        keep = list(range(len(rows)))
+        if attention_mask is not None:
+            keep = [b for b, m in enumerate(attention_mask.tolist()) if all(m)]
+        elif len(rows) > 1:
+            pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+            starts = {r[0] == pad for r in rows if r} if pad is not None else set()
+            if len(starts) > 1:
+                raise KVConfigError("this batch looks left-padded (some rows start with the pad token, others do "
+                                    "not); pass attention_mask= so that only unpadded rows are stored")
+        if not keep:
+            return 0
+        with self._locked():
+            self._sync()
+            return self._save(model, rows, keep, cache, prompt_tokens)
+
+    def _save(self, model: Any, rows: list[list[int]], keep: list[int], cache: Any, prompt_tokens: int | None) -> int:
+        import torch  # noqa: PLC0415
+
         n = len(rows[0]) if rows else 0
         if self.admit == "prompt" and prompt_tokens is not None:
             n = min(n, prompt_tokens)
@@ -408,9 +524,10 @@ class PrefixStore:
         if n == 0:
             return 0
         mid = self.identity(model)
-        chains = [chain_keys(mid, r[:n], self.chunk) for r in rows]
-        todo = [(b, j) for b, ch in enumerate(chains) for j, k in enumerate(ch) if k not in self._index]
+        chains = {b: chain_keys(mid, rows[b][:n], self.chunk) for b in keep}
+        todo = [(b, j) for b, ch in chains.items() for j, k in enumerate(ch) if k not in self._index]
         if not todo:
+            self._touch(list(chains.values()), n // self.chunk)
             return 0
         t0 = time.perf_counter()
         n_layers = len(cache.layers)
@@ -428,9 +545,10 @@ class PrefixStore:
             done.add(key)
             written += 1
         self._m.save_s += time.perf_counter() - t0
-        self._touch(chains, len(chains[0]))
+        self._touch(list(chains.values()), n // self.chunk)
         self._evict()
         self._write_state()
+        self._bump()
         return written
 
     def _write(self, key: str, parent: str, position: int, tokens: list[int], mid: str, chunk: Any) -> None:
@@ -490,10 +608,13 @@ class PrefixStore:
     def pin(self, model: Any, ids: Any, pinned: bool = True) -> int:
         """Keep the stored chunks of ``ids`` (one sequence) from eviction; returns how many were marked."""
         n = 0
-        for k in _present(chain_keys(self.identity(model), list(map(int, ids)), self.chunk), self._index):
-            self._index[k].pinned = pinned
-            n += 1
-        self._write_state()
+        with self._locked():
+            self._sync()
+            for k in _present(chain_keys(self.identity(model), list(map(int, ids)), self.chunk), self._index):
+                self._index[k].pinned = pinned
+                n += 1
+            self._write_state()
+            self._bump()
         self._refresh()
         return n
 
@@ -519,8 +640,17 @@ class PrefixStore:
             return {}  # missing or damaged: rebuilt from the chunk files
 
     def _write_state(self) -> None:
-        state = {"version": FORMAT, "load_gibps": self._m.load_gibps, "prefill_tps": self._prefill_tps,
-                 "chunks": {k: {"last_used": c.last_used, "pinned": c.pinned} for k, c in self._index.items()}}
+        """Merge this process's view into state.json (under the exclusive lock, after :meth:`_sync`)."""
+        old = self._read_state()
+        seen = old.get("chunks", {}) if isinstance(old.get("chunks"), dict) else {}
+        tps = {**old.get("prefill_tps", {}), **self._prefill_tps} if isinstance(old.get("prefill_tps"), dict) \
+            else self._prefill_tps
+        chunks = {}
+        for k, c in self._index.items():
+            theirs = seen.get(k, {}) if isinstance(seen.get(k), dict) else {}
+            c.last_used = max(c.last_used, float(theirs.get("last_used", 0.0)))
+            chunks[k] = {"last_used": c.last_used, "pinned": c.pinned}
+        state = {"version": FORMAT, "load_gibps": self._m.load_gibps, "prefill_tps": tps, "chunks": chunks}
         tmp = os.path.join(self.path, f".{STATE}.tmp-{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(state, f)
@@ -537,7 +667,9 @@ class PrefixStore:
             return
         self._closed = True
         try:
-            self._write_state()
+            with self._locked():
+                self._sync()
+                self._write_state()
         finally:
             self._dram.clear()
             self._buf = alloc(0)

@@ -1,7 +1,7 @@
 """``TieredCache``: the transformers-facing side of the KV tier (see ``cache.py`` for how it works).
 
 >>> cache = TieredCache(model.config, memory="2GiB", path="/nvme/kv")     # doctest: +SKIP
->>> out = model.generate(ids, past_key_values=cache, max_new_tokens=64)  # doctest: +SKIP
+>>> out = model.generate(ids, cache=cache, max_new_tokens=64)          # doctest: +SKIP (past_key_values= in older transformers)
 >>> cache.stats().bytes_read                                            # doctest: +SKIP
 """
 from __future__ import annotations
@@ -71,7 +71,10 @@ class TieredLayer(CacheLayerMixin):
 
 
 class TieredCache(Cache):
-    """A KV cache for ``generate(past_key_values=...)`` whose pages live in ``memory`` bytes of DRAM and on SSD.
+    """A KV cache for ``generate(cache=...)`` whose pages live in ``memory`` bytes of DRAM and on SSD.
+
+    (Older transformers name the argument ``past_key_values``; ``llmtier.offload.hfcompat.cache_kwargs``
+    picks the name the installed one prefers.)
 
     ``memory`` is the DRAM pool (``"2GiB"`` or bytes); ``path`` is the directory
     of the spill file (``$LLMTIER_KV_DIR`` or the temporary directory when
