@@ -21,6 +21,7 @@ from ...units import parse_size
 from .spill import MAX_WRITES
 
 DEFAULT_PAGE_TOKENS = 256
+SLOT_ALIGN = 4096  # page groups sit in slots of a multiple of this, so every spill read and write is direct
 
 
 class KVConfigError(LLMTierError, ValueError):
@@ -84,6 +85,12 @@ class Geometry:
     def group_bytes(self) -> int:
         return self.token_bytes * self.page
 
+    @property
+    def slot_bytes(self) -> int:
+        """A page group's slot in the spill file and in DRAM buffers: ``group_bytes`` rounded up to
+        ``SLOT_ALIGN`` (no padding at real sizes: 256 tokens of any model are a multiple)."""
+        return -(-self.group_bytes // SLOT_ALIGN) * SLOT_ALIGN
+
 
 def capacity(tokens: int, page: int) -> int:
     """``tokens`` rounded up to whole pages."""
@@ -118,9 +125,9 @@ def need(n: int, q: int, windows: Sequence[int | None], resident: set[int], geo:
     spilled = [w for i, w in enumerate(windows) if i not in resident]
     if not spilled:
         return held
-    held += (len(spilled) + MAX_WRITES) * geo.group_bytes  # one tail page group each, writes in flight
+    held += (len(spilled) + MAX_WRITES) * geo.slot_bytes  # one tail page group each, writes in flight
     if n:  # a past to read: staging for the read-ahead and the working buffer attention reads
-        held += prefetch * max(staging_tokens(n + q, w, p) for w in spilled) * tb
+        held += prefetch * max(staging_tokens(n + q, w, p) for w in spilled) // p * geo.slot_bytes
         held += max(capacity(keep(n, w) + q, p) for w in spilled) * tb
     return held
 

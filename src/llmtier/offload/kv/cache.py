@@ -85,7 +85,7 @@ class Tier(ReadAhead):
     """
 
     def __init__(self, windows: Sequence[int | None], memory: int, directory: str, page_tokens: int, prefetch: int,
-                 engine: Engine | None, io_nice: int | None) -> None:
+                 engine: Engine | None, io_nice: int | None, spill_all: bool = False) -> None:
         import torch  # noqa: PLC0415
 
         if page_tokens < 1:
@@ -94,6 +94,7 @@ class Tier(ReadAhead):
         self.n = len(windows)
         self.attn = [i for i, w in enumerate(windows) if w != 0]  # layers with KV
         self.memory = memory
+        self.spill_all = spill_all  # every layer on SSD from the first forward, whatever the budget allows
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         remove_stale(directory)  # spill files of processes that died
@@ -160,19 +161,20 @@ class Tier(ReadAhead):
     def plan(self, n: int, q: int) -> None:
         """Spill layers until the budget holds a forward of ``q`` tokens after ``n``; called at each forward's start."""
         resident = {i for i in self.attn if self.layers[i].resident}
-        victims = [i for i in self.order if i in resident]
-        while self.need(n, q, resident) > self.memory:
-            if not victims:
-                g = self.geo
-                assert g is not None
-                low = self.need(n, q, set())
-                raise BudgetError(
-                    f"KV memory {human(self.memory)} cannot hold the working set at {n + q} tokens "
-                    f"(batch {g.batch}): even with every layer on SSD it needs {human(low)} "
-                    f"(staging for {self.prefetch} read-ahead layers, the working buffer and one page per layer)")
+        # the layers that hold most go first (full attention before sliding windows), spread over the depth
+        victims = sorted((i for i in self.order if i in resident),
+                         key=lambda i: -resident_tokens(n, q, self.windows[i], self.page))
+        while resident and (self.spill_all or self.need(n, q, resident) > self.memory):
             i = victims.pop(0)
             resident.discard(i)
             self._spill_layer(i)
+        if self.need(n, q, resident) > self.memory:
+            g = self.geo
+            assert g is not None
+            raise BudgetError(
+                f"KV memory {human(self.memory)} cannot hold the working set at {n + q} tokens "
+                f"(batch {g.batch}): even with every layer on SSD it needs {human(self.need(n, q, resident))} "
+                f"(staging for {self.prefetch} read-ahead layers, the working buffer and one page per layer)")
         self._account()
 
     def _account(self) -> None:
@@ -185,12 +187,12 @@ class Tier(ReadAhead):
             if lay.resident and lay.keys is not None:
                 held += lay.keys.shape[2] * g.token_bytes
             elif lay.tail is not None:
-                held += g.group_bytes
+                held += g.slot_bytes
         held += sum(b.nbytes for b in self._staging)
         if self._work is not None:
             held += (self._work[0].numel() + self._work[1].numel()) * g.itemsize
         if self.spill is not None:
-            held += self.spill.writes_in_flight * g.group_bytes
+            held += self.spill.writes_in_flight * g.slot_bytes
         s = self.stats
         s.dram_bytes = held
         s.peak_dram_bytes = max(s.peak_dram_bytes, held)
@@ -201,7 +203,7 @@ class Tier(ReadAhead):
     def _spill_file(self) -> SpillFile:
         if self.spill is None:
             assert self.geo is not None
-            self.spill = SpillFile(self.engine, self.directory, self.geo.group_bytes)
+            self.spill = SpillFile(self.engine, self.directory, self.geo.slot_bytes)
         return self.spill
 
     def _spill_layer(self, i: int) -> None:
@@ -284,7 +286,7 @@ class Tier(ReadAhead):
         staged = self._staged(i, full)
         wk, wv = self._working(n + q - lo)
         if full:
-            pk, pv = self._group_views(staged[:full * g.group_bytes], full)
+            pk, pv = self._group_views(staged[:full * g.slot_bytes], full)
             d = lo - lay.first * p  # lo lies in the first held page (earlier ones were dropped)
             if d:
                 wk[:, :, :p - d].copy_(pk[0, :, :, d:])
@@ -312,9 +314,9 @@ class Tier(ReadAhead):
         """``count`` consecutive page groups in ``buf`` as K ``[count, B, Hk, P, Dk]`` and V ``[count, B, Hv, P, Dv]``."""
         g = self.geo
         assert g is not None
-        flat = self.torch.from_numpy(buf[:count * g.group_bytes]).view(g.dtype).view(count, g.k_group + g.v_group)
+        flat = self.torch.from_numpy(buf[:count * g.slot_bytes]).view(g.dtype).view(count, g.slot_bytes // g.itemsize)
         return (flat[:, :g.k_group].view(count, g.batch, g.k_heads, g.page, g.k_dim),
-                flat[:, g.k_group:].view(count, g.batch, g.v_heads, g.page, g.v_dim))
+                flat[:, g.k_group:g.k_group + g.v_group].view(count, g.batch, g.v_heads, g.page, g.v_dim))
 
     def _append(self, i: int, k: Any, v: Any, final: int) -> None:
         """Put new tokens of spilled layer ``i`` in its tail; write each page group that fills and that is still
@@ -387,9 +389,9 @@ class Tier(ReadAhead):
             if p < lay.first + len(lay.pages):
                 assert self.spill is not None
                 self.spill.wait_layer(i)
-                buf = alloc(g.group_bytes)
+                buf = alloc(g.slot_bytes)
                 self.spill.read(buf, [lay.pages[p - lay.first]], i, p).result()
-                self.stats.other_bytes_read += g.group_bytes
+                self.stats.other_bytes_read += g.slot_bytes
                 sk, sv = self._group_views(buf, 1)
             else:
                 sk, sv = self._group_views(lay.tail, 1)
@@ -420,7 +422,7 @@ class Tier(ReadAhead):
             if kept > (lay.first + len(lay.pages)) * g.page:
                 assert lay.tail is not None
                 self.spill.read(lay.tail, [off], i, lay.first + len(lay.pages)).result()
-                self.stats.other_bytes_read += g.group_bytes
+                self.stats.other_bytes_read += g.slot_bytes
             self.spill.give(off)
         lay.length = kept
         self._account()

@@ -63,10 +63,10 @@ class ReadAhead:
             self._staging.append(alloc(0))
             self._free_staging.append(len(self._staging) - 1)
         s = self._free_staging.pop()
-        if self._staging[s].nbytes < full * g.group_bytes:
+        if self._staging[s].nbytes < full * g.slot_bytes:
             lay = self.layers[j]
             pages = max(full, staging_tokens(lay.length, lay.window, g.page) // g.page)
-            self._staging[s] = alloc(pages * g.group_bytes)
+            self._staging[s] = alloc(pages * g.slot_bytes)
             self._account()
         t0 = time.perf_counter()
         self.spill.wait_layer(j)
@@ -95,7 +95,7 @@ class ReadAhead:
         t0 = time.perf_counter()
         got[2].result()
         self.stats.stall_s += time.perf_counter() - t0
-        self.stats.bytes_read += full * g.group_bytes
+        self.stats.bytes_read += full * g.slot_bytes
         self.stats.page_reads += full
         first = self.layers[i].first
         for p in range(first, first + full):
@@ -114,7 +114,7 @@ class ReadAhead:
         finally:
             self._free_staging.append(got[1])
         assert self.geo is not None
-        self.stats.discarded_bytes += got[0] * self.geo.group_bytes
+        self.stats.discarded_bytes += got[0] * self.geo.slot_bytes
 
     def _working(self, tokens: int) -> tuple[Any, Any]:
         """Contiguous K ``[B, Hk, tokens, Dk]`` and V ``[B, Hv, tokens, Dv]`` that attention reads."""

@@ -26,7 +26,8 @@ def layer_windows(config: Any) -> list[int | None]:
     if getattr(text, "use_cache", True) is False:
         raise KVConfigError(f"this {getattr(text, 'model_type', 'model')} config sets use_cache=False, so generate "
                             "would send the whole sequence at every step past the cache; set "
-                            "model.config.use_cache = True (or pass use_cache=True to generate) first")
+                            "model.config.use_cache = True and model.generation_config.use_cache = True (or pass "
+                            "use_cache=True to generate) first")
     types, kwargs = get_layer_types_and_kwargs(text)
     odd = sorted({t for t in types if t not in (ATTENTION, NO_KV, *WINDOWED)})
     if odd:
@@ -118,7 +119,9 @@ class TieredCache(Cache):
     ``memory`` is the DRAM pool (``"2GiB"`` or bytes); ``path`` is the directory
     of the spill file (``$LLMTIER_KV_DIR`` or the temporary directory when
     omitted; it must accept direct I/O).  ``page_tokens`` tokens make a page;
-    ``prefetch`` spilled layers are read ahead.  Outputs are those of
+    ``prefetch`` spilled layers are read ahead; ``spill_all`` puts every layer
+    on SSD from the first forward (tests, benchmarks of the SSD path) instead
+    of only as many as the budget needs.  Outputs are those of
     transformers' ``DynamicCache``: the same K and V reach attention.
     Sliding-window and chunked-attention layers keep only their window; layers
     without KV (``"dummy"``) hold nothing; K and V may differ in head size
@@ -128,10 +131,10 @@ class TieredCache(Cache):
 
     def __init__(self, config: Any, *, memory: int | str, path: str | os.PathLike[str] | None = None,
                  page_tokens: int = DEFAULT_PAGE_TOKENS, prefetch: int = 2, engine: Engine | None = None,
-                 io_nice: int | None = -10) -> None:
+                 io_nice: int | None = -10, spill_all: bool = False) -> None:
         windows = layer_windows(config)
         directory = os.fspath(path) if path is not None else default_directory()
-        self.tier = Tier(windows, parse_memory(memory), directory, page_tokens, prefetch, engine, io_nice)
+        self.tier = Tier(windows, parse_memory(memory), directory, page_tokens, prefetch, engine, io_nice, spill_all)
         super().__init__(layers=[DummyLayer() if w == 0 else TieredLayer(self.tier, i, w)
                                  for i, w in enumerate(windows)])
 
