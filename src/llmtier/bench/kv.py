@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -136,12 +137,29 @@ def _decode(model: Any, cache: Any, fill: list[tuple[Any, Any]], steps: int, see
     return {"step_s": times, "tokens": tokens}
 
 
-def analytic_bytes(context: int, steps: int, spilled: int, page: int, group_bytes: int) -> tuple[int, int]:
-    """Bytes a run must read and write: every full page of every spilled layer read at every step,
-    every page that fills in a spilled layer written once."""
-    reads = sum((context + t) // page for t in range(steps)) * spilled * group_bytes
-    writes = (context + steps) // page * spilled * group_bytes
-    return reads, writes
+def analytic_bytes(context: int, steps: int, spilled: int, page: int, group_bytes: int, *,
+                   windows: Sequence[int | None] | None = None) -> tuple[int, int]:
+    """Bytes a run must read and write: a prefill of ``context`` tokens, then ``steps`` forwards of one token.
+
+    Every held full page of every spilled layer is read at every step; every
+    page that fills is written once.  A full-attention layer holds all its
+    pages.  A sliding-window layer of window ``W`` (``windows``: one entry per
+    spilled layer, ``None`` for full attention; it replaces ``spilled``) holds
+    at ``n`` tokens only the pages after ``start(n) = max(0, n - W + 1)``: page
+    ``p`` is held iff ``(p + 1) * page > start(n)``, so at each step it reads
+    ``n // page - start(n) // page`` pages, and the prefill writes only the
+    ``context // page - start(context) // page`` pages still in the window
+    (the others are dropped unwritten; in decode every page that fills is in
+    the window).
+    """
+    wins = list(windows) if windows is not None else [None] * spilled
+
+    def first(n: int, w: int | None) -> int:
+        return 0 if w is None else max(0, n - w + 1) // page
+
+    reads = sum((context + t) // page - first(context + t, w) for t in range(steps) for w in wins)
+    writes = sum((context + steps) // page - first(context, w) for w in wins)
+    return reads * group_bytes, writes * group_bytes
 
 
 def _decode_part(cfg: KVBenchConfig, model: Any, res: KVBenchResult, fio_path: str, progress: bool) -> None:

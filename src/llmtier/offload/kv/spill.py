@@ -1,8 +1,8 @@
 """The spill file of a :class:`~llmtier.offload.kv.TieredCache`: page groups on SSD.
 
 A *page group* is one page (``P`` tokens) of one layer for every row of the
-batch, laid out ``[B, 2 (K, V), H, P, D]``: all heads of a layer contiguous,
-K before V.  It is the unit written when a page fills and read when a layer
+batch, laid out as the K block ``[B, Hk, P, Dk]`` then the V block ``[B, Hv, P, Dv]``
+(see ``budget.py``).  It is the unit written when a page fills and read when a layer
 needs its past.  Slots are handed out from the end of the file, or from a
 free list after a crop; nothing else ever moves.
 
@@ -42,7 +42,8 @@ class SpillFile:
         self.file: File = engine.open(self.path, "w")
         self._end = 0
         self._free: list[int] = []
-        self._writes: deque[tuple[Future, np.ndarray, int]] = deque()  # (future, buffer, layer)
+        self._writes: deque[tuple[Future, np.ndarray, int, int]] = deque()  # (future, buffer, layer, offset)
+        self._given: set[int] = set()  # slots given back while their write is in flight
         self._spare: list[np.ndarray] = []
         self.bytes_written = 0
         self.write_s = 0.0
@@ -56,11 +57,15 @@ class SpillFile:
         return off
 
     def give(self, offset: int) -> None:
-        self._free.append(offset)
+        """Hand a slot back; one still being written is free once its write is done."""
+        if any(w[3] == offset for w in self._writes):
+            self._given.add(offset)
+        else:
+            self._free.append(offset)
 
     @property
     def used_bytes(self) -> int:
-        return self._end - len(self._free) * self.group_bytes
+        return self._end - (len(self._free) + len(self._given)) * self.group_bytes
 
     # -- buffers and writes -----------------------------------------------------------------------------------------
     def buffer(self) -> np.ndarray:
@@ -73,7 +78,7 @@ class SpillFile:
         while len(self._writes) >= MAX_WRITES:
             self._finish(self._writes.popleft())
         fut = self.file.pwrite(buf, offset, tag=f"{self.tag}:{layer}:{page}")
-        self._writes.append((fut, buf, layer))
+        self._writes.append((fut, buf, layer, offset))
 
     def reap(self) -> None:
         while self._writes and self._writes[0][0].done():
@@ -88,13 +93,16 @@ class SpillFile:
         while self._writes:
             self._finish(self._writes.popleft())
 
-    def _finish(self, w: tuple[Future, np.ndarray, int]) -> None:
+    def _finish(self, w: tuple[Future, np.ndarray, int, int]) -> None:
         t0 = time.perf_counter()
         try:
             w[0].result()
         finally:
             self.write_s += time.perf_counter() - t0
         self.bytes_written += self.group_bytes
+        if w[3] in self._given:
+            self._given.discard(w[3])
+            self._free.append(w[3])
         if len(self._spare) < MAX_WRITES:
             self._spare.append(w[1])
 

@@ -9,10 +9,44 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, get_layer_types_and_kwargs
 
 from ...engine import Engine
 from .cache import DEFAULT_PAGE_TOKENS, KVConfigError, KVStats, Tier, default_directory, parse_memory
+
+ATTENTION = "full_attention"
+WINDOWED = ("sliding_attention", "chunked_attention")  # transformers keeps both in a DynamicSlidingWindowLayer
+NO_KV = "dummy"  # MoE/MLP-only layers and layers that reuse another layer's KV
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Per decoder layer of ``config``: ``None`` (full attention), the window (sliding or chunked attention), or
+    ``0`` (no KV).  Raises :class:`KVConfigError` for what the tier cannot keep."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(text, "use_cache", True) is False:
+        raise KVConfigError(f"this {getattr(text, 'model_type', 'model')} config sets use_cache=False, so generate "
+                            "would send the whole sequence at every step past the cache; set "
+                            "model.config.use_cache = True and model.generation_config.use_cache = True (or pass "
+                            "use_cache=True to generate) first")
+    types, kwargs = get_layer_types_and_kwargs(text)
+    odd = sorted({t for t in types if t not in (ATTENTION, NO_KV, *WINDOWED)})
+    if odd:
+        raise KVConfigError(f"TieredCache keeps attention KV only; this model has layers of type {odd}, which keep "
+                            "a recurrent or compressed state the tier does not hold (use transformers' DynamicCache)")
+    out: list[int | None] = []
+    for t, kw in zip(types, kwargs):
+        if t == NO_KV:
+            out.append(0)
+        elif t == ATTENTION:
+            out.append(None)
+        else:
+            w = kw.get("sliding_window")
+            if not isinstance(w, int) or w < 1:
+                raise KVConfigError(f"a {t} layer without a window size ({w!r}) in the config")
+            out.append(w)
+    if not any(w != 0 for w in out):
+        raise KVConfigError("this model has no attention layer: nothing for TieredCache to keep")
+    return out
 
 
 class TieredLayer(CacheLayerMixin):
@@ -22,9 +56,10 @@ class TieredLayer(CacheLayerMixin):
     is_croppable = True
     is_compileable = False
 
-    def __init__(self, tier: Tier, index: int) -> None:
+    def __init__(self, tier: Tier, index: int, window: int | None = None) -> None:
         super().__init__()
-        self.tier, self.index = tier, index
+        self.tier, self.index, self.window = tier, index, window
+        self.is_sliding = window is not None
 
     def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
         self.is_initialized = True
@@ -34,13 +69,17 @@ class TieredLayer(CacheLayerMixin):
         return self.tier.update(self.index, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        n = self.get_seq_length()
+        if self.window is None:
+            return n + query_length, 0
+        # as transformers' DynamicSlidingWindowLayer: the last window - 1 tokens and the new ones
+        return min(n, self.window - 1) + query_length, max(n - self.window + 1, 0)
 
     def get_seq_length(self) -> int:
         return self.tier.length(self.index)
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.window is None else self.window
 
     def reset(self) -> None:
         self.tier.reset(self.index)
@@ -48,6 +87,10 @@ class TieredLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         self.tier.crop(self.index, tokens_to_remove)
+
+    def held_from(self) -> int:
+        """The first token this layer still holds (a sliding layer drops what left its window)."""
+        return self.tier.held_from(self.index)
 
     def _refuse(self, what: str) -> None:
         raise KVConfigError(f"TieredCache does not support {what} (beam search and batch expansion rewrite "
@@ -79,22 +122,24 @@ class TieredCache(Cache):
     ``memory`` is the DRAM pool (``"2GiB"`` or bytes); ``path`` is the directory
     of the spill file (``$LLMTIER_KV_DIR`` or the temporary directory when
     omitted; it must accept direct I/O).  ``page_tokens`` tokens make a page;
-    ``prefetch`` spilled layers are read ahead.  Outputs are those of
-    transformers' ``DynamicCache``: the same K and V reach attention.  Use it
-    as a context manager, or call :meth:`close`.
+    ``prefetch`` spilled layers are read ahead; ``spill_all`` puts every layer
+    on SSD from the first forward (tests, benchmarks of the SSD path) instead
+    of only as many as the budget needs.  Outputs are those of
+    transformers' ``DynamicCache``: the same K and V reach attention.
+    Sliding-window and chunked-attention layers keep only their window; layers
+    without KV (``"dummy"``) hold nothing; K and V may differ in head size
+    (MLA).  Models whose layers keep a recurrent state (mamba, linear
+    attention, conv) are refused.  Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, config: Any, *, memory: int | str, path: str | os.PathLike[str] | None = None,
                  page_tokens: int = DEFAULT_PAGE_TOKENS, prefetch: int = 2, engine: Engine | None = None,
-                 io_nice: int | None = -10) -> None:
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        types, _ = get_layer_types_and_kwargs(text)
-        odd = sorted({t for t in types if t != "full_attention"})
-        if odd:
-            raise KVConfigError(f"TieredCache supports full-attention layers only; this model has {odd}")
+                 io_nice: int | None = -10, spill_all: bool = False) -> None:
+        windows = layer_windows(config)
         directory = os.fspath(path) if path is not None else default_directory()
-        self.tier = Tier(len(types), parse_memory(memory), directory, page_tokens, prefetch, engine, io_nice)
-        super().__init__(layers=[TieredLayer(self.tier, i) for i in range(len(types))])
+        self.tier = Tier(windows, parse_memory(memory), directory, page_tokens, prefetch, engine, io_nice, spill_all)
+        super().__init__(layers=[DummyLayer() if w == 0 else TieredLayer(self.tier, i, w)
+                                 for i, w in enumerate(windows)])
 
     def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         return self.layers[layer_idx].update(key_states, value_states)
@@ -123,5 +168,5 @@ class TieredCache(Cache):
 
     def __repr__(self) -> str:
         s = self.tier.stats
-        return (f"TieredCache(layers={self.tier.n}, memory={self.tier.memory}, resident={s.resident_layers}, "
+        return (f"TieredCache(layers={len(self.tier.attn)}, memory={self.tier.memory}, resident={s.resident_layers}, "
                 f"spilled={s.spilled_layers})")
