@@ -238,12 +238,16 @@ def test_untied_embedding_is_read_by_rows(models, tmp_path):
         with torch.no_grad():
             assert torch.equal(model(ids).logits, ref(ids).logits)
         assert model.llmtier.stats().embedding_bytes_read == 5 * 64 * 2  # 5 distinct ids, 64 bf16 each
-        assert emb.padding_idx == ref.get_input_embeddings().padding_idx and emb.weight.device.type == "meta"
+        assert emb.padding_idx == ref.get_input_embeddings().padding_idx
+        # between passes: a stand-in on the compute device holding one element, not the table
+        assert emb.weight.device.type == "cpu" and emb.weight.untyped_storage().nbytes() == 2
+        assert emb.weight.shape == ref.get_input_embeddings().weight.shape
         with torch.no_grad(), pytest.raises(IndexError):
             model(torch.tensor([[512]]))
         with torch.no_grad():
             assert torch.equal(model(ids).logits, ref(ids).logits)
     assert emb.padding_idx == ref.get_input_embeddings().padding_idx  # restored by close()
+    assert emb.weight.device.type == "meta"  # and the placeholder too
     with stream_model(models["qwen2"], budget(models["qwen2"], 1), prefetch=1) as model:
         assert model.llmtier.plan.on_demand_bytes == 0  # tied to the head: held
     with stream_model(path, "1GiB") as model:
