@@ -30,8 +30,10 @@ def test_train_cli_budgets_agree_and_trace_shows_the_pattern(tmp_path, capsys):
     tags = {row["tag"]: row for row in per_tag(t)}
     chunks = [k for k in tags if k.startswith("optim:chunk")]
     assert len(chunks) == runs[0]["chunks"]
-    # read-modify-write: each chunk read once per step, written once per step and once when the state is created
-    assert all(3 * tags[k]["write_bytes"] == 4 * tags[k]["read_bytes"] > 0 for k in chunks)
+    # read-modify-write: each chunk written once per step and once when the state is created, read once per
+    # step and (its pieces) once more by the checkpoint at step 2
+    assert all(tags[k]["write_bytes"] % 4 == 0 and tags[k]["read_bytes"] >= 3 * tags[k]["write_bytes"] // 4 > 0
+               for k in chunks)
     assert tags["data:window"]["read_bytes"] > 0 and tags["data:window"]["write_bytes"] == 0
     assert main(["report", runs[0]["trace"], "-o", str(tmp_path / "report")]) == 0
 

@@ -1,6 +1,7 @@
 """Runtimes built on the engine and the store: weight streaming (``weights``)
 and the KV-cache tier (``kv``: ``TieredCache``, ``PrefixStore``; import
-``llmtier.offload.kv``); optimizer offload comes next."""
+``llmtier.offload.kv``) and the optimizer state on SSD (``optim``: ``OffloadedAdamW``;
+import ``llmtier.offload.optim``)."""
 from __future__ import annotations
 
 from .stats import WeightStats
