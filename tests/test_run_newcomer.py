@@ -182,7 +182,7 @@ def test_inspect_into_a_closed_pipe_is_quiet(llama):
                         os.path.join(llama, "model.safetensors")], stdout=w, stderr=subprocess.PIPE, text=True,
                        timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     os.close(w)
-    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert p.returncode == 0 and "Broken pipe" not in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
 # -- a streamed model behaves like a transformers model -----------------------------------------------------------------
