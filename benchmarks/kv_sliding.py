@@ -18,6 +18,16 @@ import os
 import sys
 import time
 
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmtier.bench.families import family_config
+from llmtier.bench.kv import analytic_bytes
+from llmtier.offload.kv import TieredCache, min_memory
+from llmtier.offload.kv.tiered import layer_windows
+from llmtier.trace import load, record
+from llmtier.trace.analysis import rw_summary
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -29,16 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--page", type=int, default=128)
     a = ap.parse_args(argv)
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from llmtier.bench.families import family_config
-    from llmtier.bench.kv import analytic_bytes
-    from llmtier.offload.kv import TieredCache, min_memory
-    from llmtier.offload.kv.tiered import layer_windows
-    from llmtier.trace import load, record
-    from llmtier.trace.analysis import rw_summary
 
     config = family_config(a.family, layers=8, hidden_size=256, intermediate_size=512, num_attention_heads=8,
                            num_key_value_heads=4, head_dim=64, sliding_window=a.window,

@@ -159,7 +159,7 @@ def test_dummy_layers_hold_nothing(tmp_path):
         assert isinstance(cache.layers[1], DummyLayer)
         k = torch.randn(1, 2, 5, 16).to(torch.bfloat16)
         for i in (0, 2):
-            a, b = cache.update(k, k, i)
+            a, _ = cache.update(k, k, i)
             assert torch.equal(a, k)
         assert cache.get_seq_length() == 5 and cache.stats().resident_layers == 2
     config.layer_types = ["dummy"] * 3
