@@ -15,8 +15,8 @@ from llmtier.bench.kv import analytic_bytes  # noqa: E402
 from llmtier.offload import BudgetError, stream_model  # noqa: E402
 from llmtier.offload.hfcompat import cache_kwargs  # noqa: E402
 from llmtier.offload.kv import KVConfigError, TieredCache, min_memory, spill_order  # noqa: E402
-from llmtier.offload.kv.tiered import layer_windows  # noqa: E402
 from llmtier.offload.kv.spill import remove_stale  # noqa: E402
+from llmtier.offload.kv.tiered import layer_windows  # noqa: E402
 from llmtier.offload.weights import open_layout  # noqa: E402
 
 DynamicCache = transformers.DynamicCache

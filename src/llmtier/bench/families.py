@@ -42,7 +42,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 # (family, runtime) -> why it is not supported; runtime "weights" or "kv"
-LIMITS: dict[tuple[str, str], str] = {}
+LIMITS: dict[tuple[str, str], str] = {
+    ("mamba", "kv"): "its layers keep a recurrent (SSM) state, not per-token KV: TieredCache refuses it (use DynamicCache)",
+    ("qwen3_next", "kv"): "its linear_attention layers keep a recurrent state, not per-token KV: TieredCache "
+                          "refuses the model (use DynamicCache)",
+}
 
 
 def family_config(model_type: str, *, layers: int = 4, **overrides: Any) -> Any:

@@ -119,7 +119,15 @@ def staging_tokens(n: int, window: int | None, page: int) -> int:
 
 def need(n: int, q: int, windows: Sequence[int | None], resident: set[int], geo: Geometry, prefetch: int) -> int:
     """DRAM bytes the pool needs for a forward of ``q`` tokens after ``n``, with layers ``resident`` kept
-    (``windows``: one entry per attention layer, ``None`` for full attention)."""
+    (``windows``: one entry per attention layer, ``None`` for full attention).  A prefill (``n == 0``) reads
+    nothing, but the plan must also hold the first step after it: otherwise layers kept resident through the
+    prefill would spill their whole prompt at that step, over the budget while their writes are in flight."""
+    if n == 0 and q:
+        return max(_need(0, q, windows, resident, geo, prefetch), _need(q, 1, windows, resident, geo, prefetch))
+    return _need(n, q, windows, resident, geo, prefetch)
+
+
+def _need(n: int, q: int, windows: Sequence[int | None], resident: set[int], geo: Geometry, prefetch: int) -> int:
     tb, p = geo.token_bytes, geo.page
     held = sum(resident_tokens(n, q, w, p) * tb for i, w in enumerate(windows) if i in resident)
     spilled = [w for i, w in enumerate(windows) if i not in resident]

@@ -33,7 +33,6 @@ stream: they are not yet overlapped with the previous layer's compute.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,10 +55,10 @@ from .budget import (
     parse_memory,
     resident_tokens,
     spill_order,
-    staging_tokens,
 )
 from .reads import ReadAhead
 from .spill import SpillFile, remove_stale
+
 
 class _Layer:
     __slots__ = ("length", "resident", "keys", "values", "base", "pages", "first", "tail", "window")

@@ -339,6 +339,7 @@ class PrefixStore:
     def _fetch(self, model: Any, input_ids: Any, cache: Any, force: bool, bad: list[str]) -> int:
         import torch  # noqa: PLC0415
 
+        _check_cache(cache)
         if cache.get_seq_length():
             raise KVConfigError(f"fetch fills an empty cache; this one holds {cache.get_seq_length()} tokens")
         rows = [list(map(int, r)) for r in input_ids.tolist()]
@@ -497,6 +498,7 @@ class PrefixStore:
         refused: it looks left-padded.
         """
         self._check_open()
+        _check_cache(cache)
         rows = [list(map(int, r)) for r in input_ids.tolist()]
         keep = list(range(len(rows)))
         if attention_mask is not None:
@@ -695,11 +697,25 @@ def _present(keys: list[str], index: dict[str, Any]) -> list[str]:
     return out
 
 
+def _check_cache(cache: Any) -> None:
+    """The store keeps every layer's full K and V of one shape: refuse caches that cannot give that."""
+    odd = [type(lay).__name__ for lay in cache.layers if getattr(lay, "is_sliding", False)
+           or type(lay).__name__ == "DummyLayer"]
+    if odd:
+        raise KVConfigError(f"PrefixStore keeps the full KV of every layer; this cache has {sorted(set(odd))} layers "
+                            "(sliding windows keep only their window, layers without KV hold none): not supported")
+
+
 def _layer_kv(cache: Any, layer: int, n: int) -> tuple[Any, Any]:
     if hasattr(cache, "export"):
-        return cache.export(layer, 0, n)
-    lay = cache.layers[layer]
-    return lay.keys[:, :, :n], lay.values[:, :, :n]
+        k, v = cache.export(layer, 0, n)
+    else:
+        lay = cache.layers[layer]
+        k, v = lay.keys[:, :, :n], lay.values[:, :, :n]
+    if k.shape[1] != v.shape[1] or k.shape[-1] != v.shape[-1]:
+        raise KVConfigError(f"PrefixStore keeps K and V of one shape; this model's differ ({tuple(k.shape)} and "
+                            f"{tuple(v.shape)}: multi-head latent attention): not supported")
+    return k, v
 
 
 def _as_bytes(t: Any) -> np.ndarray:
