@@ -39,3 +39,23 @@ def test_weights_stream_exactly(family, tmp_path):
     assert torch.equal(got.sequences, want.sequences), f"{family}: tokens differ"
     for step, (a, b) in enumerate(zip(got.logits, want.logits)):
         assert torch.equal(a, b), f"{family}: logits differ at step {step} by {(a.float() - b.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("family", [_param(f, "kv") for f in sorted(FAMILIES)])
+def test_kv_tier_exactly(family, tmp_path):
+    """Every layer's KV on SSD (``spill_all``): tokens and logits of transformers' ``DynamicCache``."""
+    from llmtier.offload.hfcompat import cache_kwargs  # noqa: PLC0415
+    from llmtier.offload.kv import TieredCache  # noqa: PLC0415
+
+    path = make_family_model(str(tmp_path / family), family)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ref.config.use_cache = ref.generation_config.use_cache = True  # mpt's config turns the cache off
+    ids = torch.randint(1, 500, (2, 7), generator=torch.Generator().manual_seed(0))
+    want = generate(ref, ids)
+    with TieredCache(ref.config, memory="64MiB", path=tmp_path / "kv", page_tokens=4, spill_all=True) as cache:
+        got = generate(ref, ids, **cache_kwargs(cache))
+        spilled = cache.stats().spilled_layers
+    assert spilled > 0, "spill_all must put the layers on SSD"
+    assert torch.equal(got.sequences, want.sequences), f"{family}: tokens differ"
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        assert torch.equal(a, b), f"{family}: logits differ at step {step} by {(a.float() - b.float()).abs().max()}"

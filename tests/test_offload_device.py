@@ -11,6 +11,7 @@ from llmtier.bench.hfmodels import make_model  # noqa: E402
 from llmtier.engine.cuda import cuda_reason  # noqa: E402
 from llmtier.errors import EngineUnavailableError, LLMTierError  # noqa: E402
 from llmtier.offload import BudgetError, stream_model  # noqa: E402
+from llmtier.offload.hfcompat import cache_kwargs  # noqa: E402
 from llmtier.offload.layout import DEVICE_ALIGN, device_items, open_layout  # noqa: E402
 from llmtier.offload.weights import bind_streamer  # noqa: E402
 
@@ -156,13 +157,13 @@ def test_cuda_kv_tier_matches_dynamic_cache(model_dir, tmp_path, share):
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24, do_sample=False,
               output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     with torch.no_grad():
-        want = ref.generate(ids, past_key_values=transformers.DynamicCache(config=ref.config), **kw)
+        want = ref.generate(ids, **cache_kwargs(transformers.DynamicCache(config=ref.config)), **kw)
     c = ref.config
     least = min_memory(c.num_hidden_layers, 3, c.num_key_value_heads, c.head_dim, 2, 64, page_tokens=16)
     full = 2 * c.num_key_value_heads * c.head_dim * 2 * 3 * 64 * c.num_hidden_layers
     memory = max(least, int(full * share)) if share < 1 else 4 * full
     with TieredCache(ref.config, memory=memory, path=tmp_path, page_tokens=16) as cache, torch.no_grad():
-        got = ref.generate(ids, past_key_values=cache, **kw)
+        got = ref.generate(ids, **cache_kwargs(cache), **kw)
         s = cache.stats()
     assert torch.equal(got.sequences, want.sequences)
     assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))

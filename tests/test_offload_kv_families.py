@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from llmtier.bench.families import LIMITS, make_family_model  # noqa: E402
 from llmtier.bench.kv import analytic_bytes  # noqa: E402
+from llmtier.offload.hfcompat import cache_kwargs  # noqa: E402
 from llmtier.offload.kv import KVConfigError, PrefixStore, TieredCache, min_memory  # noqa: E402
 from llmtier.offload.kv.budget import resident_tokens  # noqa: E402
 from llmtier.offload.kv.tiered import layer_windows  # noqa: E402
@@ -25,14 +26,15 @@ PARTLY = {"gemma2", "deepseek_v2", "llama4_text", "ministral"}  # also run with 
 EXACT = {
     "mistral": {"sliding_window": 8}, "ministral": {}, "gemma2": {}, "gemma3_text": {}, "cohere2": {}, "exaone4": {},
     "gpt_oss": {}, "llama4_text": {"attention_chunk_size": 8}, "deepseek_v2": {},
-    "deepseek_v3": {"head_dim": 8},  # rope over qk_rope_head_dim (the tiny config's head_dim 16 breaks the model itself) "llama": {},
+    "deepseek_v3": {"head_dim": 8},  # rope over qk_rope_head_dim (the tiny config's head_dim 16 breaks the model itself)
+    "llama": {},
 }
 
 
 def generate(model, ids, cache, new=NEW):
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                              do_sample=False, cache=cache, output_logits=True,
+                              do_sample=False, output_logits=True, **cache_kwargs(cache),
                               return_dict_in_generate=True, pad_token_id=0)
 
 
