@@ -49,6 +49,13 @@ LIMITS: dict[tuple[str, str], str] = {
 }
 
 
+def installed(model_type: str) -> bool:
+    """Whether the installed transformers knows ``model_type`` (older supported versions lack some families)."""
+    from transformers import CONFIG_MAPPING  # noqa: PLC0415
+
+    return model_type in CONFIG_MAPPING
+
+
 def family_config(model_type: str, *, layers: int = 4, **overrides: Any) -> Any:
     """The tiny config of ``model_type`` (see the module doc)."""
     from transformers import AutoConfig  # noqa: PLC0415
@@ -88,4 +95,4 @@ if __name__ == "__main__":
     sys.stdout.write(support_table() + "\n")
 
 
-__all__ = ["FAMILIES", "LIMITS", "TINY", "family_config", "make_family_model", "support_table"]
+__all__ = ["FAMILIES", "LIMITS", "TINY", "family_config", "installed", "make_family_model", "support_table"]

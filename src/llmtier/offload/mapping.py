@@ -125,7 +125,10 @@ def _split(v: _VT, sizes: list[int], dim: int) -> list[_VT]:
 
 def _run_ops(conv: Any, collected: dict[str, list[_VT]], layer_name: str, model: Any) -> dict[str, _VT]:
     """The converter's operations, on virtual tensors (mirroring what each op does to real ones)."""
-    from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, Split  # noqa: PLC0415
+    from transformers import core_model_loading as cml  # noqa: PLC0415
+
+    Chunk, Concatenate, MergeModulelist = cml.Chunk, cml.Concatenate, cml.MergeModulelist
+    splits = tuple(op for op in (Chunk, getattr(cml, "Split", None)) if op is not None)  # Split: newer versions only
 
     d: dict[str, Any] = dict(collected)
     sources, targets = list(conv.source_patterns), list(conv.target_patterns)
@@ -146,12 +149,14 @@ def _run_ops(conv: Any, collected: dict[str, list[_VT]], layer_name: str, model:
                     parts += xs if isinstance(xs, list) else [xs]
             parts += [x for xs in d.values() for x in (xs if isinstance(xs, list) else [xs])]
             d = {targets[0]: _cat(parts, op.dim)}
-        elif kind in (Chunk, Split):
+        elif kind in splits:
             if len(d) != 1:
                 raise ValueError("a split of several inputs")
             x = next(iter(d.values()))
             x = x[0] if isinstance(x, list) else x
-            names = op.get_target_patterns(targets, config=model.config) if kind is Chunk else targets
+            names = targets
+            if kind is Chunk and hasattr(op, "get_target_patterns"):  # newer versions may expand the targets
+                names = op.get_target_patterns(targets, config=model.config)
             if kind is Chunk:
                 n = len(names)
                 sizes = [x.shape[op.dim] // n] * n

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from ...engine import Engine
 from .cache import DEFAULT_PAGE_TOKENS, KVConfigError, KVStats, Tier, default_directory, parse_memory
@@ -29,6 +29,8 @@ def layer_windows(config: Any) -> list[int | None]:
                             "model.config.use_cache = True and model.generation_config.use_cache = True (or pass "
                             "use_cache=True to generate) first")
     types, kwargs = get_layer_types_and_kwargs(text)
+    if isinstance(kwargs, dict):  # transformers < 5.2x: one set of kwargs shared by every layer
+        kwargs = [kwargs] * len(types)
     odd = sorted({t for t in types if t not in (ATTENTION, NO_KV, *WINDOWED)})
     if odd:
         raise KVConfigError(f"TieredCache keeps attention KV only; this model has layers of type {odd}, which keep "
@@ -47,6 +49,14 @@ def layer_windows(config: Any) -> list[int | None]:
     if not any(w != 0 for w in out):
         raise KVConfigError("this model has no attention layer: nothing for TieredCache to keep")
     return out
+
+
+def _no_kv_layer() -> Any:
+    """transformers' placeholder for a layer that keeps no KV.  Only configs of transformers versions that have
+    it name ``dummy`` layers, so it is imported here, not at the top (older supported versions lack it)."""
+    from transformers.cache_utils import DummyLayer  # noqa: PLC0415
+
+    return DummyLayer()
 
 
 class TieredLayer(CacheLayerMixin):
@@ -138,7 +148,7 @@ class TieredCache(Cache):
         windows = layer_windows(config)
         directory = os.fspath(path) if path is not None else default_directory()
         self.tier = Tier(windows, parse_memory(memory), directory, page_tokens, prefetch, engine, io_nice, spill_all)
-        super().__init__(layers=[DummyLayer() if w == 0 else TieredLayer(self.tier, i, w)
+        super().__init__(layers=[_no_kv_layer() if w == 0 else TieredLayer(self.tier, i, w)
                                  for i, w in enumerate(windows)])
 
     def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
