@@ -48,8 +48,8 @@ def test_kv_tier_exactly(family, tmp_path):
     """Every layer's KV on SSD (``spill_all``): tokens and logits of transformers' ``DynamicCache``."""
     if not installed(family):
         pytest.skip(f"this transformers ({transformers.__version__}) has no {family}")
-    from llmtier.offload.hfcompat import cache_kwargs  # noqa: PLC0415
-    from llmtier.offload.kv import TieredCache  # noqa: PLC0415
+    from llmtier.offload.hfcompat import cache_kwargs
+    from llmtier.offload.kv import TieredCache
 
     path = make_family_model(str(tmp_path / family), family)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()

@@ -172,8 +172,8 @@ def test_cuda_kv_tier_matches_dynamic_cache(model_dir, tmp_path, share):
 
 
 def test_damaged_disk_layer_is_refused_when_reached_and_the_rest_still_works(model_dir, tmp_path):
-    from llmtier.errors import ChecksumError  # noqa: PLC0415
-    from llmtier.store.convert import convert  # noqa: PLC0415
+    from llmtier.errors import ChecksumError
+    from llmtier.store.convert import convert
 
     store = str(tmp_path / "m.lts")
     convert(model_dir, store, progress=False)

@@ -13,7 +13,7 @@ from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist,
 from llmtier.bench.families import make_family_model  # noqa: E402
 from llmtier.offload import stream_model  # noqa: E402
 from llmtier.offload.hf import ModelLayoutError  # noqa: E402
-from llmtier.offload.mapping import _cat, _run_ops, _split, _stack, _VT  # noqa: E402
+from llmtier.offload.mapping import _VT, _cat, _run_ops, _split, _stack  # noqa: E402
 from llmtier.store.convert import convert  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def test_virtual_cat_stack_split_match_torch(dim):
 
 
 def test_moe_fusion_is_each_experts_blocks_one_after_another():
-    E, I, H = 4, 3, 5  # noqa: N806
+    E, I, H = 4, 3, 5  # noqa: E741 - the fused shapes [E, 2I, H] of the docs
     conv = SimpleNamespace(source_patterns=["w1", "w3"], target_patterns=["gate_up"],
                            operations=[MergeModulelist(dim=0), Concatenate(dim=1)])
     collected = {"w1": [leaf(f"g{e}", (I, H)) for e in range(E)], "w3": [leaf(f"u{e}", (I, H)) for e in range(E)]}
@@ -70,7 +70,7 @@ def test_a_conversion_that_changes_bytes_is_refused_by_name():
 
 
 def test_a_fused_moe_store_streams_exactly_and_checks_every_expert(tmp_path):
-    import transformers  # noqa: PLC0415
+    import transformers
 
     path = make_family_model(str(tmp_path / "mixtral"), "mixtral")
     store = str(tmp_path / "mixtral.lts")
