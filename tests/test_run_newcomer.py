@@ -252,3 +252,18 @@ def test_one_api_style_stats_verify_mapping_and_device(llama, tmp_path):
                 st["b"]
     with pytest.raises(ValueError, match="verify must be"):
         open_store(path, verify="sometimes")
+
+
+def test_run_stops_at_a_stop_string_like_hf_generate(llama, capsys):
+    tok = transformers.AutoTokenizer.from_pretrained(llama)
+    args = ("--model", llama, "--memory", "70%", "--prompt", "The disk reads", "--max-new-tokens", "10", "--greedy")
+    rc, out, _ = run(capsys, *args, "--json")
+    free = json.loads(out)["tokens"][0]
+    assert rc == 0 and len(free) == 10
+    stop = tok.decode(free[:3])[-2:]  # ends the third token's text
+    assert stop.strip(), "the tiny tokenizer gave an empty stop string"
+    rc, out, _ = run(capsys, *args, "--stop", stop, "--json")
+    got = json.loads(out)["tokens"][0]
+    ids = tok("The disk reads").input_ids
+    want = ref_generate(llama, ids, 10, do_sample=False, stop_strings=[stop], tokenizer=tok)
+    assert rc == 0 and got == want and len(got) < len(free) and tok.decode(got).endswith(stop)
