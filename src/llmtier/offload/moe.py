@@ -154,12 +154,14 @@ class MoEStreamer(WeightStreamer):
             self._c["tokens"] += int(top.shape[0]) if top.dim() > 1 else 1
         keys = [(m.layer, e) for e in need]
         guess = self._guess.pop(m.layer, None)
+        stale: list[Key] = []  # read ahead for this layer, not routed to: they land as plain residents
         if guess is not None:
             guessed, fetched = guess
             self._c["predicted"] += len(guessed)
             self._c["right"] += len(guessed & set(need))
             self._c["routed_pred"] += len(need)
             self._c["wasted"] += m.expert_bytes * len(fetched - set(need))
+            stale = [(m.layer, e) for e in sorted(fetched - set(need)) if (m.layer, e) in self._ereads]
         keep = set(keys)
         missing = []
         for k in keys:
@@ -177,6 +179,9 @@ class MoEStreamer(WeightStreamer):
         if self.predict and i + 1 < len(self.moe):
             self._prefetch(i + 1, hidden, keep)
         t0 = time.perf_counter()
+        for k in stale:
+            if k in self._ereads:
+                self._finish(k)
         for k in keys:
             if k in self._ereads:
                 self._finish(k)
