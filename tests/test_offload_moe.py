@@ -56,11 +56,12 @@ def test_experts_stream_exactly(family, policy, predict):
     assert s.policy == policy and s.expert_misses > 0 and s.tokens == 2 * 7 + 2 * 5
     assert s.expert_cache_used <= s.expert_cache_bytes
     # every byte read is a routed expert that was missing, a wrong guess, or a streamed dense layer
-    assert s.total_bytes_read == s.analytic_bytes + s.prefetch_wasted_bytes
+    assert s.total_bytes_read - s.expert_bytes_read + s.expert_payload_read == s.analytic_bytes + s.prefetch_wasted_bytes
+    assert s.expert_bytes_read >= s.expert_payload_read
     if predict:
         assert s.predicted > 0 and 0 < s.prediction_recall <= 1 and 0 < s.prediction_precision <= 1
     else:
-        assert s.prefetch_bytes == 0 and s.total_bytes_read == s.analytic_bytes
+        assert s.prefetch_bytes == 0 and s.expert_payload_read == s.active_missing_bytes
 
 
 def test_tight_budget_streams_dense_layers(family):
@@ -146,3 +147,22 @@ def test_profile_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ExpertError, match="not an llmtier expert profile"):
         ExpertProfile.load(tmp_path / "bad.json")
+
+
+def test_trace_tags_each_expert_and_report_shows_skew(tmp_path):
+    from llmtier import trace  # noqa: PLC0415
+    from llmtier.trace.analysis import findings, summarize  # noqa: PLC0415
+
+    path = make_family_model(str(tmp_path / "mix"), "mixtral")
+    out = tmp_path / "t.npz"
+    with trace.record(out, block=False, diskstats=False):
+        with stream_model(path, "70%", experts="lru") as model:
+            generate(model)
+            s = model.llmtier.stats()
+    tr = trace.load(out)
+    sm = summarize(tr)
+    skew = sm["experts"]
+    assert skew["bytes"] == s.expert_bytes_read
+    assert 0 < skew["experts_read"] <= 4 * 4 and 0 <= skew["gini"] < 1
+    assert sum(skew["timeline_bytes"]) == skew["bytes"] and skew["hottest"][0]["bytes"] > 0
+    assert any(f.startswith("Expert reads:") for f in findings(tr, sm))

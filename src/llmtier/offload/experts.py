@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LLMTierError
+from ..store.format import ALIGN
 from ..units import human
 from .layout import Group, Layout, Plan, make_group, make_plan
 
@@ -67,6 +68,12 @@ class MoELayer:
     expert_bytes: int
     router: tuple[str, str | None] | None = None  # (router weight tensor, score-correction bias tensor) in the checkpoint
     checks: list[list[tuple[Any, list[tuple[int, int, int]]]]] = field(default_factory=list)  # per expert: crc spans
+
+    @property
+    def read_bytes(self) -> list[int]:
+        """Per expert, the bytes its reads move: each extent widened to :data:`ALIGN` (direct I/O)."""
+        return [sum(-(-(x.offset + x.nbytes) // ALIGN) * ALIGN - x.offset // ALIGN * ALIGN for x in ex)
+                for ex in self.extents]
 
     @property
     def row_bytes(self) -> list[int]:

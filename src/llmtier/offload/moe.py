@@ -64,7 +64,8 @@ class MoEStats(WeightStats):
     expert_misses: int = 0  # routed experts read on demand (the compute waited)
     prefetch_hits: int = 0  # routed experts read ahead by the prediction
     expert_hit_rate: float = 0.0  # hits / routed experts
-    expert_bytes_read: int = 0  # demand reads and prefetches
+    expert_bytes_read: int = 0  # demand reads and prefetches, as the disk moves them (widened to 4 KiB)
+    expert_payload_read: int = 0  # the experts' own bytes in those reads
     expert_reads: int = 0  # experts read
     expert_stall_s: float = 0.0
     prefetch_bytes: int = 0
@@ -96,7 +97,8 @@ class MoEStreamer(WeightStreamer):
         self._counts = {m.layer: [0] * m.num_experts for m in moe}
         self._everified: set[Key] = set()
         self._c = dict.fromkeys(("hits", "misses", "prefetch_hits", "bytes", "reads", "prefetch_bytes", "wasted",
-                                 "predicted", "right", "routed_pred", "tokens", "missing_bytes"), 0)
+                                 "predicted", "right", "routed_pred", "tokens", "missing_bytes", "payload"), 0)
+        self._read_bytes = [m.read_bytes for m in moe]
         self._stall = 0.0
         sizes = {m.layer: m.expert_bytes for m in moe}
         pol = make_policy(policy, profile, eplan.cache_bytes, sizes)
@@ -247,7 +249,8 @@ class MoEStreamer(WeightStreamer):
         futs = [self.source.file(f).pread_many(v, o, tags=[tag] * len(v)) for f, (v, o) in by_file.items()]
         self._ereads[key] = [i, futs]
         self._c["reads"] += 1
-        self._c["bytes"] += m.expert_bytes
+        self._c["bytes"] += self._read_bytes[i][e]
+        self._c["payload"] += m.expert_bytes
         if prefetched:
             self._c["prefetch_bytes"] += m.expert_bytes
 
@@ -311,7 +314,7 @@ class MoEStreamer(WeightStreamer):
         return MoEStats(**base, policy=self.cache.policy.name, predict=self.predict,
                         expert_cache_bytes=self.cache.capacity, expert_cache_used=self.cache.used,
                         expert_hits=c["hits"], expert_misses=c["misses"], prefetch_hits=c["prefetch_hits"],
-                        expert_hit_rate=c["hits"] / routed if routed else 0.0, expert_bytes_read=c["bytes"],
+                        expert_hit_rate=c["hits"] / routed if routed else 0.0, expert_bytes_read=c["bytes"], expert_payload_read=c["payload"],
                         expert_reads=c["reads"], expert_stall_s=self._stall, prefetch_bytes=c["prefetch_bytes"],
                         prefetch_wasted_bytes=c["wasted"], predicted=c["predicted"], predicted_right=c["right"],
                         routed_with_prediction=c["routed_pred"],
