@@ -166,3 +166,22 @@ def test_trace_tags_each_expert_and_report_shows_skew(tmp_path):
     assert 0 < skew["experts_read"] <= 4 * 4 and 0 <= skew["gini"] < 1
     assert sum(skew["timeline_bytes"]) == skew["bytes"] and skew["hottest"][0]["bytes"] > 0
     assert any(f.startswith("Expert reads:") for f in findings(tr, sm))
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "olmoe", "phimoe", "deepseek_v2", "granitemoe", "glm4_moe"])
+def test_more_moe_families_stream_exactly(name, tmp_path):
+    path = make_family_model(str(tmp_path / name), name)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    want = generate(ref)
+    with stream_model(path, "70%", experts="lru", predict=True) as model:
+        got = generate(model)
+        assert model.llmtier.stats().expert_reads > 0
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "llama4_text"])
+def test_other_expert_interfaces_refused(name, tmp_path):
+    path = make_family_model(str(tmp_path / name), name, layers=2)
+    with pytest.raises(ExpertError, match="no routed experts"):
+        stream_model(path, "70%", experts="lru")
