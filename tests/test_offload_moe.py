@@ -66,9 +66,9 @@ def test_experts_stream_exactly(family, policy, predict):
 
 def test_tight_budget_streams_dense_layers(family):
     """At the least budget the dense layers stream too; still exact."""
-    name, path, want = family
-    from llmtier.offload.experts import find_experts, split_budget_for_experts  # noqa: PLC0415
-    from llmtier.offload.layout import open_layout  # noqa: PLC0415
+    _name, path, want = family
+    from llmtier.offload.experts import find_experts, split_budget_for_experts
+    from llmtier.offload.layout import open_layout
 
     lay = open_layout(path)
     try:
@@ -88,7 +88,7 @@ def test_tight_budget_streams_dense_layers(family):
 
 
 def test_everything_fits_reads_each_expert_once(family):
-    name, path, want = family
+    _name, path, _want = family
     with stream_model(path, "100%", experts="lfu", predict=False) as model:
         generate(model)
         s = model.llmtier.stats()
@@ -150,8 +150,8 @@ def test_profile_round_trip(tmp_path):
 
 
 def test_trace_tags_each_expert_and_report_shows_skew(tmp_path):
-    from llmtier import trace  # noqa: PLC0415
-    from llmtier.trace.analysis import findings, summarize  # noqa: PLC0415
+    from llmtier import trace
+    from llmtier.trace.analysis import findings, summarize
 
     path = make_family_model(str(tmp_path / "mix"), "mixtral")
     out = tmp_path / "t.npz"

@@ -153,7 +153,7 @@ def find_experts(layout: Layout) -> tuple[list[MoELayer], list[Group]]:
         num = m.num_experts
         extents: list[list[Extent]] = [[] for _ in range(num)]
         checks: list[list] = [[] for _ in range(num)]
-        for pi, (b, t) in enumerate(params):
+        for pi, (_, t) in enumerate(params):
             if t.nbytes % num:
                 raise ExpertError(f"{t.name}: {t.nbytes} bytes do not split into {num} experts")
             ex, ck = _expert_extents(t, num, pi)

@@ -314,7 +314,8 @@ class MoEStreamer(WeightStreamer):
         return MoEStats(**base, policy=self.cache.policy.name, predict=self.predict,
                         expert_cache_bytes=self.cache.capacity, expert_cache_used=self.cache.used,
                         expert_hits=c["hits"], expert_misses=c["misses"], prefetch_hits=c["prefetch_hits"],
-                        expert_hit_rate=c["hits"] / routed if routed else 0.0, expert_bytes_read=c["bytes"], expert_payload_read=c["payload"],
+                        expert_hit_rate=c["hits"] / routed if routed else 0.0, expert_bytes_read=c["bytes"],
+                        expert_payload_read=c["payload"],
                         expert_reads=c["reads"], expert_stall_s=self._stall, prefetch_bytes=c["prefetch_bytes"],
                         prefetch_wasted_bytes=c["wasted"], predicted=c["predicted"], predicted_right=c["right"],
                         routed_with_prediction=c["routed_pred"],
@@ -332,7 +333,7 @@ class MoEStreamer(WeightStreamer):
                 for f in futs:
                     try:
                         f.result()
-                    except Exception:  # noqa: BLE001, S110 - discarded reads: only their end matters
+                    except Exception:  # noqa: BLE001 - discarded reads: only their end matters
                         pass
         super().close()
         self._ebufs = []
