@@ -278,6 +278,8 @@ class ExpertProfile:
         p = os.fspath(path)
         if os.path.isdir(p):
             p = os.path.join(p, PROFILE_NAME)
+        elif not p.endswith(".json"):
+            raise ExpertError(f"{p}: give a directory (the model's) or a .json path for the expert profile")
         tmp = p + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"format": "llmtier-expert-profile", "version": 1, "tokens": self.tokens,
