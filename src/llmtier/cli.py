@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_checkpoint(bench)
     from .bench.trainbench import add_cli as add_bench_train  # noqa: PLC0415
     add_bench_train(bench)
+    from .bench.moe import add_cli as add_bench_moe  # noqa: PLC0415
+    add_bench_moe(bench)
     return p
 
 

@@ -291,8 +291,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         with stream_model(args.model, args.memory or DEFAULT_MEMORY, args.device, host_memory=args.host_memory,
-                          prefetch=args.prefetch, verify=args.verify,
-                          dtype=args.dtype) as model, contextlib.ExitStack() as stack:
+                          prefetch=args.prefetch, verify=args.verify, experts=args.experts,
+                          predict=not args.no_predict, dtype=args.dtype) as model, contextlib.ExitStack() as stack:
             load_s = time.perf_counter() - t0
             st = model.llmtier
             if not args.json:
@@ -363,6 +363,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     if tokenizer is not None:
         out["text"] = [tokenizer.decode(row, skip_special_tokens=True) for row in timed.tokens]
+    if hasattr(stats, "expert_hit_rate"):  # --experts: the expert cache's counters
+        out["experts"] = {k: v for k, v in stats.as_dict().items() if k not in out}
     out.update(kv_out)
     if args.trace and not any("trace" in w for w in warnings):
         out["trace"] = args.trace
@@ -380,6 +382,11 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"tok/s ({timed.decode_steps} steps); streamed {human(total)} ({total / 2**30 / max(seconds, 1e-9):.2f} "
           f"GiB/s), compute waited {stats.stall_s:.2f} s for reads; resident {human(plan.resident_bytes)} "
           f"({plan.resident_share:.0%} of the model); peak RSS {human(rss)}", file=sys.stderr)
+    if "experts" in out:
+        e = out["experts"]
+        print(f"experts ({e['policy']}): hit rate {e['expert_hit_rate']:.2f}, {human(e['expert_bytes_read'])} read "
+              f"({e['expert_reads']} experts), prediction recall {e['prediction_recall']:.2f} precision "
+              f"{e['prediction_precision']:.2f}, {human(e['bytes_per_token'])} per token", file=sys.stderr)
     for line in _kv_lines(kv_out):
         print(line, file=sys.stderr)
     if "trace" in out:
@@ -445,6 +452,9 @@ def add_cli(sub: Any) -> None:
     run.add_argument("--host-memory", type=parse_size, help="with --device cuda: pinned host memory that caches "
                      "streamed layers (default: none, every streamed layer is read from the disk)")
     run.add_argument("--prefetch", type=_positive, help="layers read ahead (default: from the budget)")
+    run.add_argument("--experts", choices=("lru", "lfu", "profile"), help="a MoE model: stream by experts with this "
+                     "cache policy (default: whole layers)")
+    run.add_argument("--no-predict", action="store_true", help="with --experts: no prediction and prefetch")
     run.add_argument("--verify", choices=("first", "always", "never"), default="first",
                      help="CRC-32C checks of store tensors (default: the first time each is read)")
     run.add_argument("--threads", type=_positive, help="torch compute threads (default: torch's)")

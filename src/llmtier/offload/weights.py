@@ -423,7 +423,8 @@ def _streamed_class(cls: type) -> type:
 
 def stream_model(path: str | os.PathLike[str], memory: int | str, device: Any = "cpu", *, dtype: Any = None,
                  host_memory: int | str | None = None, prefetch: int | None = None, engine: Engine | None = None,
-                 verify: bool | str = "first", io_nice: int | None = -10) -> Any:
+                 verify: bool | str = "first", io_nice: int | None = -10, experts: str | None = None,
+                 predict: bool = True, profile: Any = None) -> Any:
     """A transformers causal LM whose weights stream from ``path`` within ``memory`` bytes.
 
     ``path``: a Hugging Face model directory (config.json + safetensors, read
@@ -444,6 +445,13 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: Any = 
     ``generate()``; use it as a context manager (or call ``close()``) to
     release its buffers and files.  ``model.llmtier`` is the
     :class:`WeightStreamer`, with ``.plan`` and ``.stats()``.
+
+    ``experts="lru"`` / ``"lfu"`` / ``"profile"`` (a MoE model, on the CPU):
+    the routed experts are cached and read one by one as the router picks
+    them instead of streaming with their layer; ``predict`` prefetches the
+    next layer's guessed experts; ``profile`` is the profile policy's
+    expert frequencies (default: the one saved beside the model).  See
+    :mod:`llmtier.offload.moe`.
     """
     dev = str(device)
     if dev.split(":")[0] not in ("cpu", "cuda"):
@@ -456,6 +464,16 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: Any = 
     verify = verify_mode(verify)  # True / False mean "always" / "never", as for open_store
     layout = open_layout(path, dtype=dtype, engine=engine)
     try:
+        if experts is not None:  # expert-granular streaming of a MoE model
+            from .moe import bind_moe_streamer  # noqa: PLC0415
+
+            if dev != "cpu":
+                raise LLMTierError("expert streaming (experts=...) runs on the CPU for now")
+            streamer = bind_moe_streamer(layout, memory, policy=experts, predict=predict, profile=profile,
+                                         prefetch=prefetch, verify=verify)
+            layout.model.__class__ = _streamed_class(type(layout.model))
+            layout.model.llmtier = streamer
+            return layout.model
         plan = layout.plan(memory, prefetch) if dev == "cpu" else layout.device_plan(memory, host_memory, prefetch)
         if engine is None and plan.streamed and io_nice is not None:
             why = layout.source.engine.prioritize(io_nice)

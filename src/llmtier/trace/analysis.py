@@ -511,6 +511,11 @@ def summarize(trace: Any) -> dict[str, Any]:
         out["layers"][layer] = lay
     if att is not None:
         out["layers"]["block"]["on_traced_files"] = att["bytes_on_files"]
+    from .experts import expert_skew  # noqa: PLC0415 - per-expert tags of MoE expert streaming
+
+    skew = expert_skew(trace)
+    if skew is not None:
+        out["experts"] = skew
     return out
 
 
@@ -585,6 +590,9 @@ def findings(trace: Any, s: dict[str, Any] | None = None) -> list[str]:
             f"{t['tag']} {fmt_size(t['read_bytes'] + t['write_bytes'])} "
             f"({100 * (t['read_bytes'] + t['write_bytes']) / total:.0f}%, busy {t['busy_s']:.2f} s)" for t in top)
             + ("; ..." if len(tags) > 3 else "") + ".")
+    from .experts import expert_findings  # noqa: PLC0415
+
+    out += expert_findings(s.get("experts"), fmt_size)
     for m in s["missing"]:
         out.append(f"Not recorded — {m}.")
     return out

@@ -1,0 +1,458 @@
+"""``llmtier bench moe``: a MoE model larger than its budget -- expert-granular
+streaming (LRU, LFU, profile; prediction on) against whole-layer streaming of
+the same model, accelerate disk offload at the same budget, and the model in
+memory, whose tokens every run is checked against.
+
+Models are Mixtral- and Qwen3-MoE-shaped, random bf16 weights scaled to a
+few GiB.  Random routers route nearly uniformly (``uniform``); the
+``skew`` routing is a documented synthetic change of the same model: hidden
+dimension 0 carries a constant (the embeddings' column 0 is 1.0 and no layer
+writes to it: attention's ``o_proj`` and the experts' ``down_proj`` have
+their row 0 zeroed), and each router's column 0 turns it into a bias of
+``-alpha * ln(rank)`` on the logit of the expert of that popularity rank
+(ranks permuted per layer): Zipf-like popularity, alpha 1.5 by default.
+
+Each system runs in a fresh child process (page cache dropped) under a
+cgroup v1 memory cap of ``budget + OVERHEAD``; the child generates once to
+warm up, then ``rounds`` times with different prompts (the same for every
+system).  fio reads the checkpoint (1 MiB, QD 32, O_DIRECT) before each
+cell: the I/O bound of a system is its bytes read per decode token divided
+by that bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..units import human
+
+OVERHEAD = 1 << 30
+# model_type -> config overrides (2-4 GiB of bf16)
+SHAPES: dict[str, dict[str, Any]] = {
+    "mixtral": {"hidden_size": 1024, "intermediate_size": 3584, "num_local_experts": 8, "num_experts": 8, "num_experts_per_tok": 2,
+                "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 32000, "layers": 14},
+    "qwen3_moe": {"hidden_size": 1024, "moe_intermediate_size": 384, "num_experts": 128, "num_experts_per_tok": 8,
+                  "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 32000,
+                  "layers": 9},
+}
+QUICK: dict[str, dict[str, Any]] = {
+    "mixtral": {"hidden_size": 128, "intermediate_size": 256, "num_local_experts": 8, "num_experts": 8, "num_experts_per_tok": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512, "layers": 6},
+    "qwen3_moe": {"hidden_size": 128, "moe_intermediate_size": 64, "num_experts": 32, "num_experts_per_tok": 4,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512, "layers": 6},
+}
+SYSTEMS = ("memory", "layers", "experts-lru", "experts-lfu", "experts-profile", "experts-lru-nopredict", "accelerate")
+
+
+@dataclass
+class MoEBenchConfig:
+    """Knobs of :func:`run_moe_bench`."""
+
+    directory: str = os.path.join(tempfile.gettempdir(), "llmtier-bench-moe")
+    models: tuple[str, ...] = ("mixtral", "qwen3_moe")
+    routings: tuple[str, ...] = ("skew", "uniform")
+    budgets: tuple[float, ...] = (0.5, 0.25)
+    batches: tuple[int, ...] = (1, 4)
+    systems: tuple[str, ...] = SYSTEMS
+    rounds: int = 5
+    prompt_len: int = 16
+    new_tokens: int = 8
+    alpha: float = 1.5
+    threads: int = 2
+    overhead: int = OVERHEAD
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls, directory: str | None = None, **kw: Any) -> MoEBenchConfig:
+        base = {"models": ("mixtral",), "routings": ("skew",), "budgets": (0.5,), "batches": (1,), "rounds": 1,
+                "new_tokens": 4, "systems": ("memory", "layers", "experts-lru", "experts-profile"), "quick": True,
+                "overhead": 2 << 30}
+        return cls(**({"directory": directory} if directory else {}), **{**base, **kw})
+
+
+# -- the models ------------------------------------------------------------------------------------------------------
+def _moe_parts(model: Any) -> list[tuple[Any, Any, Any]]:
+    """(attention o_proj, experts, router) per MoE layer."""
+    out = []
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        if hasattr(mlp, "experts") and hasattr(mlp, "gate"):
+            out.append((layer.self_attn.o_proj, mlp.experts, mlp.gate))
+    return out
+
+
+def apply_skew(model: Any, alpha: float, seed: int = 0) -> None:
+    """Make expert popularity Zipf-like (see the module doc); changes ``model`` in place."""
+    import torch  # noqa: PLC0415
+
+    parts = _moe_parts(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for o_proj, experts, gate in parts:
+            o_proj.weight[0, :] = 0
+            experts.down_proj[:, 0, :] = 0
+            gate.weight[:, 0] = 0
+        seen: list[float] = []
+        hooks = [gate.register_forward_pre_hook(lambda m, a: seen.append(float(a[0].reshape(-1, a[0].shape[-1])[:, 0]
+                                                                                     .float().mean())))
+                 for _, _, gate in parts]
+        ids = torch.randint(1, model.config.vocab_size, (2, 32), generator=g)
+        model(ids)
+        for h in hooks:
+            h.remove()
+        for (_, _, gate), h0 in zip(parts, seen):
+            n = gate.weight.shape[0]
+            rank = torch.randperm(n, generator=g).float() + 1
+            bias = -alpha * torch.log(rank)
+            gate.weight[:, 0] = (bias / h0).to(gate.weight.dtype)
+
+
+def ensure_model(directory: str, model_type: str, routing: str, cfg: MoEBenchConfig, progress: bool = True) -> str:
+    """Write (once) the random MoE model of ``model_type`` with ``routing`` under ``directory``; its path."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    from .families import family_config  # noqa: PLC0415
+
+    shape = dict((QUICK if cfg.quick else SHAPES)[model_type])
+    layers = shape.pop("layers")
+    key = hashlib.sha256(json.dumps([model_type, routing, shape, layers, cfg.alpha], sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(directory, f"{model_type}-{routing}-{key}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    if progress:
+        print(f"writing {model_type} ({routing}) to {path} ...", file=sys.stderr)
+    config = family_config(model_type, layers=layers, **shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    if routing == "skew":
+        apply_skew(model, cfg.alpha)
+    tmp = path + ".tmp"
+    model.save_pretrained(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_store(path: str) -> str:
+    """The llmtier store of the model at ``path`` (4 KiB-aligned extents: each expert is read straight into
+    place; safetensors' unaligned offsets would go through whole-size bounce buffers), written once."""
+    from ..store.convert import convert  # noqa: PLC0415
+
+    dst = path + ".store"
+    if not os.path.exists(os.path.join(dst, "index.json")):
+        convert(path, dst, max_shard_bytes=8 << 30, progress=False)
+    return dst
+
+
+def _weights_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+# -- the child -------------------------------------------------------------------------------------------------------
+def child_main(job: dict[str, Any]) -> dict[str, Any]:
+    """Load one system, generate ``1 + rounds`` times, return per-round figures."""
+    import resource  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from ..offload.generate import generate_timed  # noqa: PLC0415
+
+    torch.set_num_threads(job["threads"])
+    system = job["system"]
+    t0 = time.perf_counter()
+    if system == "memory":
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.bfloat16).eval()
+    elif system == "accelerate":
+        from .peers_hf import load_accelerate  # noqa: PLC0415
+
+        model = load_accelerate(job["model"], job["budget"], "hf", job["offload_dir"])
+    else:
+        from ..offload import stream_model  # noqa: PLC0415
+
+        if system == "profile-calibrate":
+            model = stream_model(job["model"], "100%", experts="lru", predict=False, verify="never")
+        elif system == "layers":
+            model = stream_model(job["model"], job["budget"], verify="never")
+        else:
+            policy = system.split("-")[1]
+            model = stream_model(job["model"], job["budget"], experts=policy, predict="nopredict" not in system,
+                                 verify="never")
+    load_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    streamed = hasattr(model, "llmtier")
+
+    def snap() -> dict[str, Any]:
+        if not streamed:
+            return {}
+        d = model.llmtier.stats().as_dict()
+        if "total_bytes_read" not in d:  # whole layers
+            d["total_bytes_read"] = d["bytes_read"] + d["embedding_bytes_read"]
+        return d
+
+    runs = []
+    for rnd in range(job["rounds"] + 1):  # round 0 warms up
+        g = torch.Generator().manual_seed(job["seed"] + rnd)
+        ids = torch.randint(1, vocab, (job["batch"], job["prompt_len"]), generator=g)
+        marks: dict[str, Any] = {}
+
+        def on_token(k: int, _t: float, marks: dict[str, Any] = marks) -> None:
+            if k == 1:
+                marks["after_prefill"] = snap()
+
+        timed = generate_timed(model, ids, job["new_tokens"], on_token=on_token)
+        end = snap()
+        rec = timed.record()
+        tokens = rec.pop("tokens")
+        rec["digest"] = hashlib.sha256(str(tokens).encode()).hexdigest()[:16]
+        if streamed and marks.get("after_prefill"):
+            a = marks["after_prefill"]
+            steps = rec["decode_steps"] * job["batch"]
+            for k in ("total_bytes_read", "analytic_bytes", "expert_hits", "expert_misses", "prefetch_hits",
+                      "predicted", "predicted_right", "routed_with_prediction", "prefetch_wasted_bytes",
+                      "expert_stall_s", "stall_s", "active_missing_bytes"):
+                if k in end:
+                    rec["decode_" + k] = end[k] - a[k]
+            rec["decode_bytes_per_token"] = rec["decode_total_bytes_read"] / steps if steps else None
+        runs.append(rec)
+    out: dict[str, Any] = {"load_s": load_s, "runs": runs[1:], "warmup": runs[0],
+                           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if streamed:
+        out["stats"] = snap()
+        plan = model.llmtier.plan
+        out["streamed_bytes_per_pass"] = plan.streamed_bytes_per_pass
+        if system == "profile-calibrate":
+            out["profile_path"] = model.llmtier.profile().save(job["model"])
+            out["gini"] = gini([c for cs in model.llmtier.expert_counts().values() for c in cs])
+        model.close()
+    return out
+
+
+def gini(counts: list[int]) -> float:
+    """The Gini coefficient of ``counts`` (0: every expert used alike, towards 1: a few take all)."""
+    xs = sorted(counts)
+    n, total = len(xs), sum(xs)
+    if n == 0 or total == 0:
+        return 0.0
+    return sum((2 * i - n + 1) * x for i, x in enumerate(xs)) / (n * total)
+
+
+def _child(job: dict[str, Any], limit: int | None, timeout: float = 3600.0) -> dict[str, Any]:
+    from .cgroup import run_in_cgroup  # noqa: PLC0415
+    from .system import drop_page_cache  # noqa: PLC0415
+
+    argv = [sys.executable, "-m", "llmtier.bench.moe", "--child", json.dumps(job)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    if limit is None:
+        drop_page_cache()
+        p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+        rc, out, err, peak, oom = p.returncode, p.stdout, p.stderr, None, False
+    else:
+        r = run_in_cgroup(argv, limit, drop_caches=True, env=env, timeout=timeout)
+        rc, out, err, peak, oom = r.returncode, r.stdout, r.stderr, r.peak_bytes, bool(r.oom_killed)
+    line = next((x for x in reversed(out.splitlines()) if x.startswith("{")), None)
+    if rc != 0 or line is None:
+        why = "killed by the memory cap (OOM)" if oom or rc in (-9, 137) else f"exit {rc}"
+        return {"ok": False, "error": why, "stderr": err.strip()[-800:], "cgroup_peak_bytes": peak}
+    res = json.loads(line)
+    res.update(ok=True, cgroup_peak_bytes=peak)
+    return res
+
+
+def _fio(path: str) -> float | None:
+    from .fio import FioError, fio_available, run_fio  # noqa: PLC0415
+
+    if not fio_available()[0]:
+        return None
+    size = min(os.path.getsize(path), 1 << 30)
+    try:
+        return run_fio(path, "read", 1 << 20, 32, size - size % (1 << 20)).gib_per_s * 2**30
+    except FioError:
+        return None
+
+
+# -- the study ---------------------------------------------------------------------------------------------------------
+def _med(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _row(system: str, res: dict[str, Any], ref: dict[str, Any] | None, fio_bw: float | None) -> dict[str, Any]:
+    if not res.get("ok"):
+        return {"system": system, "ok": False, "error": res.get("error"), "stderr": res.get("stderr", "")[-300:]}
+    runs = res["runs"]
+    tok = [r["decode_tok_s"] for r in runs]
+    row: dict[str, Any] = {"system": system, "ok": True, "decode_tok_s": _med(tok),
+                           "decode_tok_s_range": (min(tok), max(tok)), "prefill_s": _med([r["prefill_s"] for r in runs]),
+                           "cgroup_peak_bytes": res.get("cgroup_peak_bytes"), "peak_rss_bytes": res["peak_rss_bytes"]}
+    if ref is not None and ref.get("ok"):
+        row["tokens_match"] = all(a["digest"] == b["digest"] for a, b in zip(runs, ref["runs"]))
+    if "decode_bytes_per_token" in runs[0]:
+        bpt = _med([r["decode_bytes_per_token"] for r in runs])
+        row["bytes_per_token"] = bpt
+        if runs[0].get("decode_analytic_bytes"):
+            row["bytes_vs_analytic"] = _med([r["decode_total_bytes_read"] / r["decode_analytic_bytes"]
+                                             for r in runs if r.get("decode_analytic_bytes")])
+        if fio_bw:
+            row["io_bound_s"] = bpt / fio_bw
+            row["io_efficiency"] = (bpt / fio_bw) * row["decode_tok_s"] if row["decode_tok_s"] else float("nan")
+        hits = sum(r.get("decode_expert_hits", 0) for r in runs)
+        routed = hits + sum(r.get("decode_expert_misses", 0) + r.get("decode_prefetch_hits", 0) for r in runs)
+        if routed:
+            row["hit_rate"] = hits / routed
+            pred = sum(r.get("decode_routed_with_prediction", 0) for r in runs)
+            guessed = sum(r.get("decode_predicted", 0) for r in runs)
+            right = sum(r.get("decode_predicted_right", 0) for r in runs)
+            row["recall"] = right / pred if pred else None
+            row["precision"] = right / guessed if guessed else None
+            row["wasted_bytes_per_token"] = _med([r["decode_prefetch_wasted_bytes"] / max(1, r["decode_steps"])
+                                                  for r in runs])
+            row["expert_stall_s"] = _med([r["decode_expert_stall_s"] for r in runs])
+    return row
+
+
+def run_moe_bench(cfg: MoEBenchConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the study; a JSON-able dict of one table per (model, routing, budget, batch)."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from .cgroup import memory_cgroup_available  # noqa: PLC0415
+
+    os.makedirs(cfg.directory, exist_ok=True)
+    capped, why = memory_cgroup_available()
+    notes = ["the machine was shared with other jobs (2 cores, one virtio disk): compare ratios within a table"]
+    if not capped:
+        notes.append(f"no memory cgroup ({why}): runs are NOT capped")
+    tables = []
+    cells = [(m, r, f, b) for m in cfg.models for r in cfg.routings for f in cfg.budgets for b in cfg.batches]
+    bar = tqdm(total=len(cells) * len(cfg.systems), desc="bench moe", disable=not progress)
+    for model_type in cfg.models:
+        for routing in cfg.routings:
+            path = ensure_model(cfg.directory, model_type, routing, cfg, progress)
+            store = ensure_store(path)  # what llmtier streams from; memory and accelerate load the HF directory
+            total = _weights_bytes(path)
+            base = {"model": path, "threads": cfg.threads, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
+                    "seed": 1000, "offload_dir": os.path.join(cfg.directory, "accelerate-offload")}
+            calib = _child({**base, "model": store, "system": "profile-calibrate", "batch": 4, "rounds": 1, "budget": total, "seed": 7},
+                           None)  # other prompts than the measured ones
+            for frac in cfg.budgets:
+                for batch in cfg.batches:
+                    budget = int(total * frac)
+                    fio_bw = _fio(os.path.join(path, sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[0]))
+                    results: dict[str, dict[str, Any]] = {}
+                    for system in cfg.systems:
+                        bar.set_postfix_str(f"{model_type} {routing} {frac:.0%} b{batch} {system}")
+                        job = {**base, "system": system, "budget": budget, "batch": batch, "rounds": cfg.rounds}
+                        if system not in ("memory", "accelerate"):
+                            job["model"] = store
+                        limit = None if system == "memory" or not capped else budget + cfg.overhead
+                        results[system] = _child(job, limit)
+                        bar.update(1)
+                    ref = results.get("memory")
+                    rows = [_row(s, results[s], ref if s != "memory" else None, fio_bw) for s in cfg.systems]
+                    layers = next((r for r in rows if r["system"] == "layers" and r.get("ok")), None)
+                    for r in rows:
+                        if layers and r.get("ok") and r["system"].startswith("experts"):
+                            r["vs_layers"] = r["decode_tok_s"] / layers["decode_tok_s"]
+                            if layers.get("bytes_per_token"):
+                                r["bytes_vs_layers"] = r["bytes_per_token"] / layers["bytes_per_token"]
+                    stats = results.get("experts-lru", {}).get("stats") or {}
+                    tables.append({"model": model_type, "routing": routing, "budget": frac, "batch": batch,
+                                   "weights_bytes": total, "fio_bytes_per_s": fio_bw, "rows": rows,
+                                   "calibration_gini": calib.get("gini"), "expert_cache_bytes": stats.get("expert_cache_bytes"),
+                                   "raw": results})
+    bar.close()
+    return {"config": asdict(cfg), "tables": tables, "notes": notes, "capped": capped}
+
+
+def format_report(res: dict[str, Any]) -> str:
+    def f(x: Any, fmt: str) -> str:
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+    out = []
+    for t in res["tables"]:
+        fio = t["fio_bytes_per_s"]
+        out += ["", f"### {t['model']} ({human(t['weights_bytes'])}), {t['routing']} routing, budget {t['budget']:.0%}, "
+                f"batch {t['batch']}; fio {f(fio and fio / 2**30, '.2f')} GiB/s; expert Gini (calibration) "
+                f"{f(t.get('calibration_gini'), '.2f')}", "",
+                "| system | decode tok/s (min-max) | vs whole layers | bytes/token | vs layers' bytes | read / analytic | "
+                "I/O bound s/token | of I/O bound | hit rate | recall | precision | wasted/token | tokens = in-memory | "
+                "cgroup peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in t["rows"]:
+            if not r.get("ok"):
+                out.append(f"| {r['system']} | failed: {r.get('error')} |" + " - |" * 12)
+                continue
+            lo, hi = r["decode_tok_s_range"]
+            bpt = r.get("bytes_per_token")
+            out.append(f"| {r['system']} | {f(r['decode_tok_s'], '.2f')} ({lo:.2f}-{hi:.2f}) | "
+                       f"{f(r.get('vs_layers'), '.2f')} | {human(bpt) if bpt is not None else '-'} | "
+                       f"{f(r.get('bytes_vs_layers'), '.3f')} | {f(r.get('bytes_vs_analytic'), '.3f')} | "
+                       f"{f(r.get('io_bound_s'), '.3f')} | {f(r.get('io_efficiency'), '.2f')} | {f(r.get('hit_rate'), '.2f')} | "
+                       f"{f(r.get('recall'), '.2f')} | {f(r.get('precision'), '.2f')} | "
+                       f"{human(r['wasted_bytes_per_token']) if r.get('wasted_bytes_per_token') is not None else '-'} | "
+                       f"{r.get('tokens_match', '-')} | "
+                       f"{human(r['cgroup_peak_bytes']) if r.get('cgroup_peak_bytes') else '-'} |")
+    out += [f"note: {n}" for n in res["notes"]]
+    return "\n".join(out)
+
+
+def add_cli(bench: Any) -> None:
+    p = bench.add_parser("moe", help="MoE expert streaming (LRU/LFU/profile, prediction) vs whole-layer streaming, "
+                                     "accelerate and in-memory (memory-capped)")
+    p.add_argument("--quick", action="store_true", help="a small model, one budget, one round")
+    p.add_argument("--dir", help="where the synthetic models go")
+    p.add_argument("--models", help="comma list of mixtral,qwen3_moe")
+    p.add_argument("--routings", help="comma list of skew,uniform")
+    p.add_argument("--budgets", help="comma list of shares of the weights, e.g. 0.5,0.25")
+    p.add_argument("--batches", help="comma list, e.g. 1,4")
+    p.add_argument("--systems", help=f"comma list of {','.join(SYSTEMS)}")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cli_main)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    kw: dict[str, Any] = {}
+    for name in ("models", "routings", "systems"):
+        if getattr(args, name):
+            kw[name] = tuple(getattr(args, name).split(","))
+    if args.budgets:
+        kw["budgets"] = tuple(float(x) for x in args.budgets.split(","))
+    if args.batches:
+        kw["batches"] = tuple(int(x) for x in args.batches.split(","))
+    if args.rounds:
+        kw["rounds"] = args.rounds
+    if args.new_tokens:
+        kw["new_tokens"] = args.new_tokens
+    cfg = MoEBenchConfig.quick_config(args.dir, **kw) if args.quick else \
+        MoEBenchConfig(**({"directory": args.dir} if args.dir else {}), **kw)
+    res = run_moe_bench(cfg, progress=not args.no_progress)
+    print(format_report(res))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        print(json.dumps(child_main(json.loads(sys.argv[2]))))
+    else:
+        sys.exit("usage: python -m llmtier.bench.moe --child JOB_JSON (used by `llmtier bench moe`)")
+
+
+__all__ = ["MoEBenchConfig", "SHAPES", "SYSTEMS", "apply_skew", "ensure_model", "format_report", "gini", "run_moe_bench"]

@@ -1,0 +1,362 @@
+"""Expert-granular streaming of MoE models: hot experts in DRAM, cold ones
+read on demand, the next layer's experts predicted and prefetched.
+
+The dense part of every layer (attention, router, shared experts, norms)
+streams or stays resident as in :mod:`llmtier.offload.weights`; the routed
+experts do not stream with their layer.  Each fused expert parameter
+(``[E, ...]``) is bound once, for the model's life, to a buffer of its full
+size in anonymous memory that holds pages only where experts were read: an
+expert in the cache is its rows there, an expert evicted gives its pages back
+(``MADV_DONTNEED``).  A forward pre-hook on the experts module sees the
+router's choice (``top_k_index``) before any expert computes; the missing
+experts are read, each extent of each expert straight to its place in the
+fused buffer, and the experts compute only after they arrived.  The experts
+that run have their true weights; the rows of the others are never read by
+transformers' expert loops (``eager`` and ``grouped_mm`` touch only routed
+experts), so the output is the in-memory model's, bit for bit.
+
+Prediction: the next MoE layer's router applied to this layer's expert
+input guesses the next layer's experts; their reads start before this
+layer's experts compute.  A wrong guess costs bytes, never correctness: the
+next layer's hook reads what its own router chose.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..engine import alloc
+from ..errors import ChecksumError
+from ..store import dtypes
+from ..store.format import ALIGN, crc32c
+from ..units import resolve_size
+from .experts import (
+    ExpertCache,
+    ExpertError,
+    ExpertPlan,
+    ExpertProfile,
+    Key,
+    MoELayer,
+    find_experts,
+    layer_quotas,
+    make_policy,
+    split_budget_for_experts,
+)
+from .layout import Layout
+from .stats import WeightStats
+from .weights import WeightStreamer
+
+
+@dataclass(frozen=True)
+class MoEStats(WeightStats):
+    """:class:`WeightStats` of the dense part plus the expert cache's counters."""
+
+    policy: str = ""
+    predict: bool = False
+    expert_cache_bytes: int = 0
+    expert_cache_used: int = 0
+    expert_hits: int = 0  # routed experts found resident
+    expert_misses: int = 0  # routed experts read on demand (the compute waited)
+    prefetch_hits: int = 0  # routed experts read ahead by the prediction
+    expert_hit_rate: float = 0.0  # hits / routed experts
+    expert_bytes_read: int = 0  # demand reads and prefetches, as the disk moves them (widened to 4 KiB)
+    expert_payload_read: int = 0  # the experts' own bytes in those reads
+    expert_reads: int = 0  # experts read
+    expert_stall_s: float = 0.0
+    prefetch_bytes: int = 0
+    prefetch_wasted_bytes: int = 0  # prefetched for a layer that did not route to them
+    predicted: int = 0  # experts guessed
+    predicted_right: int = 0  # guessed and routed to
+    routed_with_prediction: int = 0  # routed experts of the layers that had a guess
+    prediction_recall: float = 0.0
+    prediction_precision: float = 0.0
+    tokens: int = 0  # token positions through the first MoE layer
+    active_missing_bytes: int = 0  # routed experts not resident when routed to (demand + prefetched)
+    analytic_bytes: int = 0  # active_missing_bytes + dense streamed bytes + embedding rows
+    total_bytes_read: int = 0  # everything read after the start
+    bytes_per_token: float = 0.0
+
+
+class MoEStreamer(WeightStreamer):
+    """A :class:`WeightStreamer` of the dense part and the expert cache of the routed experts."""
+
+    def __init__(self, layout: Layout, eplan: ExpertPlan, moe: list[MoELayer], dense_groups: list, *, policy: str,
+                 predict: bool, profile: ExpertProfile | None, verify: str, tag: str = "weights") -> None:
+        self.moe = moe
+        self.expert_plan = eplan
+        self.predict = predict
+        self._ebufs: list[list[np.ndarray]] = []
+        self._ereads: dict[Key, list] = {}  # expert reads in flight
+        self._routers: dict[int, tuple[Any, Any]] = {}
+        self._guess: dict[int, tuple[set[int], set[int]]] = {}  # layer -> (guessed, prefetched)
+        self._counts = {m.layer: [0] * m.num_experts for m in moe}
+        self._everified: set[Key] = set()
+        self._c = dict.fromkeys(("hits", "misses", "prefetch_hits", "bytes", "reads", "prefetch_bytes", "wasted",
+                                 "predicted", "right", "routed_pred", "tokens", "missing_bytes", "payload"), 0)
+        self._read_bytes = [m.read_bytes for m in moe]
+        self._stall = 0.0
+        sizes = {m.layer: m.expert_bytes for m in moe}
+        pol = make_policy(policy, profile, eplan.cache_bytes, sizes)
+        self.cache = ExpertCache(eplan.cache_bytes, pol, layer_quotas(eplan.cache_bytes, moe))
+        super().__init__(layout.source, layout.model, dense_groups, layout.outside, eplan.dense,
+                         layers_prefix=layout.layers_prefix, verify=verify, tag=tag, embedding=layout.embedding)
+        try:
+            self._bind_experts()
+            if predict:
+                self._load_routers()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up --------------------------------------------------------------------------------------------------------
+    def _bind_experts(self) -> None:
+        torch = self._torch
+        for i, m in enumerate(self.moe):
+            bufs = []
+            for b, t in m.params:
+                dt = dtypes.torch_dtype(t.dtype)
+                if dt != b.dtype:
+                    raise ExpertError(f"{t.name} is {dt} in the checkpoint and the model computes in {b.dtype}: expert "
+                                      "streaming reads experts in place, without a cast (leave dtype= unset)")
+                buf = alloc(t.nbytes)
+                bufs.append(buf)
+                x = torch.from_numpy(buf).view(dt).reshape(b.shape)
+                for module, attr, _ in b.places:
+                    self._placeholders.setdefault((id(module), attr), module._parameters[attr])
+                    module._parameters[attr] = torch.nn.Parameter(x, requires_grad=x.is_floating_point())
+            self._ebufs.append(bufs)
+            self._hooks.append(m.module.register_forward_pre_hook(
+                lambda mod, args, kwargs, i=i: self._experts_before(i, mod, args, kwargs), with_kwargs=True))
+
+    def _load_routers(self) -> None:
+        torch = self._torch
+        for i, m in enumerate(self.moe):
+            if m.router is None:
+                continue
+            w, bias = m.router
+            weight = torch.from_numpy(np.ascontiguousarray(self.source.get(w, verify=self.verify != "never"))).float()
+            b = (torch.from_numpy(np.ascontiguousarray(self.source.get(bias, verify=self.verify != "never"))).float()
+                 if bias else None)
+            self._routers[i] = (weight, b)
+
+    # -- the hook ------------------------------------------------------------------------------------------------------
+    def _experts_before(self, i: int, module: Any, args: tuple, kwargs: dict) -> None:
+        self._check_grad(module, args)
+        torch = self._torch
+        m = self.moe[i]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        top = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        need = [e for e in torch.unique(top).tolist() if 0 <= e < m.num_experts]
+        if i == 0:
+            self._c["tokens"] += int(top.shape[0]) if top.dim() > 1 else 1
+        keys = [(m.layer, e) for e in need]
+        guess = self._guess.pop(m.layer, None)
+        stale: list[Key] = []  # read ahead for this layer, not routed to: they land as plain residents
+        if guess is not None:
+            guessed, fetched = guess
+            self._c["predicted"] += len(guessed)
+            self._c["right"] += len(guessed & set(need))
+            self._c["routed_pred"] += len(need)
+            self._c["wasted"] += m.expert_bytes * len(fetched - set(need))
+            stale = [(m.layer, e) for e in sorted(fetched - set(need)) if (m.layer, e) in self._ereads]
+        keep = set(keys)
+        missing = []
+        for k in keys:
+            if k in self._ereads:
+                self._c["prefetch_hits"] += 1
+            elif k in self.cache:
+                self._c["hits"] += 1
+            else:
+                self._c["misses"] += 1
+                missing.append(k)
+        self._c["missing_bytes"] += m.expert_bytes * (len(missing) + sum(1 for k in keys if k in self._ereads))
+        for k in missing:
+            self._admit(k, m.expert_bytes, keep, demand=True)
+            self._read(i, k, prefetched=False)
+        if self.predict and i + 1 < len(self.moe):
+            self._prefetch(i + 1, hidden, keep)
+        t0 = time.perf_counter()
+        for k in stale:
+            if k in self._ereads:
+                self._finish(k)
+        for k in keys:
+            if k in self._ereads:
+                self._finish(k)
+        self._stall += time.perf_counter() - t0
+        counts = self._counts[m.layer]
+        for k in keys:
+            self.cache.policy.touch(k)
+            counts[k[1]] += 1
+
+    def _admit(self, key: Key, nbytes: int, keep: set[Key], *, demand: bool) -> bool:
+        """Make room for ``key`` (evicting others by the policy) and reserve it; False when a prefetch finds no room."""
+        busy = keep | set(self._ereads)
+        victims = self.cache.victims(nbytes, busy, key[0])
+        if victims is None and demand:  # prefetches in flight hold the room: let them land, then choose again
+            for k in list(self._ereads):
+                if k not in keep:
+                    self._finish(k)
+            victims = self.cache.victims(nbytes, keep | set(self._ereads), key[0])
+        if victims is None:
+            if demand:
+                raise ExpertError(f"the expert cache ({self.cache.capacity} bytes) cannot hold the experts one layer "
+                                  "routes to at once")
+            return False
+        for v in victims:
+            self._evict(v)
+        self.cache.add(key, nbytes)
+        return True
+
+    def _prefetch(self, j: int, hidden: Any, keep: set[Key]) -> None:
+        r = self._routers.get(j)
+        if r is None:
+            return
+        nxt = self.moe[j]
+        weight, bias = r
+        h = hidden.reshape(-1, weight.shape[1]).float()
+        scores = h @ weight.T
+        if bias is not None:
+            scores = scores.sigmoid() + bias
+        guessed = set(self._torch.unique(scores.topk(min(nxt.top_k, nxt.num_experts), dim=-1).indices).tolist())
+        fetched: set[int] = set()
+        hold = keep | {(nxt.layer, e) for e in guessed}
+        for e in sorted(guessed):
+            k = (nxt.layer, e)
+            if k in self.cache or k in self._ereads:
+                continue
+            if not self._admit(k, nxt.expert_bytes, hold, demand=False):
+                break
+            self._read(j, k, prefetched=True)
+            fetched.add(e)
+        self._guess[nxt.layer] = (guessed, fetched)
+
+    # -- reading -------------------------------------------------------------------------------------------------------
+    def _read(self, i: int, key: Key, *, prefetched: bool) -> None:
+        m = self.moe[i]
+        e = key[1]
+        bufs = self._ebufs[i]
+        by_file: dict[str, tuple[list, list]] = {}
+        for x in m.extents[e]:
+            views, offs = by_file.setdefault(x.file, ([], []))
+            views.append(bufs[x.param][x.dst:x.dst + x.nbytes])
+            offs.append(x.offset)
+        tag = f"{self.tag}:{m.name}.{e}"
+        futs = [self.source.file(f).pread_many(v, o, tags=[tag] * len(v)) for f, (v, o) in by_file.items()]
+        self._ereads[key] = [i, futs]
+        self._c["reads"] += 1
+        self._c["bytes"] += self._read_bytes[i][e]
+        self._c["payload"] += m.expert_bytes
+        if prefetched:
+            self._c["prefetch_bytes"] += m.expert_bytes
+
+    def _finish(self, key: Key) -> None:
+        """Wait for the reads of ``key`` and check them; on failure the expert leaves the cache."""
+        i, futs = self._ereads.pop(key)
+        errors = []
+        for f in futs:
+            try:
+                f.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others finished
+                errors.append(exc)
+        try:
+            if errors:
+                raise errors[0]
+            if self.verify == "always" or (self.verify == "first" and key not in self._everified):
+                self._check(i, key[1])
+            self._everified.add(key)
+        except BaseException:
+            self._evict(key)
+            raise
+
+    def _check(self, i: int, e: int) -> None:
+        bufs = self._ebufs[i]
+        for src, spans in self.moe[i].checks[e] if self.moe[i].checks else []:
+            crc = 0
+            for pi, dst, n in spans:
+                crc = crc32c(bufs[pi][dst:dst + n], crc)
+            if crc != src.crc32c:
+                raise ChecksumError(f"tensor {src.name!r}: CRC-32C mismatch (the data on disk is damaged)",
+                                    path=src.file, field=src.name)
+
+    def _evict(self, key: Key) -> None:
+        """Drop ``key`` from the cache and give its whole pages back to the system."""
+        if key in self.cache:
+            self.cache.remove(key)
+        i = next(n for n, m in enumerate(self.moe) if m.layer == key[0])
+        m = self.moe[i]
+        for buf, row in zip(self._ebufs[i], m.row_bytes):
+            a = -(-(key[1] * row) // ALIGN) * ALIGN
+            b = (key[1] + 1) * row // ALIGN * ALIGN
+            mm = buf.base
+            if b > a and isinstance(mm, mmap.mmap):
+                mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+
+    # -- public --------------------------------------------------------------------------------------------------------
+    def expert_counts(self) -> dict[int, list[int]]:
+        """How often each expert of each MoE layer was routed to (layer -> count per expert)."""
+        return {k: list(v) for k, v in self._counts.items()}
+
+    def profile(self) -> ExpertProfile:
+        """The expert frequencies measured so far, to save beside the model for the ``profile`` policy."""
+        return ExpertProfile(self.expert_counts(), self._c["tokens"])
+
+    def stats(self) -> MoEStats:
+        """The dense counters and the expert cache's (hit rate, bytes per token, prediction recall, stalls)."""
+        base = super().stats().as_dict()
+        c = self._c
+        routed = c["hits"] + c["misses"] + c["prefetch_hits"]
+        total = base["bytes_read"] + base["embedding_bytes_read"] + c["bytes"]
+        return MoEStats(**base, policy=self.cache.policy.name, predict=self.predict,
+                        expert_cache_bytes=self.cache.capacity, expert_cache_used=self.cache.used,
+                        expert_hits=c["hits"], expert_misses=c["misses"], prefetch_hits=c["prefetch_hits"],
+                        expert_hit_rate=c["hits"] / routed if routed else 0.0, expert_bytes_read=c["bytes"],
+                        expert_payload_read=c["payload"],
+                        expert_reads=c["reads"], expert_stall_s=self._stall, prefetch_bytes=c["prefetch_bytes"],
+                        prefetch_wasted_bytes=c["wasted"], predicted=c["predicted"], predicted_right=c["right"],
+                        routed_with_prediction=c["routed_pred"],
+                        prediction_recall=c["right"] / c["routed_pred"] if c["routed_pred"] else 0.0,
+                        prediction_precision=c["right"] / c["predicted"] if c["predicted"] else 0.0,
+                        tokens=c["tokens"], active_missing_bytes=c["missing_bytes"],
+                        analytic_bytes=c["missing_bytes"] + base["bytes_read"] + base["embedding_bytes_read"],
+                        total_bytes_read=total, bytes_per_token=total / c["tokens"] if c["tokens"] else 0.0)
+
+    def close(self) -> None:
+        """Wait for expert reads in flight, then close as :meth:`WeightStreamer.close`."""
+        if getattr(self, "_closed", True) is False:
+            for key in list(getattr(self, "_ereads", {})):
+                _, futs = self._ereads.pop(key)
+                for f in futs:
+                    try:
+                        f.result()
+                    except Exception:  # noqa: BLE001 - discarded reads: only their end matters
+                        pass
+        super().close()
+        self._ebufs = []
+
+
+def bind_moe_streamer(layout: Layout, memory: int | str, *, policy: str = "lru", predict: bool = True,
+                      profile: ExpertProfile | str | None = None, prefetch: int | None = None,
+                      verify: str = "first") -> MoEStreamer:
+    """The expert-granular streamer of ``layout`` within ``memory`` bytes (see the module doc).
+
+    ``profile``: an :class:`ExpertProfile` or a path to one (default for the
+    ``profile`` policy: the one saved beside the model)."""
+    budget = resolve_size(memory, whole=layout.total_bytes, what="the weights")
+    moe, dense = find_experts(layout)
+    if policy == "profile" and not isinstance(profile, ExpertProfile):
+        src = layout.source.path
+        where = profile if profile is not None else (src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)))
+        profile = ExpertProfile.load(where)
+    eplan = split_budget_for_experts(budget, layout.outside.nbytes + layout.embedding_bytes, [g.nbytes for g in dense],
+                                     moe, prefetch)
+    eplan.dense.reason += "\n" + eplan.reason
+    return MoEStreamer(layout, eplan, moe, dense, policy=policy, predict=predict,
+                       profile=profile if isinstance(profile, ExpertProfile) else None, verify=verify)
+
+
+__all__ = ["MoEStats", "MoEStreamer", "bind_moe_streamer"]

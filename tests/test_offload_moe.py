@@ -1,0 +1,187 @@
+"""Expert-granular streaming of MoE models: bitwise equal to the in-memory
+model for Mixtral-, Qwen3-MoE- and DeepSeek-V3-shaped models with every
+cache policy and with prediction on and off; bytes read equal the analytic
+count; the cache and its policies."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from llmtier.bench.families import make_family_model  # noqa: E402
+from llmtier.offload import stream_model  # noqa: E402
+from llmtier.offload.experts import (  # noqa: E402
+    LFU,
+    PROFILE_NAME,
+    ExpertCache,
+    ExpertError,
+    ExpertProfile,
+    Policy,
+    ProfilePolicy,
+)
+
+FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3")
+IDS = torch.randint(1, 500, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def generate(model, ids=IDS):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                              do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """A tiny MoE model, its reference output and an expert profile saved beside it."""
+    path = make_family_model(str(tmp_path_factory.mktemp(request.param) / "m"), request.param)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    want = generate(ref)
+    with stream_model(path, "70%", experts="lru", predict=False) as model:
+        generate(model, IDS[:1, :4])
+        model.llmtier.profile().save(path)
+    return request.param, path, want
+
+
+@pytest.mark.parametrize("predict", [False, True])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "profile"])
+def test_experts_stream_exactly(family, policy, predict):
+    name, path, want = family
+    with stream_model(path, "70%", experts=policy, predict=predict) as model:
+        got = generate(model)
+        s = model.llmtier.stats()
+    assert torch.equal(got.sequences, want.sequences), f"{name}: tokens differ"
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        assert torch.equal(a, b), f"{name} {policy}: logits differ at step {step}"
+    assert s.policy == policy and s.expert_misses > 0 and s.tokens == 2 * 7 + 2 * 5
+    assert s.expert_cache_used <= s.expert_cache_bytes
+    # every byte read is a routed expert that was missing, a wrong guess, or a streamed dense layer
+    assert s.total_bytes_read - s.expert_bytes_read + s.expert_payload_read == s.analytic_bytes + s.prefetch_wasted_bytes
+    assert s.expert_bytes_read >= s.expert_payload_read
+    if predict:
+        assert s.predicted > 0 and 0 < s.prediction_recall <= 1 and 0 < s.prediction_precision <= 1
+    else:
+        assert s.prefetch_bytes == 0 and s.expert_payload_read == s.active_missing_bytes
+
+
+def test_tight_budget_streams_dense_layers(family):
+    """At the least budget the dense layers stream too; still exact."""
+    _name, path, want = family
+    from llmtier.offload.experts import find_experts, split_budget_for_experts
+    from llmtier.offload.layout import open_layout
+
+    lay = open_layout(path)
+    try:
+        moe, dense = find_experts(lay)
+        least = max(m.num_experts * m.expert_bytes + m.top_k * m.expert_bytes for m in moe)
+        outside = lay.outside.nbytes + lay.embedding_bytes
+        budget = outside + 2 * max(g.nbytes for g in dense) + least
+        eplan = split_budget_for_experts(budget, outside, [g.nbytes for g in dense], moe)
+        assert eplan.dense.streamed and eplan.cache_bytes >= least
+    finally:
+        lay.source.close()
+    with stream_model(path, budget, experts="lru") as model:
+        got = generate(model)
+        assert model.llmtier.stats().bytes_read > 0
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
+def test_everything_fits_reads_each_expert_once(family):
+    _name, path, _want = family
+    with stream_model(path, "100%", experts="lfu", predict=False) as model:
+        generate(model)
+        s = model.llmtier.stats()
+    assert s.expert_reads == len({k for k in model.llmtier.cache.resident})
+    assert s.expert_misses == s.expert_reads and s.bytes_read == 0
+
+
+def test_dense_model_and_bad_policy_refused(tmp_path):
+    path = make_family_model(str(tmp_path / "llama"), "llama", layers=2)
+    with pytest.raises(ExpertError, match="no routed experts"):
+        stream_model(path, "50%", experts="lru")
+    moe = make_family_model(str(tmp_path / "mix"), "mixtral", layers=2)
+    with pytest.raises(ExpertError, match="unknown expert cache policy"):
+        stream_model(moe, "90%", experts="fifo")
+    with pytest.raises(ExpertError, match="no expert profile"):
+        stream_model(moe, "90%", experts="profile")
+
+
+def test_policies_choose_victims():
+    lru = Policy()
+    for k in [(0, 0), (0, 1), (0, 2), (0, 0)]:
+        lru.touch(k)
+    assert lru.victim([(0, 0), (0, 1), (0, 2)]) == (0, 1)
+    lfu = LFU()
+    for k in [(0, 0), (0, 0), (0, 1), (0, 2), (0, 2), (0, 1), (0, 1)]:
+        lfu.touch(k)
+    assert lfu.victim([(0, 0), (0, 1), (0, 2)]) == (0, 0)  # 2 uses, older than (0, 2)'s
+    prof = ProfilePolicy({(0, 0)})
+    for k in [(0, 0), (0, 1)]:
+        prof.touch(k)
+    assert prof.victim([(0, 0), (0, 1)]) == (0, 1)
+    assert prof.victim([(0, 0)]) == (0, 0)
+
+
+def test_cache_takes_room_from_layers_over_quota():
+    cache = ExpertCache(4, Policy(), quota={0: 2, 1: 2})
+    for k in [(0, 0), (0, 1), (0, 2), (1, 0)]:
+        cache.add(k, 1)
+        cache.policy.touch(k)
+    assert cache.victims(1, keep=set(), layer=1) == [(0, 0)]  # layer 0 holds 3 of its 2
+    cache.remove((0, 0))
+    cache.add((1, 1), 1)
+    cache.policy.touch((1, 1))
+    assert cache.victims(1, keep=set(), layer=1) == [(1, 0)]  # nobody over: the asking layer's own LRU
+    assert cache.victims(1, keep={(0, 1), (0, 2), (1, 0), (1, 1)}, layer=1) is None
+
+
+def test_profile_round_trip(tmp_path):
+    p = ExpertProfile({0: [5, 1, 0, 9], 2: [3, 3, 3, 3]}, tokens=7)
+    where = p.save(tmp_path)
+    assert where.endswith(PROFILE_NAME)
+    q = ExpertProfile.load(tmp_path)
+    assert q.counts == p.counts and q.tokens == 7
+    assert q.hottest(2, {0: 1, 2: 1}) == {(0, 3), (0, 0)}
+    assert len(q.hottest(3, {0: 1, 2: 1})) == 3
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ExpertError, match="not an llmtier expert profile"):
+        ExpertProfile.load(tmp_path / "bad.json")
+
+
+def test_trace_tags_each_expert_and_report_shows_skew(tmp_path):
+    from llmtier import trace
+    from llmtier.trace.analysis import findings, summarize
+
+    path = make_family_model(str(tmp_path / "mix"), "mixtral")
+    out = tmp_path / "t.npz"
+    with trace.record(out, block=False, diskstats=False):
+        with stream_model(path, "70%", experts="lru") as model:
+            generate(model)
+            s = model.llmtier.stats()
+    tr = trace.load(out)
+    sm = summarize(tr)
+    skew = sm["experts"]
+    assert skew["bytes"] == s.expert_bytes_read
+    assert 0 < skew["experts_read"] <= 4 * 4 and 0 <= skew["gini"] < 1
+    assert sum(skew["timeline_bytes"]) == skew["bytes"] and skew["hottest"][0]["bytes"] > 0
+    assert any(f.startswith("Expert reads:") for f in findings(tr, sm))
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "olmoe", "phimoe", "deepseek_v2", "granitemoe", "glm4_moe"])
+def test_more_moe_families_stream_exactly(name, tmp_path):
+    path = make_family_model(str(tmp_path / name), name)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    want = generate(ref)
+    with stream_model(path, "70%", experts="lru", predict=True) as model:
+        got = generate(model)
+        assert model.llmtier.stats().expert_reads > 0
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "llama4_text"])
+def test_other_expert_interfaces_refused(name, tmp_path):
+    path = make_family_model(str(tmp_path / name), name, layers=2)
+    with pytest.raises(ExpertError, match="no routed experts"):
+        stream_model(path, "70%", experts="lru")
