@@ -186,9 +186,9 @@ def _dtype_name(config: Any, dtype: Any) -> str:
 def _kv_geometry(text: Any) -> tuple[int, int, int, int]:
     """(K heads, K head size, V heads, V head size) of an attention layer as transformers caches it."""
     heads = getattr(text, "num_attention_heads", None) or 1
-    if getattr(text, "kv_lora_rank", None) and getattr(text, "qk_rope_head_dim", None) is not None:  # MLA
-        k = (getattr(text, "qk_nope_head_dim", 0) or 0) + text.qk_rope_head_dim
-        return heads, k, heads, getattr(text, "v_head_dim", None) or k
+    if getattr(text, "kv_lora_rank", None) and getattr(text, "qk_rope_head_dim", None) is not None:
+        # MLA (DeepSeek-V2/V3): transformers caches the compressed latent as K and the shared rope key as V
+        return 1, text.kv_lora_rank, 1, text.qk_rope_head_dim
     kv = getattr(text, "num_key_value_heads", None) or heads
     if getattr(text, "multi_query", False):
         kv = 1

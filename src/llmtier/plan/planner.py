@@ -172,7 +172,7 @@ def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProf
     nkv = len(m.windows)
     everything = set(range(nkv))
     kv_full = _kv_need(m, w, everything)
-    kv_least = _kv_need(m, w, set())
+    kv_least = min(kv_full, _kv_need(m, w, set()))  # spilling costs staging: at small contexts holding is cheaper
     layers = m.layer_bytes
     slot = max(layers, default=0)
     outside = m.outside_bytes + m.embedding_bytes
@@ -181,7 +181,7 @@ def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProf
     if room < w_least + kv_least:
         raise BudgetError(f"a memory budget of {human(memory)} is below the least this run needs: process "
                           f"{human(base)} + activations {human(acts)} + weights streaming {human(w_least)} + KV with "
-                          f"every layer on SSD {human(kv_least)} = {human(base + acts + w_least + kv_least)}")
+                          f"its least {human(kv_least)} = {human(base + acts + w_least + kv_least)}, with {SLACK:.0%} kept free")
     if m.weight_bytes + kv_full <= room:
         kv_mem, wmem = kv_full, m.weight_bytes
         reasons.append("everything fits: weights and KV stay in DRAM")
