@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import time
 from typing import Any
@@ -25,8 +24,6 @@ from ..plan.profile import DeviceProfile, save_profile
 from .system import drop_page_cache
 
 SIZES = (256 << 10, 1 << 20, 4 << 20, 16 << 20)
-BASE_CHILD = ("import resource, torch, transformers, llmtier.offload, transformers.models.llama.modeling_llama; "
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
 
 
 def _disk(directory: str, total: int, sizes: tuple[int, ...], rounds: int) -> tuple[dict[int, float], dict[int, float]]:
@@ -141,13 +138,12 @@ def _layer_overhead(reps: int) -> float:
     return float(np.median(times)) / layers
 
 
-def _base_bytes() -> int:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-c", BASE_CHILD], capture_output=True, text=True, env=env, timeout=300)
-    try:
-        return int(r.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return 0
+def _base_bytes(directory: str) -> int:
+    """The memory a process takes before any model: the memory-cgroup peak (page cache of the libraries it maps
+    included, as a cgroup counts it) of a child that imports what the planned runs import."""
+    from .plan import base_bytes  # noqa: PLC0415
+
+    return base_bytes(directory)
 
 
 def _h2d() -> float | None:
@@ -176,7 +172,7 @@ def measure_profile(directory: str, *, quick: bool = False) -> DeviceProfile:
     cpu = _cpu(quick)
     notes = ["machine shared with other work while measured" if os.cpu_count() and os.cpu_count() <= 4 else ""]
     return DeviceProfile(read, write, _dram(), cpu["gemm_flops"], cpu["gemv_bw"], cpu["layer_overhead_s"],
-                         cpu["adam_elems_s"], _base_bytes(), _h2d(), torch.get_num_threads(), os.path.abspath(directory),
+                         cpu["adam_elems_s"], _base_bytes(directory), _h2d(), torch.get_num_threads(), os.path.abspath(directory),
                          datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), platform.node(),
                          [n for n in notes if n], quick)
 
