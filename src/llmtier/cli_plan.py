@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any
 
+from .errors import LLMTierError
 from .units import human, parse_size
 
 
@@ -77,6 +78,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def prediction_line(model: Any, *, batch: int, prompt: int, new_tokens: int = 0, train: bool = False,
+                    weights_memory: int | None = None, kv_memory: int | None = None, optim_memory: int | None = None,
+                    measured_s: float | None = None, measured_peak: int | None = None) -> str:
+    """One line for ``llmtier run`` / ``llmtier train``: the planner's prediction for the budgets given, beside the
+    measurement.  Uses the saved device profile only (``llmtier bench io --save-profile``); says so when there is none."""
+    from .plan import load_profile, model_memory  # noqa: PLC0415
+    from .plan.planner import Workload, plan_given  # noqa: PLC0415
+
+    try:
+        prof = load_profile()
+    except LLMTierError as e:
+        return f"plan: no prediction ({e})"
+    m = model_memory(model)
+    p = plan_given(m, Workload(batch, prompt, new_tokens, train), prof, weights_memory=weights_memory,
+                   kv_memory=kv_memory, optim_memory=optim_memory)
+    unit = "step" if train else "token"
+    parts = [f"plan: predicted peak {human(p.predicted_peak)}"
+             + (f" (measured {human(measured_peak)}, {p.predicted_peak / measured_peak - 1:+.0%})" if measured_peak else "")]
+    if p.prediction is None:
+        parts.append("no time prediction: no saved device profile (llmtier bench io --save-profile)")
+    else:
+        parts.append(f"{p.prediction.seconds * 1e3:.1f} ms per {unit}"
+                     + (f" (measured {measured_s * 1e3:.1f} ms, {p.prediction.seconds / measured_s - 1:+.0%})"
+                        if measured_s else "") + f", bound by {p.prediction.bottleneck}")
+    return "; ".join(parts)
+
+
 def add_cli(sub: Any, bench: Any) -> None:
     """The ``llmtier plan`` verb and ``llmtier bench plan``."""
     p = sub.add_parser("plan", help="memory model of a model, and with --memory where each byte lives and how fast "
@@ -100,4 +128,4 @@ def add_cli(sub: Any, bench: Any) -> None:
     add_bench_plan(bench)
 
 
-__all__ = ["add_cli", "cmd_plan", "describe_memory", "seed_table"]
+__all__ = ["add_cli", "cmd_plan", "describe_memory", "prediction_line", "seed_table"]

@@ -245,6 +245,47 @@ def plan_training(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfi
     return p
 
 
+def plan_given(m: ModelMemory, w: Workload, profile: DeviceProfile | None = None, *, weights_memory: int | None = None,
+               kv_memory: int | None = None, optim_memory: int | None = None, base_bytes: int | None = None) -> Placement:
+    """The placement the runtimes make from budgets a user gave them directly (``llmtier run --memory``,
+    ``llmtier train``'s optimizer budget), with its predicted memory and time: nothing is split here, each runtime
+    decides with the planner's rules as it will at run time."""
+    base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
+    layers = m.layer_bytes
+    slot = max(layers, default=0)
+    wmem = weights_memory if weights_memory is not None else m.weight_bytes
+    if wmem >= m.weight_bytes or not m.embedding_bytes:
+        wplan = make_plan(wmem, m.outside_bytes + m.embedding_bytes, layers, slot)
+    else:
+        wplan = make_plan(wmem, m.outside_bytes, layers, slot)
+        wplan.on_demand_bytes = m.embedding_bytes
+    if w.train:
+        t = m.training(w.batch, w.prompt)
+        acts = (t.activations_checkpointed if w.checkpointing else t.activations) + RUN_OVERHEAD
+        omem = optim_memory if optim_memory is not None else optplan.least_budget([m.params])
+        chunk = optplan.chunk_elems_for(omem, [m.params])
+        p = Placement(m, w, 0, base, acts, wmem, wplan, 0, [], 0, choose_experts(m, wplan),
+                      optplan.BYTES_PER_ELEM * chunk, chunk, True, t.gradients, reasons=["budgets as given"])
+        p.memory = p.predicted_peak
+        if profile is not None:
+            p.prediction = predict_step(p, profile)
+        return p
+    acts = m.prefill_activation_bytes(w.batch, w.prompt) + RUN_OVERHEAD
+    nkv = len(m.windows)
+    everything = set(range(nkv))
+    spilled: list[int] = []
+    if kv_memory is not None and nkv:
+        spilled = kvplan.choose_spills(max(w.context - 1, 1), 1, m.windows, everything, kvplan.spill_order(nkv),
+                                       _kv_geometry(m, w.batch), KV_PREFETCH, kv_memory)
+    kv_bytes = _kv_need(m, w, everything - set(spilled))
+    p = Placement(m, w, 0, base, acts, wmem, wplan, kv_memory or kv_bytes, spilled, kv_bytes, choose_experts(m, wplan),
+                  reasons=["budgets as given"])
+    p.memory = p.predicted_peak
+    if profile is not None:
+        p.prediction = predict_decode(p, profile)
+    return p
+
+
 # -- time ----------------------------------------------------------------------------------------------------------
 def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
     """Seconds per decode token: compute (the layers' fixed cost, the weights passing through the CPU) against
@@ -294,5 +335,5 @@ def predict_step(p: Placement, prof: DeviceProfile) -> Prediction:
     return Prediction(total, fb + upd, io, neck, {"forward_backward_s": fb, "adam_s": upd, "optim_io_s": io})
 
 
-__all__ = ["ExpertPlacement", "Placement", "Prediction", "Workload", "choose_experts", "plan_inference", "plan_training",
-           "predict_decode", "predict_step"]
+__all__ = ["ExpertPlacement", "Placement", "Prediction", "Workload", "choose_experts", "plan_given", "plan_inference",
+           "plan_training", "predict_decode", "predict_step"]
