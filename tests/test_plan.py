@@ -176,3 +176,31 @@ def test_cli_plan_prints_the_plan_and_prediction(tmp_path, capsys):
     assert json.loads((tmp_path / "plan.json").read_text())["plan"]["predicted_s"] > 0
     assert main(["plan", "--model", d, "--memory", "1GiB", "--train", "--context", "32", "--profile", prof]) == 0
     assert "optimizer: AdamW state on SSD" in capsys.readouterr().out
+
+
+def test_profile_disk_probe_and_format(tmp_path):
+    from llmtier.bench.profile import _disk, format_profile
+
+    read, write = _disk(str(tmp_path), 4 << 20, (1 << 20,), 1)
+    assert read[1 << 20] > 0 and write[1 << 20] > 0
+    assert not list(tmp_path.iterdir())  # the probe file is gone
+    assert "1024 KiB requests" in format_profile(profile(read_bw=read, write_bw=write))
+
+
+def test_bench_plan_budgets_are_ones_the_planner_accepts(tmp_path):
+    from llmtier.bench.plan import Config, Row, _memory_for, format_table
+    from llmtier.plan.planner import least_memory
+
+    d = make_model(str(tmp_path / "m"), "llama", layers=4, tokenizer=False)
+    m = model_memory(d)
+    prof = profile()
+    for c in (Config("a", "dense", 4, 64, weights=0.05), Config("b", "dense", 1, 64, kv_share=0.2)):
+        w = Workload(c.batch, c.prompt, c.new_tokens)
+        mem = _memory_for(m, c, prof.base_bytes)
+        assert mem >= least_memory(m, w, prof.base_bytes)
+        p = plan_inference(m, w, mem, prof)
+        assert p.predicted_peak <= mem
+    row = Row(Config("a", "dense", 1, 64), 1 << 30, 900 << 20, 0.1, "compute (CPU)", p.as_dict(), 1000 << 20, 1100 << 20,
+              0.12, (0.1, 0.2), True)
+    table = format_table({"rows": [row]})
+    assert "-10.0%" in table and "-16.7%" in table and "| yes |" in table

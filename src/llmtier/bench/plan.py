@@ -110,7 +110,7 @@ def build_model(directory: str, kind: str) -> str:
 
 def _memory_for(m: Any, c: Config, base: int) -> int:
     """The budget of a configuration: what it needs outside the weights, the weights' share, the KV's share."""
-    from ..plan.planner import SLACK, Workload, _kv_need  # noqa: PLC0415
+    from ..plan.planner import SLACK, Workload, _kv_need, least_memory  # noqa: PLC0415
     from ..plan.weights import RUN_OVERHEAD  # noqa: PLC0415
 
     if c.train:
@@ -120,7 +120,8 @@ def _memory_for(m: Any, c: Config, base: int) -> int:
     w = Workload(c.batch, c.prompt, c.new_tokens)
     kv = _kv_need(m, w, set(range(len(m.windows))))
     acts = m.prefill_activation_bytes(c.batch, c.prompt) + RUN_OVERHEAD
-    return int((base + acts + kv * c.kv_share + m.weight_bytes * c.weights) / (1 - SLACK))
+    want = int((base + acts + kv * c.kv_share + m.weight_bytes * c.weights) / (1 - SLACK))
+    return max(want, least_memory(m, w, base) + (4 << 20))
 
 
 def _child_argv(job: dict[str, Any]) -> list[str]:
@@ -209,6 +210,9 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
         else:
             row.error = f"{res.get('error')}: {res.get('stderr', '')[-300:]}"
         rows.append(row)
+        if progress:
+            print(f"[bench plan]   measured peak RSS {human(row.measured_peak or 0)}, "
+                  f"{(row.measured_s or 0) * 1e3:.1f} ms, {'fit' if row.ok else row.error[:200]}", file=sys.stderr, flush=True)
     return {"rows": rows, "profile": profile}
 
 

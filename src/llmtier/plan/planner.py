@@ -163,6 +163,15 @@ def _kv_geometry(m: ModelMemory, batch: int) -> kvplan.Geometry:
     return kvplan.Geometry(batch, 1, elems // 2, 1, elems - elems // 2, KV_PAGE, None, m.itemsize)
 
 
+def least_memory(m: ModelMemory, w: Workload, base_bytes: int) -> int:
+    """The smallest whole-process budget :func:`plan_inference` accepts for ``w``."""
+    acts = m.prefill_activation_bytes(w.batch, w.prompt) + RUN_OVERHEAD
+    nkv = len(m.windows)
+    kv_least = min(_kv_need(m, w, set(range(nkv))), _kv_need(m, w, set()))
+    w_least = m.outside_bytes + 2 * max(m.layer_bytes, default=0)
+    return -(-(base_bytes + acts + w_least + kv_least) * 100 // int(100 * (1 - SLACK))) + 1
+
+
 def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfile | None = None, *,
                    base_bytes: int | None = None, gpu_memory: int | None = None) -> Placement:
     """Place ``m`` for generating ``w`` within ``memory`` bytes (the whole process)."""
@@ -335,5 +344,5 @@ def predict_step(p: Placement, prof: DeviceProfile) -> Prediction:
     return Prediction(total, fb + upd, io, neck, {"forward_backward_s": fb, "adam_s": upd, "optim_io_s": io})
 
 
-__all__ = ["ExpertPlacement", "Placement", "Prediction", "Workload", "choose_experts", "plan_given", "plan_inference",
+__all__ = ["ExpertPlacement", "Placement", "Prediction", "Workload", "choose_experts", "least_memory", "plan_given", "plan_inference",
            "plan_training", "predict_decode", "predict_step"]
