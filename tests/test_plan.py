@@ -135,8 +135,8 @@ def test_plan_inference_places_weights_and_kv_within_the_budget(tmp_path):
     w = Workload(batch=2, prompt=64, new_tokens=16)
     roomy = plan_inference(m, w, 4 << 30, prof)
     assert not roomy.weights.streamed and not roomy.kv_spilled
-    tight = plan_inference(m, w, int((prof.base_bytes + roomy.activation_bytes + roomy.kv_bytes + m.weight_bytes // 2) / 0.97),
-                           prof)
+    tight = plan_inference(m, w, int((prof.base_bytes + wplan.RUN_OVERHEAD + roomy.activation_bytes + roomy.kv_bytes
+                                      + m.weight_bytes // 2) / 0.97), prof)
     assert tight.weights.streamed and tight.predicted_peak <= tight.memory
     assert tight.prediction is not None and tight.prediction.seconds > 0
     assert "bound by" in tight.describe()

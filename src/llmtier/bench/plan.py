@@ -108,7 +108,7 @@ def build_model(directory: str, kind: str) -> str:
     return path
 
 
-def _memory_for(m: Any, c: Config, base: int) -> int:
+def _memory_for(m: Any, c: Config, base: int, profile: Any = None) -> int:
     """The budget of a configuration: what it needs outside the weights, the weights' share, the KV's share."""
     from ..plan.planner import SLACK, Workload, _kv_need, least_memory  # noqa: PLC0415
     from ..plan.weights import RUN_OVERHEAD  # noqa: PLC0415
@@ -116,12 +116,13 @@ def _memory_for(m: Any, c: Config, base: int) -> int:
     if c.train:
         t = m.training(c.batch, c.prompt)
         opt = min(t.offloaded_state_bytes, 44 * m.params) // 2  # half the chunk pipeline a whole state would need
-        return int((base + RUN_OVERHEAD + t.activations + t.weights + t.gradients + opt) / (1 - SLACK))
+        reserve = max(RUN_OVERHEAD, getattr(profile, "train_overhead_bytes", 0))
+        return int((base + reserve + t.activations + t.weights + t.gradients + opt) / (1 - SLACK))
     w = Workload(c.batch, c.prompt, c.new_tokens)
     kv = _kv_need(m, w, set(range(len(m.windows))))
-    acts = m.prefill_activation_bytes(c.batch, c.prompt) + RUN_OVERHEAD
+    acts = m.prefill_activation_bytes(c.batch, c.prompt) + max(RUN_OVERHEAD, getattr(profile, "run_overhead_bytes", 0))
     want = int((base + acts + kv * c.kv_share + m.weight_bytes * c.weights) / (1 - SLACK))
-    return max(want, least_memory(m, w, base) + (4 << 20))
+    return max(want, least_memory(m, w, base, profile) + (4 << 20))
 
 
 def _child_argv(job: dict[str, Any]) -> list[str]:
@@ -150,6 +151,27 @@ def run_child(job: dict[str, Any], limit: int, timeout: float = 900) -> dict[str
     return res
 
 
+def overheads(directory: str, base: int) -> tuple[int, int]:
+    """(generation, training) overhead: a small model's peak RSS beyond base and the memory model's terms."""
+    from ..plan import model_memory  # noqa: PLC0415
+    from ..plan.optim import BYTES_PER_ELEM  # noqa: PLC0415
+    from .hfmodels import make_model  # noqa: PLC0415
+
+    path = os.path.join(directory, "model-probe")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        make_model(path, "llama", layers=2, tokenizer=False)
+    m = model_memory(path)
+    job = {"kind": "infer", "model": path, "batch": 1, "prompt": 32, "new_tokens": 8, "steps": 2,
+           "weights_memory": 1 << 30, "kv_memory": 0, "kv_spill": False, "optim_memory": BYTES_PER_ELEM * 65536,
+           "dir": directory}
+    inf = run_child(job, 8 << 30)
+    trn = run_child({**job, "kind": "train"}, 8 << 30)
+    t = m.training(1, 32)
+    gen = (inf.get("rss_peak") or 0) - base - m.weight_bytes - m.kv_bytes(1, 40) - m.prefill_activation_bytes(1, 32)
+    tr = (trn.get("rss_peak") or 0) - base - t.weights - t.gradients - t.activations - job["optim_memory"]
+    return max(0, gen), max(0, tr)
+
+
 def base_bytes(directory: str) -> int:
     """The peak RSS of a child that imports what the runs import and stops (the process term of the model)."""
     res = run_child({"kind": "base"}, 8 << 30)
@@ -167,7 +189,8 @@ def refresh_profile(profile: Any, directory: str) -> Any:
     read, write = _disk(directory, 32 << 20, sizes, 1)
     return dataclasses.replace(profile, read_bw={**profile.read_bw, **read}, write_bw={**profile.write_bw, **write},
                                gemm_flops=cpu["gemm_flops"], gemv_bw=cpu["gemv_bw"],
-                               layer_overhead_s=cpu["layer_overhead_s"], adam_elems_s=cpu["adam_elems_s"])
+                               layer_overhead_s=cpu["layer_overhead_s"], adam_elems_s=cpu["adam_elems_s"],
+                               expert_overhead_s=cpu["expert_overhead_s"])
 
 
 def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, progress: bool = True,
@@ -187,7 +210,7 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
         path = build_model(directory, c.model)
         m = model_memory(path)
         w = Workload(c.batch, c.prompt, 0 if c.train else c.new_tokens, c.train)
-        memory = _memory_for(m, c, profile.base_bytes)
+        memory = _memory_for(m, c, profile.base_bytes, profile)
         row = Row(c, memory)
         p = plan_training(m, w, memory, profile) if c.train else plan_inference(m, w, memory, profile)
         row.predicted_peak, row.plan = p.predicted_peak, p.as_dict()

@@ -111,10 +111,21 @@ def _cpu(quick: bool) -> dict[str, float]:
         p.mul_(1 - 1e-4).addcdiv_(m, v.sqrt().add_(1e-8), value=-1e-3)
     out["adam_elems_s"] = reps * e / (time.perf_counter() - t0)
     out["layer_overhead_s"] = _layer_overhead(reps)
+    out["expert_overhead_s"] = _expert_overhead(reps, out["layer_overhead_s"])
     return out
 
 
-def _layer_overhead(reps: int) -> float:
+def _expert_overhead(reps: int, dense_layer_s: float) -> float:
+    """Seconds per routed expert a token hits in a decode step beyond a dense layer's cost (a tiny Mixtral, 8 experts,
+    top-2): the per-expert dispatch of transformers' MoE blocks."""
+    from transformers import MixtralConfig, MixtralForCausalLM  # noqa: PLC0415
+
+    cfg = MixtralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=8, vocab_size=256, num_local_experts=8, num_experts_per_tok=2)
+    return max(0.0, (_layer_overhead(reps, MixtralForCausalLM(cfg).eval()) - dense_layer_s) / 2)
+
+
+def _layer_overhead(reps: int, model: Any = None) -> float:
     """Seconds per decoder layer of a tiny Llama forward (batch 1, one token after 32): Python and dispatch cost."""
     import torch  # noqa: PLC0415
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
@@ -124,7 +135,9 @@ def _layer_overhead(reps: int) -> float:
     layers = 8
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                       num_hidden_layers=layers, vocab_size=256)
-    model = LlamaForCausalLM(cfg).eval()
+    if model is None:
+        model = LlamaForCausalLM(cfg).eval()
+    cfg = model.config
     ids = torch.randint(0, 256, (1, 32))
     times = []
     with torch.no_grad():
@@ -170,11 +183,15 @@ def measure_profile(directory: str, *, quick: bool = False) -> DeviceProfile:
 
     read, write = _disk(directory, (64 << 20) if quick else (256 << 20), SIZES, 1 if quick else 3)
     cpu = _cpu(quick)
+    from .plan import overheads  # noqa: PLC0415
+
     notes = ["machine shared with other work while measured" if os.cpu_count() and os.cpu_count() <= 4 else ""]
+    base = _base_bytes(directory)
+    gen, train = overheads(directory, base)
     return DeviceProfile(read, write, _dram(), cpu["gemm_flops"], cpu["gemv_bw"], cpu["layer_overhead_s"],
-                         cpu["adam_elems_s"], _base_bytes(directory), _h2d(), torch.get_num_threads(), os.path.abspath(directory),
+                         cpu["adam_elems_s"], base, _h2d(), torch.get_num_threads(), os.path.abspath(directory),
                          datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), platform.node(),
-                         [n for n in notes if n], quick)
+                         [n for n in notes if n], quick, gen, train, cpu["expert_overhead_s"])
 
 
 def format_profile(p: DeviceProfile) -> str:
@@ -186,8 +203,10 @@ def format_profile(p: DeviceProfile) -> str:
                      f"write {p.write_bw.get(s, 0) / g:.2f} GiB/s")
     lines.append(f"  DRAM copy {p.dram_copy_bw / g:.2f} GiB/s; bf16 GEMM {p.gemm_flops / 1e9:.1f} GFLOP/s; "
                  f"GEMV {p.gemv_bw / g:.2f} GiB/s of weights")
-    lines.append(f"  decoder layer fixed cost {p.layer_overhead_s * 1e3:.3f} ms; AdamW {p.adam_elems_s / 1e6:.0f} M elems/s; "
-                 f"process base {p.base_bytes / (1 << 20):.0f} MiB")
+    lines.append(f"  decoder layer fixed cost {p.layer_overhead_s * 1e3:.3f} ms (+{p.expert_overhead_s * 1e3:.3f} ms per routed "
+                 f"expert hit); AdamW {p.adam_elems_s / 1e6:.0f} M elems/s; "
+                 f"process base {p.base_bytes / (1 << 20):.0f} MiB, run overhead {p.run_overhead_bytes / (1 << 20):.0f} MiB "
+                 f"(training {p.train_overhead_bytes / (1 << 20):.0f} MiB)")
     lines.append(f"  pinned host->GPU {p.h2d_bw / g:.2f} GiB/s" if p.h2d_bw else "  pinned host->GPU: no CUDA here")
     return "\n".join(lines)
 

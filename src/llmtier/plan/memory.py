@@ -112,12 +112,13 @@ class ModelMemory:
 
     def prefill_activation_bytes(self, batch: int, tokens: int) -> int:
         """Peak of live activations in a prefill of ``batch`` x ``tokens`` (one layer at a time): the residual
-        stream, its normed copy, the MLP's (or the experts') intermediate, and the logits of the last position
-        in fp32 (generate keeps only those)."""
+        stream, its normed copy, the MLP's (or the experts') intermediate, the attention scores and probabilities
+        (the CPU's SDPA materializes them), and the logits of the last position in fp32 (generate keeps only those)."""
         bt = batch * tokens
         inter = self.intermediate * (2 if self.experts_per_token == 0 else 2 * max(1, self.experts_per_token))
         per_layer = bt * (3 * self.hidden + inter) * self.itemsize
-        return per_layer + batch * self.vocab * 4
+        scores = 2 * batch * self.heads * tokens * tokens * self.itemsize  # attention scores and probabilities (CPU SDPA)
+        return per_layer + scores + batch * self.vocab * 4
 
     def training(self, batch: int, seq: int) -> TrainingMemory:
         """The training state for one step of ``batch`` x ``seq`` tokens."""

@@ -86,15 +86,17 @@ class Placement:
     prediction: Prediction | None = None
     reasons: list[str] = field(default_factory=list)
     gpu_memory: int | None = None
+    overhead_bytes: int = RUN_OVERHEAD  # predicted: what a run adds beyond the model's terms (the profile's measure)
 
     @property
     def predicted_peak(self) -> int:
         """Predicted peak memory of the whole process."""
-        return (self.base_bytes + self.activation_bytes + self.weights.memory_bytes + self.kv_bytes
+        return (self.base_bytes + self.overhead_bytes + self.activation_bytes + self.weights.memory_bytes + self.kv_bytes
                 + self.gradient_bytes + self.optim_memory)
 
     def breakdown(self) -> list[tuple[str, int]]:
-        rows = [("process (python, torch, transformers)", self.base_bytes), ("activations", self.activation_bytes),
+        rows = [("process (python, torch, transformers)", self.base_bytes), ("run overhead (allocator, objects)",
+                self.overhead_bytes), ("activations", self.activation_bytes),
                 ("weights held (resident + slots)", self.weights.memory_bytes)]
         if not self.workload.train:
             rows.append(("KV cache in DRAM", self.kv_bytes))
@@ -139,6 +141,12 @@ class Placement:
                 "predicted_s": p.seconds if p else None, "bottleneck": p.bottleneck if p else None}
 
 
+def _overhead(profile: DeviceProfile | None, train: bool = False) -> int:
+    """The run overhead to predict with: the profile's measured one, else the budgeted :data:`RUN_OVERHEAD`."""
+    got = (profile.train_overhead_bytes if train else profile.run_overhead_bytes) if profile is not None else 0
+    return got if got > 0 else RUN_OVERHEAD
+
+
 def choose_experts(model: ModelMemory, weights: Plan) -> ExpertPlacement:
     """Resident MoE experts: the hook for a per-expert split (router statistics); today experts follow their layer."""
     res = {i: list(range(model.layers[i].experts)) for i in weights.resident if model.layers[i].experts}
@@ -163,9 +171,14 @@ def _kv_geometry(m: ModelMemory, batch: int) -> kvplan.Geometry:
     return kvplan.Geometry(batch, 1, elems // 2, 1, elems - elems // 2, KV_PAGE, None, m.itemsize)
 
 
-def least_memory(m: ModelMemory, w: Workload, base_bytes: int) -> int:
+def _reserve(profile: DeviceProfile | None, train: bool = False) -> int:
+    """What a budget keeps for the run's overhead: the larger of :data:`RUN_OVERHEAD` and the measured one."""
+    return max(RUN_OVERHEAD, _overhead(profile, train))
+
+
+def least_memory(m: ModelMemory, w: Workload, base_bytes: int, profile: DeviceProfile | None = None) -> int:
     """The smallest whole-process budget :func:`plan_inference` accepts for ``w``."""
-    acts = m.prefill_activation_bytes(w.batch, w.prompt) + RUN_OVERHEAD
+    acts = m.prefill_activation_bytes(w.batch, w.prompt) + _reserve(profile)
     nkv = len(m.windows)
     kv_least = min(_kv_need(m, w, set(range(nkv))), _kv_need(m, w, set()))
     w_least = m.outside_bytes + 2 * max(m.layer_bytes, default=0)
@@ -176,7 +189,8 @@ def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProf
                    base_bytes: int | None = None, gpu_memory: int | None = None) -> Placement:
     """Place ``m`` for generating ``w`` within ``memory`` bytes (the whole process)."""
     base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
-    acts = m.prefill_activation_bytes(w.batch, w.prompt) + RUN_OVERHEAD
+    reserve = _reserve(profile)
+    acts = m.prefill_activation_bytes(w.batch, w.prompt) + reserve
     room = int(memory * (1 - SLACK)) - base - acts
     nkv = len(m.windows)
     everything = set(range(nkv))
@@ -217,8 +231,8 @@ def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProf
         order = kvplan.spill_order(nkv)
         spilled = kvplan.choose_spills(max(w.context - 1, 1), 1, m.windows, everything, order, geo, KV_PREFETCH, kv_mem)
         kv_bytes = _kv_need(m, w, everything - set(spilled))
-    p = Placement(m, w, memory, base, acts, wmem, wplan, kv_mem, spilled, kv_bytes, choose_experts(m, wplan),
-                  reasons=reasons, gpu_memory=gpu_memory)
+    p = Placement(m, w, memory, base, acts - reserve, wmem, wplan, kv_mem, spilled, kv_bytes,
+                  choose_experts(m, wplan), reasons=reasons, gpu_memory=gpu_memory, overhead_bytes=_overhead(profile))
     if profile is not None:
         p.prediction = predict_decode(p, profile)
     return p
@@ -231,7 +245,8 @@ def plan_training(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfi
     pipeline sized to what is left."""
     base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
     t = m.training(w.batch, w.prompt)
-    acts = (t.activations_checkpointed if w.checkpointing else t.activations) + RUN_OVERHEAD
+    reserve = _reserve(profile, train=True)
+    acts = (t.activations_checkpointed if w.checkpointing else t.activations) + reserve
     room = int(memory * (1 - SLACK)) - base - acts - t.weights - t.gradients
     layers = m.layer_bytes
     wplan = make_plan(t.weights, m.outside_bytes + m.embedding_bytes, layers, max(layers, default=0))
@@ -247,8 +262,8 @@ def plan_training(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfi
     reasons = [f"the AdamW state ({human(t.offloaded_state_bytes)}, fp32 moments + master) lives on SSD; each step "
                f"streams it in chunks of {chunk} elements through {human(omem)} of DRAM, what is left after weights, "
                "gradients and activations"]
-    p = Placement(m, w, memory, base, acts, t.weights, wplan, 0, [], 0, choose_experts(m, wplan), omem, chunk, on_ssd,
-                  t.gradients, reasons=reasons)
+    p = Placement(m, w, memory, base, acts - reserve, t.weights, wplan, 0, [], 0, choose_experts(m, wplan), omem,
+                  chunk, on_ssd, t.gradients, reasons=reasons, overhead_bytes=_overhead(profile, train=True))
     if profile is not None:
         p.prediction = predict_step(p, profile)
     return p
@@ -273,8 +288,9 @@ def plan_given(m: ModelMemory, w: Workload, profile: DeviceProfile | None = None
         acts = (t.activations_checkpointed if w.checkpointing else t.activations) + RUN_OVERHEAD
         omem = optim_memory if optim_memory is not None else optplan.least_budget([m.params])
         chunk = optplan.chunk_elems_for(omem, [m.params])
-        p = Placement(m, w, 0, base, acts, wmem, wplan, 0, [], 0, choose_experts(m, wplan),
-                      optplan.BYTES_PER_ELEM * chunk, chunk, True, t.gradients, reasons=["budgets as given"])
+        p = Placement(m, w, 0, base, acts - RUN_OVERHEAD, wmem, wplan, 0, [], 0, choose_experts(m, wplan),
+                      optplan.BYTES_PER_ELEM * chunk, chunk, True, t.gradients, reasons=["budgets as given"],
+                      overhead_bytes=_overhead(profile, train=True))
         p.memory = p.predicted_peak
         if profile is not None:
             p.prediction = predict_step(p, profile)
@@ -287,8 +303,8 @@ def plan_given(m: ModelMemory, w: Workload, profile: DeviceProfile | None = None
         spilled = kvplan.choose_spills(max(w.context - 1, 1), 1, m.windows, everything, kvplan.spill_order(nkv),
                                        _kv_geometry(m, w.batch), KV_PREFETCH, kv_memory)
     kv_bytes = _kv_need(m, w, everything - set(spilled))
-    p = Placement(m, w, 0, base, acts, wmem, wplan, kv_memory or kv_bytes, spilled, kv_bytes, choose_experts(m, wplan),
-                  reasons=["budgets as given"])
+    p = Placement(m, w, 0, base, acts - RUN_OVERHEAD, wmem, wplan, kv_memory or kv_bytes, spilled, kv_bytes,
+                  choose_experts(m, wplan), reasons=["budgets as given"], overhead_bytes=_overhead(profile))
     p.memory = p.predicted_peak
     if profile is not None:
         p.prediction = predict_decode(p, profile)
@@ -306,7 +322,9 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
         used = sum(min(lay.experts, m.experts_per_token * w.batch) for lay in m.layers if lay.experts)
         active = active - m.expert_bytes + used * per_expert
     flops = 2 * (active / m.itemsize) * w.batch
-    compute = len(m.layers) * prof.layer_overhead_s + max(active / prof.gemv_bw, flops / prof.gemm_flops)
+    hits = sum(min(lay.experts, max(1, m.experts_per_token) * w.batch) for lay in m.layers if lay.experts)
+    compute = len(m.layers) * prof.layer_overhead_s + hits * prof.expert_overhead_s
+    compute += max(active / prof.gemv_bw, flops / prof.gemm_flops)
     compute += m.kv_bytes(w.batch, w.context) / prof.dram_copy_bw  # attention reads the past once
     wp = p.weights
     io_w = wp.disk_bytes_per_pass / prof.read_at(min(INFLIGHT_BYTES, max(1, wp.slot_bytes))) if wp.streamed else 0.0
@@ -327,7 +345,13 @@ def predict_step(p: Placement, prof: DeviceProfile) -> Prediction:
     the AdamW step (its CPU rate, and with the state on SSD its reads and writes overlapped with it)."""
     m, w = p.model, p.workload
     tokens = w.batch * w.prompt
-    fb = 3 * (2 * m.params * tokens / prof.gemm_flops + len(m.layers) * prof.layer_overhead_s)
+    hits = sum(lay.experts for lay in m.layers if lay.experts)  # a batch of many tokens hits every expert
+    active = m.params
+    if m.expert_bytes and m.experts_per_token:  # a token runs through k of each layer's experts
+        experts = max(1, sum(lay.experts for lay in m.layers))
+        per_layer = experts / max(1, sum(1 for lay in m.layers if lay.experts))
+        active -= int(m.expert_bytes / m.itemsize * (1 - m.experts_per_token / per_layer))
+    fb = 3 * (2 * active * tokens / prof.gemm_flops + len(m.layers) * prof.layer_overhead_s + hits * prof.expert_overhead_s)
     if w.checkpointing:
         fb *= 4 / 3
     upd = m.params / prof.adam_elems_s

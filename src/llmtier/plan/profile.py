@@ -43,6 +43,9 @@ class DeviceProfile:
     host: str = ""
     notes: list[str] = field(default_factory=list)
     quick: bool = False
+    run_overhead_bytes: int = 0  # a small generation's peak RSS beyond base + weights + KV + activations (0: unknown)
+    train_overhead_bytes: int = 0  # the same for a small training step
+    expert_overhead_s: float = 0.0  # per routed expert a decode step hits in one layer, beyond a dense layer
 
     @staticmethod
     def _at(table: dict[int, float], size: int) -> float:
