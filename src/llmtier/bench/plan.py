@@ -190,7 +190,7 @@ def refresh_profile(profile: Any, directory: str) -> Any:
     return dataclasses.replace(profile, read_bw={**profile.read_bw, **read}, write_bw={**profile.write_bw, **write},
                                gemm_flops=cpu["gemm_flops"], gemv_bw=cpu["gemv_bw"],
                                layer_overhead_s=cpu["layer_overhead_s"], adam_elems_s=cpu["adam_elems_s"],
-                               expert_overhead_s=cpu["expert_overhead_s"])
+                               expert_overhead_s=cpu["expert_overhead_s"], train_flops=cpu["train_flops"])
 
 
 def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, progress: bool = True,

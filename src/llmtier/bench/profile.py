@@ -111,8 +111,28 @@ def _cpu(quick: bool) -> dict[str, float]:
         p.mul_(1 - 1e-4).addcdiv_(m, v.sqrt().add_(1e-8), value=-1e-3)
     out["adam_elems_s"] = reps * e / (time.perf_counter() - t0)
     out["layer_overhead_s"] = _layer_overhead(reps)
+    out["train_flops"] = _train_rate(2 if quick else 4)
     out["expert_overhead_s"] = _expert_overhead(reps, out["layer_overhead_s"])
     return out
+
+
+def _train_rate(reps: int) -> float:
+    """FLOP/s of a small bf16 Llama's forward + backward (6 x params x tokens per step), as ``llmtier`` trains."""
+    import torch  # noqa: PLC0415
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=1024)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, 1024, (2, 128))
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return 6 * params * ids.numel() / float(np.median(times[1:]))
 
 
 def _expert_overhead(reps: int, dense_layer_s: float) -> float:
@@ -191,7 +211,7 @@ def measure_profile(directory: str, *, quick: bool = False) -> DeviceProfile:
     return DeviceProfile(read, write, _dram(), cpu["gemm_flops"], cpu["gemv_bw"], cpu["layer_overhead_s"],
                          cpu["adam_elems_s"], base, _h2d(), torch.get_num_threads(), os.path.abspath(directory),
                          datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), platform.node(),
-                         [n for n in notes if n], quick, gen, train, cpu["expert_overhead_s"])
+                         [n for n in notes if n], quick, gen, train, cpu["expert_overhead_s"], cpu["train_flops"])
 
 
 def format_profile(p: DeviceProfile) -> str:
@@ -201,7 +221,8 @@ def format_profile(p: DeviceProfile) -> str:
     for s in sorted(p.read_bw):
         lines.append(f"  disk {s >> 10:>6} KiB requests: read {p.read_bw[s] / g:.2f} GiB/s, "
                      f"write {p.write_bw.get(s, 0) / g:.2f} GiB/s")
-    lines.append(f"  DRAM copy {p.dram_copy_bw / g:.2f} GiB/s; bf16 GEMM {p.gemm_flops / 1e9:.1f} GFLOP/s; "
+    lines.append(f"  DRAM copy {p.dram_copy_bw / g:.2f} GiB/s; bf16 GEMM {p.gemm_flops / 1e9:.1f} GFLOP/s "
+                 f"(training {p.train_flops / 1e9:.1f} GFLOP/s); "
                  f"GEMV {p.gemv_bw / g:.2f} GiB/s of weights")
     lines.append(f"  decoder layer fixed cost {p.layer_overhead_s * 1e3:.3f} ms (+{p.expert_overhead_s * 1e3:.3f} ms per routed "
                  f"expert hit); AdamW {p.adam_elems_s / 1e6:.0f} M elems/s; "

@@ -46,6 +46,7 @@ class DeviceProfile:
     run_overhead_bytes: int = 0  # a small generation's peak RSS beyond base + weights + KV + activations (0: unknown)
     train_overhead_bytes: int = 0  # the same for a small training step
     expert_overhead_s: float = 0.0  # per routed expert a decode step hits in one layer, beyond a dense layer
+    train_flops: float = 0.0  # a small bf16 model's forward + backward, FLOP/s (0: use gemm_flops)
 
     @staticmethod
     def _at(table: dict[int, float], size: int) -> float:
