@@ -22,6 +22,7 @@ from ..plan.weights import (  # the decision lives in the planner; re-exported f
     Plan,
     make_plan,
     plan_host_tier,
+    plan_layers,
     spread,
 )
 from ..store import dtypes
@@ -172,12 +173,7 @@ class Layout:
         rest of the budget is split by :func:`make_plan`."""
         budget = resolve_size(memory, whole=self.total_bytes, what="the weights")
         sizes = [g.nbytes for g in self.groups]
-        if budget >= self.total_bytes or not self.embedding:
-            return make_plan(budget, self.outside.nbytes + self.embedding_bytes, sizes, max(sizes, default=0),
-                             prefetch)
-        plan = make_plan(budget, self.outside.nbytes, sizes, max(sizes, default=0), prefetch)
-        plan.on_demand_bytes = self.embedding_bytes
-        return plan
+        return plan_layers(budget, self.outside.nbytes, self.embedding_bytes, sizes, max(sizes, default=0), prefetch)
 
     def device_plan(self, memory: int | str, host_memory: int | str | None = None,
                     prefetch: int | None = None) -> Plan:
@@ -191,11 +187,8 @@ class Layout:
         outside = device_items(self.outside)[1]
         emb = -(-self.embedding_bytes // DEVICE_ALIGN) * DEVICE_ALIGN
         slot = max(sizes, default=0)
-        if budget >= outside + emb + sum(sizes) or not self.embedding:
-            plan = make_plan(budget, outside + emb, sizes, slot, prefetch, inflight_bytes=2 * slot)
-        else:
-            plan = make_plan(budget, outside, sizes, slot, prefetch, inflight_bytes=2 * slot)
-            plan.on_demand_bytes = self.embedding_bytes
+        plan = plan_layers(budget, outside, emb, sizes, slot, prefetch, inflight_bytes=2 * slot,
+                           on_demand=self.embedding_bytes)
         plan.device = "cuda"
         host = resolve_size(host_memory, whole=self.total_bytes, what="the weights") if host_memory is not None else None
         return plan_host_tier(plan, [g.nbytes for g in self.groups], host, prefetch)

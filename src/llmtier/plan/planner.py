@@ -23,7 +23,7 @@ from . import kv as kvplan
 from . import optim as optplan
 from .memory import ModelMemory
 from .profile import DeviceProfile
-from .weights import INFLIGHT_BYTES, RUN_OVERHEAD, Plan, make_plan
+from .weights import INFLIGHT_BYTES, RUN_OVERHEAD, Plan, make_plan, plan_layers
 
 KV_PAGE = kvplan.DEFAULT_PAGE_TOKENS
 KV_PREFETCH = 2
@@ -199,7 +199,6 @@ def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProf
     kv_least = min(kv_full, _kv_need(m, w, set()))  # spilling costs staging: at small contexts holding is cheaper
     layers = m.layer_bytes
     slot = max(layers, default=0)
-    outside = m.outside_bytes + m.embedding_bytes
     w_least = m.outside_bytes + 2 * slot
     reasons = []
     if room < w_least + kv_least:
@@ -218,13 +217,7 @@ def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProf
         wmem = room - kv_mem
         reasons.append("KV and weights both exceed the budget: the KV pool gets a quarter (at least its least) and "
                        "spills layers to SSD; the weights stream through the rest")
-    if wmem >= m.weight_bytes:
-        wplan = make_plan(wmem, outside, layers, slot)
-    elif m.embedding_bytes:
-        wplan = make_plan(wmem, m.outside_bytes, layers, slot)
-        wplan.on_demand_bytes = m.embedding_bytes
-    else:
-        wplan = make_plan(wmem, outside, layers, slot)
+    wplan = plan_layers(wmem, m.outside_bytes, m.embedding_bytes, layers, slot)
     spilled = []
     kv_bytes = 0
     if nkv:
@@ -279,11 +272,7 @@ def plan_given(m: ModelMemory, w: Workload, profile: DeviceProfile | None = None
     layers = m.layer_bytes
     slot = max(layers, default=0)
     wmem = weights_memory if weights_memory is not None else m.weight_bytes
-    if wmem >= m.weight_bytes or not m.embedding_bytes:
-        wplan = make_plan(wmem, m.outside_bytes + m.embedding_bytes, layers, slot)
-    else:
-        wplan = make_plan(wmem, m.outside_bytes, layers, slot)
-        wplan.on_demand_bytes = m.embedding_bytes
+    wplan = plan_layers(wmem, m.outside_bytes, m.embedding_bytes, layers, slot)
     if w.train:
         t = m.training(w.batch, w.prompt)
         acts = (t.activations_checkpointed if w.checkpointing else t.activations) + RUN_OVERHEAD

@@ -145,6 +145,18 @@ def make_plan(budget: int, outside: int, layers: list[int], slot_bytes: int, pre
     return Plan(budget, outside, layers, resident, streamed, slots, slot_bytes, reason)
 
 
+def plan_layers(budget: int, outside: int, embedding: int, layers: list[int], slot_bytes: int, prefetch: int | None = None,
+                inflight_bytes: int = INFLIGHT_BYTES, on_demand: int | None = None) -> Plan:
+    """The weights' plan with an input embedding table of ``embedding`` bytes (0: none, or tied to the head):
+    everything resident when the whole model fits; otherwise the table is not held (each forward reads the rows
+    of its tokens, ``on_demand`` bytes, default ``embedding``) and the rest is split by :func:`make_plan`."""
+    if budget >= outside + embedding + sum(layers) or not embedding:
+        return make_plan(budget, outside + embedding, layers, slot_bytes, prefetch, inflight_bytes)
+    plan = make_plan(budget, outside, layers, slot_bytes, prefetch, inflight_bytes)
+    plan.on_demand_bytes = embedding if on_demand is None else on_demand
+    return plan
+
+
 def plan_host_tier(plan: Plan, host_layers: list[int], host_budget: int | None, prefetch: int | None = None,
                    inflight_bytes: int = INFLIGHT_BYTES) -> Plan:
     """Fill in the host tiers of a GPU ``plan``: which streamed layers stay in
@@ -190,5 +202,5 @@ def ranges(xs: list[int]) -> str:
     return ",".join(out)
 
 
-__all__ = ["INFLIGHT_BYTES", "MAX_SLOTS", "RUN_OVERHEAD", "BudgetError", "Plan", "make_plan", "plan_host_tier", "ranges",
+__all__ = ["INFLIGHT_BYTES", "MAX_SLOTS", "RUN_OVERHEAD", "BudgetError", "Plan", "make_plan", "plan_host_tier", "plan_layers", "ranges",
            "spread"]
