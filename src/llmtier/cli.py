@@ -22,6 +22,9 @@ def cmd_bench_io(args: argparse.Namespace) -> int:
     from .engine import current_settings  # noqa: PLC0415
 
     directory = args.dir or tempfile.gettempdir()
+    if getattr(args, "save_profile", None) is not None:
+        from .bench.profile import cmd_save_profile  # noqa: PLC0415
+        return cmd_save_profile(args, directory)
     if args.device != "cpu":
         return _bench_io_device(args, directory)
     overrides = {k: v for k, v in (("chunk_size", args.chunk_size), ("queue_depth", args.queue_depth),
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
     io.add_argument("--device", default="cpu", help="'cuda' (or 'cuda:N'): the GPU half -- tensors between the SSD "
                     "and GPU memory per path (llmtier pinned pipeline, host, naive .cuda(), kvikio, DeepNVMe, fio)")
+    io.add_argument("--save-profile", nargs="?", const="", metavar="PATH", help="measure the device profile the planner "
+                    "uses (disk at the runtimes' request sizes, DRAM, CPU rates) and save it (default path: llmtier plan's)")
     io.set_defaults(func=cmd_bench_io)
 
     from .cli_store import add_store_verbs  # noqa: PLC0415
@@ -126,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_run import add_cli as add_run  # noqa: PLC0415
 
     add_run(sub)
+    from .cli_plan import add_cli as add_plan  # noqa: PLC0415
+    add_plan(sub, bench)
     from .bench.train import add_cli as add_train  # noqa: PLC0415
     add_train(sub)
     add_demo(sub)

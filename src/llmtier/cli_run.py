@@ -389,6 +389,11 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{e['prediction_precision']:.2f}, {human(e['bytes_per_token'])} per token", file=sys.stderr)
     for line in _kv_lines(kv_out):
         print(line, file=sys.stderr)
+    if args.device == "cpu" and timed.decode_steps:  # the planner's prediction beside the measurement
+        from .cli_plan import prediction_line  # noqa: PLC0415
+        print(prediction_line(args.model, batch=args.batch, prompt=len(ids), new_tokens=args.max_new_tokens,
+                              weights_memory=plan.budget, kv_memory=args.kv_memory if args.kv_offload else None,
+                              measured_s=timed.decode_s / timed.decode_steps, measured_peak=rss), file=sys.stderr)
     if "trace" in out:
         print(f"trace saved to {args.trace}; `llmtier report {args.trace} -o DIR` explains it", file=sys.stderr)
     return 0

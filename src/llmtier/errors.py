@@ -134,3 +134,7 @@ def io_failure(message: str, *, path: str, offset: int | None, size: int | None,
 
 class CheckpointError(LLMTierError):
     """A checkpoint cannot be saved or loaded: unsupported state, no complete checkpoint, a damaged one asked for."""
+
+
+class BudgetError(LLMTierError, ValueError):
+    """A memory budget cannot hold what a runtime needs at the least (weights, KV tier, optimizer)."""

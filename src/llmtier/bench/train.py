@@ -257,6 +257,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.block = args.block
     runs = run_train(cfg)
     print(format_runs(runs))
+    for line in plan_lines(cfg, runs):  # the planner's prediction beside the measurement
+        print(line)
     for r in runs:
         if r.trace:
             print(f"trace: {r.trace} (llmtier report {r.trace} -o DIR)", file=sys.stderr)
@@ -264,6 +266,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in runs], f, indent=1)
     return 0
+
+
+def plan_lines(cfg: TrainConfig, runs: list[BudgetRun]) -> list[str]:
+    """Per budget: the planner's predicted step time and peak beside the measured ones (the GPT as a gpt2 config)."""
+    from ..cli_plan import prediction_line  # noqa: PLC0415
+    from .gpt import GPTConfig  # noqa: PLC0415
+
+    g = GPTConfig.sized(cfg.params, context=cfg.context, vocab=cfg.vocab)
+    config = {"model_type": "gpt2", "n_embd": g.dim, "n_layer": g.layers, "n_head": g.heads, "vocab_size": g.vocab,
+              "n_positions": g.context, "torch_dtype": "bfloat16"}
+    return [f"budget {r.budget:g}: " + prediction_line(config, batch=cfg.batch, prompt=cfg.context, train=True,
+                                                     optim_memory=r.budget_bytes, measured_s=r.median("step_s"),
+                                                     measured_peak=r.peak_rss) for r in runs]
 
 
 def add_cli(sub: Any) -> None:

@@ -2,7 +2,7 @@
 
 :func:`open_layout` builds the model on the meta device and groups its
 checkpoint tensors by decoder layer, each group as few aligned reads as the
-file allows; :func:`make_plan` splits a memory budget between resident
+file allows; :func:`llmtier.plan.weights.make_plan` splits a memory budget between resident
 layers and the slots that streamed layers pass through.  Nothing here reads
 tensor data; :mod:`llmtier.offload.weights` does.
 """
@@ -14,25 +14,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine
-from ..errors import LLMTierError
+from ..plan.weights import (  # the decision lives in the planner; re-exported for the runtimes
+    INFLIGHT_BYTES,
+    MAX_SLOTS,
+    RUN_OVERHEAD,
+    BudgetError,
+    Plan,
+    make_plan,
+    plan_host_tier,
+    plan_layers,
+    spread,
+)
 from ..store import dtypes
 from ..store.format import ALIGN, TensorInfo
 from ..store.reader import TensorSource, open_store
-from ..units import human, resolve_size
+from ..units import resolve_size
 from . import hf, mapping
 
 _GAP = 64 << 10  # tensors of one group closer than this are read in one request
-INFLIGHT_BYTES = 32 << 20  # what the read-ahead should keep in flight (engine default: 32 x 1 MiB)
-MAX_SLOTS = 8
-# Beyond the budget, a streamed model adds to the process's resident memory
-# (measured in tests/test_offload_memory.py above a baseline with torch loaded):
-# the skeleton, Python objects, activations and the KV cache of a small batch.
-# Activations and KV grow with batch x context; docs/OFFLOAD.md has the formula.
-RUN_OVERHEAD = 64 << 20
-
-
-class BudgetError(LLMTierError, ValueError):
-    """The memory budget cannot hold what streaming needs at the least."""
 
 
 # -- what to read --------------------------------------------------------------------------------------------------
@@ -152,175 +151,6 @@ def device_items(g: Group) -> tuple[list[tuple[hf.Binding, TensorInfo, int, int]
     return out, pos
 
 
-# -- the plan ------------------------------------------------------------------------------------------------------
-@dataclass
-class Plan:
-    """What stays in memory, what streams, and why."""
-
-    budget: int
-    outside_bytes: int  # head, norms (and a tied or fitting embedding table): always resident
-    layer_bytes: list[int]
-    resident: list[int]
-    streamed: list[int]
-    slots: int
-    slot_bytes: int
-    reason: str
-    on_demand_bytes: int = 0  # the input embedding table, read row by row as tokens need it (0: resident)
-    # On a GPU (``device="cuda"``) the budget is GPU memory and two more tiers sit in host memory:
-    device: str = "cpu"
-    cached: list[int] = field(default_factory=list)  # streamed layers held in pinned host memory
-    host_budget: int = 0
-    host_layer_bytes: list[int] = field(default_factory=list)  # a layer's host buffer (its aligned reads)
-    host_slots: int = 0  # pinned slots the disk reads of the other streamed layers land in
-    host_slot_bytes: int = 0
-
-    @property
-    def resident_bytes(self) -> int:
-        return self.outside_bytes + sum(self.layer_bytes[i] for i in self.resident)
-
-    @property
-    def memory_bytes(self) -> int:
-        """What the weights take: resident data plus the slot pool."""
-        return self.resident_bytes + self.slots * self.slot_bytes
-
-    @property
-    def streamed_bytes_per_pass(self) -> int:
-        return sum(self.layer_bytes[i] for i in self.streamed)
-
-    @property
-    def from_disk(self) -> list[int]:
-        """Streamed layers read from the disk on every pass (on a GPU: those not cached in host memory)."""
-        cached = set(self.cached)
-        return [i for i in self.streamed if i not in cached]
-
-    @property
-    def disk_bytes_per_pass(self) -> int:
-        sizes = self.host_layer_bytes or self.layer_bytes
-        return sum(sizes[i] for i in self.from_disk)
-
-    @property
-    def host_memory_bytes(self) -> int:
-        """Pinned host memory of a GPU plan: cached layers and the disk's slots."""
-        return sum(self.host_layer_bytes[i] for i in self.cached) + self.host_slots * self.host_slot_bytes
-
-    @property
-    def resident_share(self) -> float:
-        total = self.outside_bytes + sum(self.layer_bytes) + self.on_demand_bytes
-        return self.resident_bytes / total if total else 1.0
-
-    def describe(self) -> str:
-        n = len(self.layer_bytes)
-        lines = [f"budget {human(self.budget)}: {human(self.outside_bytes)} outside the layers (norm, head"
-                 f"{'' if self.on_demand_bytes else ', embeddings'}) resident; {len(self.resident)} of {n} layers "
-                 f"resident, {len(self.streamed)} streamed ({human(self.streamed_bytes_per_pass)} per forward pass)"]
-        if self.on_demand_bytes:
-            lines.append(f"the input embedding table ({human(self.on_demand_bytes)}) is not held: each forward reads "
-                         "the rows of its tokens")
-        if self.streamed:
-            where = "GPU " if self.device != "cpu" else ""
-            lines.append(f"{self.slots} {where}slot buffers of {human(self.slot_bytes)} (prefetch depth {self.slots - 1}); "
-                         f"weights take {human(self.memory_bytes)}{' of GPU memory' if where else ''}")
-        if self.device != "cpu" and self.streamed:
-            lines.append(f"host tier: {len(self.cached)} of {len(self.streamed)} streamed layers cached in pinned host "
-                         f"memory, {len(self.from_disk)} read from the disk through {self.host_slots} pinned slots of "
-                         f"{human(self.host_slot_bytes)}; {human(self.host_memory_bytes)} of host memory")
-        lines.append(self.reason)
-        return "\n".join(lines)
-
-
-def spread(count: int, n: int) -> list[int]:
-    """``count`` of ``range(n)``, as evenly spaced as possible."""
-    return sorted({int((j + 0.5) * n / count) for j in range(count)}) if count else []
-
-
-def make_plan(budget: int, outside: int, layers: list[int], slot_bytes: int, prefetch: int | None = None,
-              inflight_bytes: int = INFLIGHT_BYTES) -> Plan:
-    """Choose resident layers and the slot count for ``budget`` bytes.
-
-    The read-ahead slots must keep the device's queue full: enough of them
-    that ``inflight_bytes`` (the engine's queue depth x chunk size) are being
-    read while one slot computes -- two for layers of 32 MiB and more, up to
-    :data:`MAX_SLOTS` for small layers -- but never so many that the budget
-    cannot stream at all.  The rest of the budget goes to resident layers, a
-    resident layer saving its reads on every pass.  ``prefetch`` sets the
-    depth instead.  Resident layers are spread evenly so their compute
-    overlaps the reads of the streamed ones.
-    """
-    n = len(layers)
-    if outside + sum(layers) <= budget:
-        return Plan(budget, outside, layers, list(range(n)), [], 0, slot_bytes,
-                    "everything fits in the budget: nothing streams")
-    if prefetch is not None and prefetch < 1:
-        raise ValueError(f"prefetch must be >= 1, got {prefetch}")
-    if prefetch is not None:
-        slots = prefetch + 1
-    else:
-        want = 1 + max(1, -(-inflight_bytes // max(1, slot_bytes)))
-        fit = (budget - outside) // max(1, slot_bytes)
-        slots = max(2, min(MAX_SLOTS, want, n + 1, fit))
-    least = outside + slots * slot_bytes
-    if budget < least:
-        raise BudgetError(f"a memory budget of {human(budget)} is below the least this model streams with: "
-                          f"{human(outside)} held outside the layers (head, norms) + {slots} layer buffers of "
-                          f"{human(slot_bytes)} = {human(least)}")
-    room = budget - least
-    resident: list[int] = []
-    for count in range(n - 1, 0, -1):
-        pick = spread(count, n)
-        if sum(layers[i] for i in pick) <= room:
-            resident = pick
-            break
-    streamed = [i for i in range(n) if i not in set(resident)]
-    reason = (f"resident layers {_ranges(resident) or 'none'} are spread between the streamed ones so their "
-              f"compute hides reads; the embeddings and head are used every pass and never stream")
-    return Plan(budget, outside, layers, resident, streamed, slots, slot_bytes, reason)
-
-
-def plan_host_tier(plan: Plan, host_layers: list[int], host_budget: int | None, prefetch: int | None = None,
-                   inflight_bytes: int = INFLIGHT_BYTES) -> Plan:
-    """Fill in the host tiers of a GPU ``plan``: which streamed layers stay in
-    pinned host memory (``host_budget`` bytes; ``None``: none, every streamed
-    layer comes from the disk) and the pinned slots the disk reads land in.
-    Cached layers are spread over the streamed ones, as resident layers are
-    over the depth, so that their copies alternate with disk reads."""
-    plan.host_layer_bytes = list(host_layers)
-    plan.host_budget = host_budget or 0
-    streamed = plan.streamed
-    if not streamed:
-        return plan
-    slot = max(host_layers[i] for i in streamed)
-    total = sum(host_layers[i] for i in streamed)
-    if host_budget is not None and total <= host_budget:
-        plan.cached = list(streamed)
-        plan.reason += "; every streamed layer fits the host budget: they are copied from pinned host memory"
-        return plan
-    want = prefetch + 1 if prefetch is not None else 1 + max(1, -(-inflight_bytes // max(1, slot)))
-    slots = max(2, min(MAX_SLOTS, want, len(streamed) + 1))
-    if host_budget is not None:
-        if host_budget < 2 * slot:
-            raise BudgetError(f"a host memory budget of {human(host_budget)} is below the least that streams from the "
-                              f"disk to the GPU: 2 pinned slots of {human(slot)} = {human(2 * slot)}")
-        slots = min(slots, host_budget // slot)
-        room = host_budget - slots * slot
-        for count in range(len(streamed) - 1, 0, -1):
-            pick = [streamed[k] for k in spread(count, len(streamed))]
-            if sum(host_layers[i] for i in pick) <= room:
-                plan.cached = pick
-                break
-    plan.host_slots, plan.host_slot_bytes = slots, slot
-    return plan
-
-
-def _ranges(xs: list[int]) -> str:
-    out: list[str] = []
-    for x in xs:
-        if out and out[-1].split("-")[-1] == str(x - 1):
-            out[-1] = f"{out[-1].split('-')[0]}-{x}"
-        else:
-            out.append(str(x))
-    return ",".join(out)
-
-
 @dataclass
 class Layout:
     """A model skeleton matched with its checkpoint: what each group reads."""
@@ -343,12 +173,7 @@ class Layout:
         rest of the budget is split by :func:`make_plan`."""
         budget = resolve_size(memory, whole=self.total_bytes, what="the weights")
         sizes = [g.nbytes for g in self.groups]
-        if budget >= self.total_bytes or not self.embedding:
-            return make_plan(budget, self.outside.nbytes + self.embedding_bytes, sizes, max(sizes, default=0),
-                             prefetch)
-        plan = make_plan(budget, self.outside.nbytes, sizes, max(sizes, default=0), prefetch)
-        plan.on_demand_bytes = self.embedding_bytes
-        return plan
+        return plan_layers(budget, self.outside.nbytes, self.embedding_bytes, sizes, max(sizes, default=0), prefetch)
 
     def device_plan(self, memory: int | str, host_memory: int | str | None = None,
                     prefetch: int | None = None) -> Plan:
@@ -362,11 +187,8 @@ class Layout:
         outside = device_items(self.outside)[1]
         emb = -(-self.embedding_bytes // DEVICE_ALIGN) * DEVICE_ALIGN
         slot = max(sizes, default=0)
-        if budget >= outside + emb + sum(sizes) or not self.embedding:
-            plan = make_plan(budget, outside + emb, sizes, slot, prefetch, inflight_bytes=2 * slot)
-        else:
-            plan = make_plan(budget, outside, sizes, slot, prefetch, inflight_bytes=2 * slot)
-            plan.on_demand_bytes = self.embedding_bytes
+        plan = plan_layers(budget, outside, emb, sizes, slot, prefetch, inflight_bytes=2 * slot,
+                           on_demand=self.embedding_bytes)
         plan.device = "cuda"
         host = resolve_size(host_memory, whole=self.total_bytes, what="the weights") if host_memory is not None else None
         return plan_host_tier(plan, [g.nbytes for g in self.groups], host, prefetch)

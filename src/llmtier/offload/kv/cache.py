@@ -40,14 +40,15 @@ import numpy as np
 
 from ...engine import Engine, alloc, open_engine
 from ...engine.cuda import require_cuda
+from ...errors import BudgetError
 from ...units import human
-from ..layout import BudgetError
 from .budget import (
     DEFAULT_PAGE_TOKENS,
     Geometry,
     KVConfigError,
     KVStats,
     capacity,
+    choose_spills,
     default_directory,
     keep,
     min_memory,
@@ -160,13 +161,13 @@ class Tier(ReadAhead):
     def plan(self, n: int, q: int) -> None:
         """Spill layers until the budget holds a forward of ``q`` tokens after ``n``; called at each forward's start."""
         resident = {i for i in self.attn if self.layers[i].resident}
-        # the layers that hold most go first (full attention before sliding windows), spread over the depth
-        victims = sorted((i for i in self.order if i in resident),
-                         key=lambda i: -resident_tokens(n, q, self.windows[i], self.page))
-        while resident and (self.spill_all or self.need(n, q, resident) > self.memory):
-            i = victims.pop(0)
-            resident.discard(i)
-            self._spill_layer(i)
+        assert self.geo is not None
+        wins = [self.windows[i] for i in self.attn]
+        pos = {i: j for j, i in enumerate(self.attn)}
+        for j in choose_spills(n, q, wins, {pos[i] for i in resident}, [pos[i] for i in self.order], self.geo,
+                               self.prefetch, self.memory, self.spill_all):  # the planner decides which spill
+            resident.discard(self.attn[j])
+            self._spill_layer(self.attn[j])
         if self.need(n, q, resident) > self.memory:
             g = self.geo
             assert g is not None

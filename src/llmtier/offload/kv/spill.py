@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from ...engine import Engine, File, alloc
-
-MAX_WRITES = 8  # page groups in flight to the disk before a writer waits
+from ...plan.kv import MAX_WRITES  # page groups in flight to the disk before a writer waits
 
 
 class SpillFile:

@@ -13,34 +13,18 @@ A chunk holds *pieces*: the part ``[p_lo, p_hi)`` of parameter ``param``'s
 flat elements, at position ``c_lo`` of the chunk.  Padding between pieces
 holds zeros and stays zero (its gradient is zero).
 
-DRAM: the step keeps three record buffers in flight (chunk i+1 being read,
-i being updated, i-1 being written), each ``3 * 4 * chunk_elems`` bytes, plus a
-gradient buffer and a scratch buffer of ``4 * chunk_elems`` each:
-:data:`BYTES_PER_ELEM` = 44 bytes per chunk element.
+DRAM: the chunk length and the DRAM it takes (:data:`BYTES_PER_ELEM` = 44
+bytes per chunk element) are the planner's (:mod:`llmtier.plan.optim`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...units import human
-from ..layout import BudgetError
+from ...plan import optim as _plan
+from ...plan.optim import ALIGN, BYTES_PER_ELEM, MIN_CHUNK, SLOTS, OptimizerBudgetError, round_up
 
-ALIGN = 1024  # elements: 4 KiB of fp32
-MIN_CHUNK = 16 * ALIGN  # the smallest chunk a budget may force (64 KiB per state region)
-SLOTS = 3  # record buffers in flight: read i+1, update i, write i-1
-BYTES_PER_ELEM = SLOTS * 3 * 4 + 4 + 4  # three record buffers + gradient + scratch
 LOW_PRECISION = ("torch.bfloat16", "torch.float16")
-
-
-class OptimizerBudgetError(BudgetError):
-    """The DRAM budget cannot hold the optimizer's pipeline; ``least`` is the smallest budget that works."""
-
-    def __init__(self, budget: int, least: int, detail: str) -> None:
-        super().__init__(f"an optimizer memory budget of {human(budget)} is below the least that works, "
-                         f"{human(least)} ({least} bytes): {detail}")
-        self.budget = budget
-        self.least = least
 
 
 @dataclass
@@ -88,32 +72,14 @@ class Chunk:
         return 0 if self.master else 4 * self.elems
 
 
-def round_up(n: int, align: int) -> int:
-    return -(-n // align) * align
-
-
 def least_budget(groups: list[list[Any]]) -> int:
-    """The smallest DRAM budget (bytes) with which ``groups`` of parameters can be stepped."""
-    largest = max((round_up(_flat_len(ps), ALIGN) for ps in groups), default=ALIGN)
-    return BYTES_PER_ELEM * max(ALIGN, min(MIN_CHUNK, largest))
+    """The smallest DRAM budget (bytes) with which ``groups`` of parameters can be stepped (the planner's rule)."""
+    return _plan.least_budget([_flat_len(ps) for ps in groups])
 
 
 def chunk_elems_for(budget: int, groups: list[list[Any]], chunk_elems: int | None = None) -> int:
-    """Chunk length in elements for ``budget`` bytes (or the ``chunk_elems`` asked for, checked against it)."""
-    least = least_budget(groups)
-    largest = max((round_up(_flat_len(ps), ALIGN) for ps in groups), default=ALIGN)
-    if budget < least:
-        raise OptimizerBudgetError(budget, least, f"{SLOTS} record buffers in flight of 12 bytes per element plus "
-                                   f"gradient and scratch buffers make {BYTES_PER_ELEM} bytes per chunk element, and "
-                                   f"a chunk is at least {min(MIN_CHUNK, largest)} elements")
-    if chunk_elems is not None:
-        if chunk_elems <= 0 or chunk_elems % ALIGN:
-            raise ValueError(f"chunk_elems must be a positive multiple of {ALIGN}, got {chunk_elems}")
-        if BYTES_PER_ELEM * chunk_elems > budget:
-            raise OptimizerBudgetError(budget, BYTES_PER_ELEM * chunk_elems,
-                                       f"chunks of {chunk_elems} elements need {BYTES_PER_ELEM} bytes per element")
-        return min(chunk_elems, largest)
-    return max(ALIGN, min(largest, (budget // BYTES_PER_ELEM) // ALIGN * ALIGN))
+    """Chunk length in elements for ``budget`` bytes, as the planner decides it (:func:`llmtier.plan.optim.chunk_elems_for`)."""
+    return _plan.chunk_elems_for(budget, [_flat_len(ps) for ps in groups], chunk_elems)
 
 
 def plan_chunks(groups: list[list[Any]], chunk_elems: int) -> list[Chunk]:

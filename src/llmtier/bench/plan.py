@@ -1,0 +1,379 @@
+"""``llmtier bench plan``: the planner's predictions held against measurements.
+
+For each configuration (dense and MoE models x budgets x batch; generation
+with streamed weights and a spilled KV tier, and training with AdamW state on
+SSD) the planner places the model within a budget and predicts the peak
+memory and the time per decode token (or per training step) from the device
+profile; then a fresh process runs exactly that placement (``stream_model``
+with the plan's weight budget, ``TieredCache`` with its KV budget,
+``OffloadedAdamW`` with its chunk budget) inside a memory cgroup capped at the
+plan's budget, and reports the cgroup's peak and the median step time.  The
+table shows predicted vs measured and the error.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..units import human
+
+MODELS: dict[str, dict[str, Any]] = {
+    "dense": {"builder": "hf", "arch": "llama", "layers": 8, "vocab": 8192, "hidden_size": 512, "intermediate_size": 1536},
+    "moe": {"builder": "family", "arch": "mixtral", "layers": 6, "vocab_size": 4096, "hidden_size": 256,
+            "intermediate_size": 512, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "deep": {"builder": "hf", "arch": "llama", "layers": 16, "vocab": 4096, "hidden_size": 128, "intermediate_size": 384},
+    "dense-train": {"builder": "hf", "arch": "llama", "layers": 4, "vocab": 4096, "hidden_size": 256,
+                    "intermediate_size": 768},
+    "moe-train": {"builder": "family", "arch": "mixtral", "layers": 4, "vocab_size": 4096, "hidden_size": 256,
+                  "intermediate_size": 512, "num_local_experts": 4, "num_experts_per_tok": 2},
+}
+
+
+@dataclass
+class Config:
+    """One row: a model, a workload and the share of the weights the budget leaves them (``weights`` x W)."""
+
+    name: str
+    model: str
+    batch: int
+    prompt: int
+    new_tokens: int = 16
+    weights: float = 1.2  # budget = process + activations + KV + weights x this
+    kv_share: float = 1.0  # of the full KV the budget leaves (< 1: the tier spills)
+    train: bool = False
+    steps: int = 6
+
+
+CONFIGS: list[Config] = [
+    Config("dense resident b1", "dense", 1, 64),
+    Config("dense stream 50% b1", "dense", 1, 64, weights=0.5),
+    Config("dense stream 30% b4", "dense", 4, 64, weights=0.3),
+    Config("deep KV spill b4x1024", "deep", 4, 1024, weights=1.0, kv_share=0.4),
+    Config("deep KV spill b8x512", "deep", 8, 512, weights=1.0, kv_share=0.3),
+    Config("moe resident b1", "moe", 1, 64),
+    Config("moe stream 50% b1", "moe", 1, 64, weights=0.5),
+    Config("moe stream 30% b4", "moe", 4, 64, weights=0.3),
+    Config("dense train b2x128", "dense-train", 2, 128, train=True),
+    Config("dense train b4x128", "dense-train", 4, 128, train=True),
+    Config("moe train b2x128", "moe-train", 2, 128, train=True),
+]
+QUICK = [CONFIGS[1], CONFIGS[7]]
+
+
+@dataclass
+class Row:
+    config: Config
+    memory: int = 0
+    predicted_peak: int = 0
+    predicted_s: float = 0.0
+    bottleneck: str = ""
+    plan: dict[str, Any] = field(default_factory=dict)
+    measured_peak: int | None = None  # the child's peak RSS (VmHWM)
+    cgroup_peak: int | None = None  # the cgroup's peak: RSS + the page cache charged to it (swings on a shared machine)
+    measured_s: float | None = None
+    spread_s: tuple[float, float] | None = None
+    ok: bool = False
+    error: str = ""
+
+    @property
+    def mem_err(self) -> float | None:
+        return (self.predicted_peak / self.measured_peak - 1) if self.measured_peak else None
+
+    @property
+    def time_err(self) -> float | None:
+        return (self.predicted_s / self.measured_s - 1) if self.measured_s else None
+
+
+def build_model(directory: str, kind: str) -> str:
+    """Write the random-weight model of ``kind`` (see :data:`MODELS`) once; returns its directory."""
+    spec = dict(MODELS[kind])
+    path = os.path.join(directory, f"model-{kind}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    builder, arch, layers = spec.pop("builder"), spec.pop("arch"), spec.pop("layers")
+    if builder == "hf":
+        from .hfmodels import make_model  # noqa: PLC0415
+
+        make_model(path, arch, layers=layers, tokenizer=False, **spec)
+    else:
+        from .families import make_family_model  # noqa: PLC0415
+
+        make_family_model(path, arch, layers=layers, **spec)
+    return path
+
+
+def _memory_for(m: Any, c: Config, base: int, profile: Any = None) -> int:
+    """The budget of a configuration: what it needs outside the weights, the weights' share, the KV's share."""
+    from ..plan.planner import SLACK, Workload, _kv_need, least_memory  # noqa: PLC0415
+    from ..plan.weights import RUN_OVERHEAD  # noqa: PLC0415
+
+    if c.train:
+        t = m.training(c.batch, c.prompt)
+        opt = min(t.offloaded_state_bytes, 44 * m.params) // 2  # half the chunk pipeline a whole state would need
+        reserve = max(RUN_OVERHEAD, getattr(profile, "train_overhead_bytes", 0))
+        return int((base + reserve + t.activations + t.weights + t.gradients + opt) / (1 - SLACK))
+    w = Workload(c.batch, c.prompt, c.new_tokens)
+    kv = _kv_need(m, w, set(range(len(m.windows))))
+    acts = m.prefill_activation_bytes(c.batch, c.prompt) + max(RUN_OVERHEAD, getattr(profile, "run_overhead_bytes", 0))
+    want = int((base + acts + kv * c.kv_share + m.weight_bytes * c.weights) / (1 - SLACK))
+    return max(want, least_memory(m, w, base, profile) + (4 << 20))
+
+
+def _child_argv(job: dict[str, Any]) -> list[str]:
+    return [sys.executable, "-m", "llmtier.bench.plan", "--child", json.dumps(job)]
+
+
+def run_child(job: dict[str, Any], limit: int, timeout: float = 900) -> dict[str, Any]:
+    """Run one job in a fresh process in a memory cgroup of ``limit`` bytes (plain process when none is usable)."""
+    import subprocess  # noqa: PLC0415
+
+    from .cgroup import CgroupError, run_in_cgroup  # noqa: PLC0415
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    try:
+        r = run_in_cgroup(_child_argv(job), limit, drop_caches=True, env=env, timeout=timeout)
+        rc, out, err, peak, oom = r.returncode, r.stdout, r.stderr, r.peak_bytes, bool(r.oom_killed)
+    except CgroupError:
+        p = subprocess.run(_child_argv(job), capture_output=True, text=True, env=env, timeout=timeout)
+        rc, out, err, peak, oom = p.returncode, p.stdout, p.stderr, None, False
+    line = next((x for x in reversed(out.splitlines()) if x.startswith("{")), None)
+    if rc != 0 or line is None:
+        why = "killed by the memory cap (OOM)" if oom or rc in (-9, 137) else f"exit {rc}"
+        return {"ok": False, "error": why, "stderr": err.strip()[-800:], "cgroup_peak": peak}
+    res = json.loads(line)
+    res.update(ok=True, cgroup_peak=peak)
+    return res
+
+
+def overheads(directory: str, base: int) -> tuple[int, int]:
+    """(generation, training) overhead: a small model's peak RSS beyond base and the memory model's terms."""
+    from ..plan import model_memory  # noqa: PLC0415
+    from ..plan.optim import BYTES_PER_ELEM  # noqa: PLC0415
+    from .hfmodels import make_model  # noqa: PLC0415
+
+    path = os.path.join(directory, "model-probe")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        make_model(path, "llama", layers=2, tokenizer=False)
+    m = model_memory(path)
+    job = {"kind": "infer", "model": path, "batch": 1, "prompt": 32, "new_tokens": 8, "steps": 2,
+           "weights_memory": 1 << 30, "kv_memory": 0, "kv_spill": False, "optim_memory": BYTES_PER_ELEM * 65536,
+           "dir": directory}
+    inf = run_child(job, 8 << 30)
+    trn = run_child({**job, "kind": "train"}, 8 << 30)
+    t = m.training(1, 32)
+    gen = (inf.get("rss_peak") or 0) - base - m.weight_bytes - m.kv_bytes(1, 40) - m.prefill_activation_bytes(1, 32)
+    tr = (trn.get("rss_peak") or 0) - base - t.weights - t.gradients - t.activations - job["optim_memory"]
+    return max(0, gen), max(0, tr)
+
+
+def base_bytes(directory: str) -> int:
+    """The peak RSS of a child that imports what the runs import and stops (the process term of the model)."""
+    res = run_child({"kind": "base"}, 8 << 30)
+    return int(res.get("rss_peak") or 0)
+
+
+def refresh_profile(profile: Any, directory: str) -> Any:
+    """``profile`` with its CPU rates and 1 MiB / 256 KiB disk reads measured again, now (seconds)."""
+    import dataclasses  # noqa: PLC0415
+
+    from .profile import _cpu, _disk  # noqa: PLC0415
+
+    cpu = _cpu(True)
+    sizes = (256 << 10, 1 << 20, 4 << 20)
+    read, write = _disk(directory, 32 << 20, sizes, 1)
+    return dataclasses.replace(profile, read_bw={**profile.read_bw, **read}, write_bw={**profile.write_bw, **write},
+                               gemm_flops=cpu["gemm_flops"], gemv_bw=cpu["gemv_bw"],
+                               layer_overhead_s=cpu["layer_overhead_s"], adam_elems_s=cpu["adam_elems_s"],
+                               expert_overhead_s=cpu["expert_overhead_s"], train_flops=cpu["train_flops"])
+
+
+def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, progress: bool = True,
+                   recalibrate: bool = True) -> dict[str, Any]:
+    """Predict, then measure, every configuration; returns the rows and the profile used."""
+    from ..plan import model_memory, plan_inference, plan_training  # noqa: PLC0415
+    from ..plan.planner import Workload  # noqa: PLC0415
+    from .profile import measure_profile  # noqa: PLC0415
+
+    os.makedirs(directory, exist_ok=True)
+    if profile is None:
+        profile = measure_profile(directory, quick=True)
+    rows: list[Row] = []
+    for c in configs:
+        if recalibrate:  # the CPU and disk rates right now: the machine is shared, its rates swing run to run
+            profile = refresh_profile(profile, directory)
+        path = build_model(directory, c.model)
+        m = model_memory(path)
+        w = Workload(c.batch, c.prompt, 0 if c.train else c.new_tokens, c.train)
+        memory = _memory_for(m, c, profile.base_bytes, profile)
+        row = Row(c, memory)
+        p = plan_training(m, w, memory, profile) if c.train else plan_inference(m, w, memory, profile)
+        row.predicted_peak, row.plan = p.predicted_peak, p.as_dict()
+        row.predicted_s = p.prediction.seconds if p.prediction else 0.0
+        row.bottleneck = p.prediction.bottleneck if p.prediction else ""
+        job = {"kind": "train" if c.train else "infer", "model": path, "batch": c.batch, "prompt": c.prompt,
+               "new_tokens": c.new_tokens, "steps": c.steps, "weights_memory": p.weights_memory,
+               "kv_memory": p.kv_memory, "kv_spill": bool(p.kv_spilled), "optim_memory": p.optim_memory,
+               "dir": directory}
+        if progress:
+            print(f"[bench plan] {c.name}: budget {human(memory)}, predicted peak {human(row.predicted_peak)}, "
+                  f"{row.predicted_s * 1e3:.1f} ms", file=sys.stderr, flush=True)
+        res = run_child(job, memory)
+        row.ok = bool(res.get("ok"))
+        row.measured_peak, row.cgroup_peak = res.get("rss_peak"), res.get("cgroup_peak")
+        if row.ok:
+            steps = res["steps_s"][1:] if len(res["steps_s"]) > 2 else res["steps_s"]
+            row.measured_s = statistics.median(steps)
+            row.spread_s = (min(steps), max(steps))
+        else:
+            row.error = f"{res.get('error')}: {res.get('stderr', '')[-300:]}"
+        rows.append(row)
+        if progress:
+            print(f"[bench plan]   measured peak RSS {human(row.measured_peak or 0)}, "
+                  f"{(row.measured_s or 0) * 1e3:.1f} ms, {'fit' if row.ok else row.error[:200]}", file=sys.stderr, flush=True)
+    return {"rows": rows, "profile": profile}
+
+
+# -- the child -----------------------------------------------------------------------------------------------------
+def child_main(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one placement (in a fresh process) and return its step times."""
+    import resource  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+    import transformers.models.llama.modeling_llama  # noqa: PLC0415
+    import transformers.models.mixtral.modeling_mixtral  # noqa: PLC0415, F401
+
+    import llmtier.offload  # noqa: PLC0415, F401
+
+    if job["kind"] == "base":
+
+        return {"rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "steps_s": [0.0]}
+    torch.manual_seed(0)
+    steps = _train(job) if job["kind"] == "train" else _infer(job)
+    return {"steps_s": steps, "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _infer(job: dict[str, Any]) -> list[float]:
+    import torch  # noqa: PLC0415
+
+    from ..offload import stream_model  # noqa: PLC0415
+    from ..offload.generate import generate_timed  # noqa: PLC0415
+
+    with stream_model(job["model"], job["weights_memory"], verify="never") as model:
+        cache = None
+        if job["kv_spill"]:
+            from ..offload.kv import TieredCache  # noqa: PLC0415
+
+            cache = TieredCache(model.config, memory=job["kv_memory"], path=job["dir"])
+        ids = torch.randint(1, model.config.vocab_size, (job["batch"], job["prompt"]))
+        try:
+            timed = generate_timed(model, ids, job["new_tokens"], cache=cache)
+        finally:
+            if cache is not None:
+                cache.close()
+    st = timed.stamps
+    return [b - a for a, b in itertools.pairwise(st)]
+
+
+def _train(job: dict[str, Any]) -> list[float]:
+    import torch  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+
+    from ..offload.optim import OffloadedAdamW  # noqa: PLC0415
+
+    config = AutoConfig.from_pretrained(job["model"])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # random init: no checkpoint pages
+    model.train()
+    state = tempfile.mkdtemp(prefix="optim-", dir=job["dir"])
+    out = []
+    with OffloadedAdamW(model.parameters(), memory=job["optim_memory"], path=state, lr=1e-4) as opt:
+        for _ in range(job["steps"]):
+            ids = torch.randint(1, config.vocab_size, (job["batch"], job["prompt"]))
+            t0 = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out.append(time.perf_counter() - t0)
+    for name in os.listdir(state):
+        os.unlink(os.path.join(state, name))
+    os.rmdir(state)
+    return out
+
+
+# -- report --------------------------------------------------------------------------------------------------------
+def format_table(res: dict[str, Any]) -> str:
+    """Markdown: predicted vs measured peak memory and time, errors, and whether the run fit its budget."""
+    lines = ["| configuration | budget (cgroup cap) | plan | pred. peak | meas. peak RSS | mem err | cgroup peak | pred. ms | "
+             "meas. ms (min-max) | time err | bound by | fit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        pl = r.plan
+        if r.config.train:
+            what = f"optim chunk {pl.get('chunk_elems')}"
+        else:
+            what = f"{len(pl.get('resident_layers', []))}/{len(pl.get('resident_layers', [])) + len(pl.get('streamed_layers', []))} " \
+                   f"layers resident, KV {len(pl.get('kv_spilled', []))} spilled"
+        me = f"{r.mem_err:+.1%}" if r.mem_err is not None else "-"
+        te = f"{r.time_err:+.1%}" if r.time_err is not None else "-"
+        ms = f"{r.measured_s * 1e3:.1f} ({r.spread_s[0] * 1e3:.0f}-{r.spread_s[1] * 1e3:.0f})" if r.measured_s else "-"
+        lines.append(f"| {r.config.name} | {human(r.memory)} | {what} | {human(r.predicted_peak)} | "
+                     f"{human(r.measured_peak) if r.measured_peak else '-'} | {me} | "
+                     f"{human(r.cgroup_peak) if r.cgroup_peak else '-'} | {r.predicted_s * 1e3:.1f} | {ms} | "
+                     f"{te} | {r.bottleneck} | {'yes' if r.ok else 'NO: ' + r.error[:80]} |")
+    return "\n".join(lines)
+
+
+def add_cli(bench: Any) -> None:
+    """``llmtier bench plan``."""
+    b = bench.add_parser("plan", help="the planner's predictions (peak memory, time per token/step) vs measurements "
+                         "under a memory cgroup of the plan's budget, dense and MoE, generation and training")
+    b.add_argument("--dir", help="directory on the disk (models, spill files, optimizer state)")
+    b.add_argument("--quick", action="store_true", help="two configurations (a test-sized run)")
+    b.add_argument("--profile", help="device profile JSON (default: measure a quick one in this run)")
+    b.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    b.set_defaults(func=cli_main)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from ..plan import load_profile  # noqa: PLC0415
+    from .profile import format_profile  # noqa: PLC0415
+
+    directory = args.dir or os.path.join(tempfile.gettempdir(), "llmtier-bench-plan")
+    prof = load_profile(args.profile) if args.profile else None
+    res = run_plan_bench(directory, QUICK if args.quick else CONFIGS, prof)
+    print(format_profile(res["profile"]))
+    print(format_table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"name": r.config.name, "memory": r.memory, "predicted_peak": r.predicted_peak,
+                        "measured_peak": r.measured_peak,
+                        "cgroup_peak": r.cgroup_peak, "predicted_s": r.predicted_s, "measured_s": r.measured_s,
+                        "spread_s": r.spread_s, "ok": r.ok, "error": r.error, "plan": r.plan} for r in res["rows"]],
+                      f, indent=1, default=str)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--child":
+        print(json.dumps(child_main(json.loads(argv[1]))))
+        return 0
+    from ..cli import main as cli  # noqa: PLC0415
+
+    return cli(["bench", "plan", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["CONFIGS", "MODELS", "Config", "Row", "add_cli", "base_bytes", "build_model", "child_main", "format_table",
+           "run_plan_bench"]

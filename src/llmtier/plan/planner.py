@@ -1,0 +1,366 @@
+"""The planner: given a model, a workload and budgets, where each byte lives and how fast it will run.
+
+:func:`plan_inference` splits one DRAM budget (the whole process: what a
+memory cgroup would cap) between the process's own memory, activations, the
+KV tier and the weights, and returns a :class:`Placement` whose parts are
+what the runtimes take: ``weights`` (the :class:`~llmtier.plan.weights.Plan`
+``stream_model`` builds from ``weights_memory``), ``kv_memory`` and the layers
+it spills (``TieredCache`` decides with :func:`llmtier.plan.kv.choose_spills`),
+``experts`` (the resident MoE experts), and for training (:func:`plan_training`)
+``optim_memory`` / ``chunk_elems`` (``OffloadedAdamW``, via
+:func:`llmtier.plan.optim.chunk_elems_for`).  Time per token or step and the
+bottleneck come from a :class:`~llmtier.plan.profile.DeviceProfile`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BudgetError
+from ..units import human
+from . import kv as kvplan
+from . import optim as optplan
+from .memory import ModelMemory
+from .profile import DeviceProfile
+from .weights import INFLIGHT_BYTES, RUN_OVERHEAD, Plan, make_plan, plan_layers
+
+KV_PAGE = kvplan.DEFAULT_PAGE_TOKENS
+KV_PREFETCH = 2
+SLACK = 0.03  # of the budget kept free: allocator rounding and what the model does not see
+
+
+@dataclass
+class Workload:
+    """Generate ``new_tokens`` after a ``prompt`` for ``batch`` sequences, or train on ``batch`` x ``prompt``."""
+
+    batch: int = 1
+    prompt: int = 128
+    new_tokens: int = 32
+    train: bool = False
+    checkpointing: bool = False
+
+    @property
+    def context(self) -> int:
+        return self.prompt + self.new_tokens
+
+
+@dataclass
+class Prediction:
+    """Predicted seconds per decode token (inference) or per step (training), and what bounds it."""
+
+    seconds: float
+    compute_s: float
+    io_s: float
+    bottleneck: str
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ExpertPlacement:
+    """Resident MoE experts per layer.  Today every expert stays with its layer (resident or streamed
+    whole); :func:`choose_experts` is the one place a per-expert hot/cold split will be decided."""
+
+    resident: dict[int, list[int]] = field(default_factory=dict)  # layer -> experts kept in memory
+    reason: str = "experts move with their layer"
+
+
+@dataclass
+class Placement:
+    """A plan: budgets per runtime, what they decide from them, predicted memory and time, and why."""
+
+    model: ModelMemory
+    workload: Workload
+    memory: int  # the whole budget
+    base_bytes: int
+    activation_bytes: int
+    weights_memory: int  # -> stream_model(memory=...)
+    weights: Plan
+    kv_memory: int  # -> TieredCache(memory=...); 0: no KV (training)
+    kv_spilled: list[int]  # KV-holding layers (their index among those) that go to SSD at the longest context
+    kv_bytes: int  # what the KV pool holds at its peak
+    experts: ExpertPlacement
+    optim_memory: int = 0  # -> OffloadedAdamW(memory=...); 0: no optimizer
+    chunk_elems: int = 0
+    optim_on_ssd: bool = False
+    gradient_bytes: int = 0
+    prediction: Prediction | None = None
+    reasons: list[str] = field(default_factory=list)
+    gpu_memory: int | None = None
+    overhead_bytes: int = RUN_OVERHEAD  # predicted: what a run adds beyond the model's terms (the profile's measure)
+
+    @property
+    def predicted_peak(self) -> int:
+        """Predicted peak memory of the whole process."""
+        return (self.base_bytes + self.overhead_bytes + self.activation_bytes + self.weights.memory_bytes + self.kv_bytes
+                + self.gradient_bytes + self.optim_memory)
+
+    def breakdown(self) -> list[tuple[str, int]]:
+        rows = [("process (python, torch, transformers)", self.base_bytes), ("run overhead (allocator, objects)",
+                self.overhead_bytes), ("activations", self.activation_bytes),
+                ("weights held (resident + slots)", self.weights.memory_bytes)]
+        if not self.workload.train:
+            rows.append(("KV cache in DRAM", self.kv_bytes))
+        else:
+            rows.append(("gradients", self.gradient_bytes))
+            rows.append(("optimizer pipeline buffers (state on SSD)", self.optim_memory))
+        rows.append(("predicted peak", self.predicted_peak))
+        return rows
+
+    def describe(self) -> str:
+        w = self.workload
+        what = (f"training batch {w.batch} x {w.prompt} tokens" if w.train else
+                f"batch {w.batch}, prompt {w.prompt} + {w.new_tokens} new tokens")
+        lines = [f"plan for {self.model.model_type} ({self.model.params / 1e9:.3g}B params, {self.model.dtype}), {what}, "
+                 f"memory {human(self.memory)}"]
+        lines += [f"  {k:<42} {human(v):>10}" for k, v in self.breakdown()]
+        lines.append("weights: " + self.weights.describe().replace("\n", "\n  "))
+        if not w.train and self.kv_memory:
+            nkv = len(self.model.windows)
+            lines.append(f"KV: pool of {human(self.kv_memory)}; {nkv - len(self.kv_spilled)} of {nkv} layers in DRAM, "
+                         f"{len(self.kv_spilled)} spilled to SSD at {w.context} tokens")
+        if self.model.expert_bytes:
+            lines.append(f"MoE experts ({human(self.model.expert_bytes)}): {self.experts.reason}")
+        if w.train:
+            lines.append(f"optimizer: AdamW state on SSD ({human(self.model.training(1, 1).offloaded_state_bytes)}), "
+                         f"chunks of {self.chunk_elems} elements")
+        if self.prediction is not None:
+            p = self.prediction
+            unit = "step" if w.train else "token"
+            lines.append(f"predicted: {p.seconds * 1e3:.1f} ms per {unit} (compute {p.compute_s * 1e3:.1f} ms, "
+                         f"I/O {p.io_s * 1e3:.1f} ms): bound by {p.bottleneck}")
+        lines += [f"why: {r}" for r in self.reasons]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        p = self.prediction
+        return {"memory": self.memory, "predicted_peak": self.predicted_peak, "weights_memory": self.weights_memory,
+                "resident_layers": self.weights.resident, "streamed_layers": self.weights.streamed,
+                "kv_memory": self.kv_memory, "kv_spilled": self.kv_spilled, "optim_memory": self.optim_memory,
+                "optim_on_ssd": self.optim_on_ssd, "chunk_elems": self.chunk_elems,
+                "breakdown": dict(self.breakdown()),
+                "predicted_s": p.seconds if p else None, "bottleneck": p.bottleneck if p else None}
+
+
+def _overhead(profile: DeviceProfile | None, train: bool = False) -> int:
+    """The run overhead to predict with: the profile's measured one, else the budgeted :data:`RUN_OVERHEAD`."""
+    got = (profile.train_overhead_bytes if train else profile.run_overhead_bytes) if profile is not None else 0
+    return got if got > 0 else RUN_OVERHEAD
+
+
+def choose_experts(model: ModelMemory, weights: Plan) -> ExpertPlacement:
+    """Resident MoE experts: the hook for a per-expert split (router statistics); today experts follow their layer."""
+    res = {i: list(range(model.layers[i].experts)) for i in weights.resident if model.layers[i].experts}
+    why = ("experts move with their layer: resident layers hold all their experts, streamed layers read all "
+           "of theirs" if model.expert_bytes else "no routed experts")
+    return ExpertPlacement(res, why)
+
+
+def _kv_need(m: ModelMemory, w: Workload, resident: set[int]) -> int:
+    wins = m.windows
+    if not wins:
+        return 0
+    geo = _kv_geometry(m, w.batch)
+    return max(kvplan.need(0, w.prompt, wins, resident, geo, KV_PREFETCH),
+               kvplan.need(max(w.context - 1, 1), 1, wins, resident, geo, KV_PREFETCH))
+
+
+def _kv_geometry(m: ModelMemory, batch: int) -> kvplan.Geometry:
+    tok = max((lay.kv_token_bytes for lay in m.layers), default=0)
+    elems = tok // m.itemsize
+    # one "head" of the token's K and V elements: the budget depends on bytes only
+    return kvplan.Geometry(batch, 1, elems // 2, 1, elems - elems // 2, KV_PAGE, None, m.itemsize)
+
+
+def _reserve(profile: DeviceProfile | None, train: bool = False) -> int:
+    """What a budget keeps for the run's overhead: the larger of :data:`RUN_OVERHEAD` and the measured one."""
+    return max(RUN_OVERHEAD, _overhead(profile, train))
+
+
+def least_memory(m: ModelMemory, w: Workload, base_bytes: int, profile: DeviceProfile | None = None) -> int:
+    """The smallest whole-process budget :func:`plan_inference` accepts for ``w``."""
+    acts = m.prefill_activation_bytes(w.batch, w.prompt) + _reserve(profile)
+    nkv = len(m.windows)
+    kv_least = min(_kv_need(m, w, set(range(nkv))), _kv_need(m, w, set()))
+    w_least = m.outside_bytes + 2 * max(m.layer_bytes, default=0)
+    return -(-(base_bytes + acts + w_least + kv_least) * 100 // int(100 * (1 - SLACK))) + 1
+
+
+def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfile | None = None, *,
+                   base_bytes: int | None = None, gpu_memory: int | None = None) -> Placement:
+    """Place ``m`` for generating ``w`` within ``memory`` bytes (the whole process)."""
+    base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
+    reserve = _reserve(profile)
+    acts = m.prefill_activation_bytes(w.batch, w.prompt) + reserve
+    room = int(memory * (1 - SLACK)) - base - acts
+    nkv = len(m.windows)
+    everything = set(range(nkv))
+    kv_full = _kv_need(m, w, everything)
+    kv_least = min(kv_full, _kv_need(m, w, set()))  # spilling costs staging: at small contexts holding is cheaper
+    layers = m.layer_bytes
+    slot = max(layers, default=0)
+    w_least = m.outside_bytes + 2 * slot
+    reasons = []
+    if room < w_least + kv_least:
+        raise BudgetError(f"a memory budget of {human(memory)} is below the least this run needs: process "
+                          f"{human(base)} + activations {human(acts)} + weights streaming {human(w_least)} + KV with "
+                          f"its least {human(kv_least)} = {human(base + acts + w_least + kv_least)}, with {SLACK:.0%} kept free")
+    if m.weight_bytes + kv_full <= room:
+        kv_mem, wmem = kv_full, m.weight_bytes
+        reasons.append("everything fits: weights and KV stay in DRAM")
+    elif w_least + kv_full <= room and kv_full <= room // 2:
+        kv_mem, wmem = kv_full, room - kv_full
+        reasons.append("the KV cache is kept in DRAM (each of its bytes is read every token, as a streamed weight's is) "
+                       "and the weights stream through the rest")
+    else:
+        kv_mem = max(kv_least, min(kv_full, room // 4))
+        wmem = room - kv_mem
+        reasons.append("KV and weights both exceed the budget: the KV pool gets a quarter (at least its least) and "
+                       "spills layers to SSD; the weights stream through the rest")
+    wplan = plan_layers(wmem, m.outside_bytes, m.embedding_bytes, layers, slot)
+    spilled = []
+    kv_bytes = 0
+    if nkv:
+        geo = _kv_geometry(m, w.batch)
+        order = kvplan.spill_order(nkv)
+        spilled = kvplan.choose_spills(max(w.context - 1, 1), 1, m.windows, everything, order, geo, KV_PREFETCH, kv_mem)
+        kv_bytes = _kv_need(m, w, everything - set(spilled))
+    p = Placement(m, w, memory, base, acts - reserve, wmem, wplan, kv_mem, spilled, kv_bytes,
+                  choose_experts(m, wplan), reasons=reasons, gpu_memory=gpu_memory, overhead_bytes=_overhead(profile))
+    if profile is not None:
+        p.prediction = predict_decode(p, profile)
+    return p
+
+
+def plan_training(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfile | None = None, *,
+                  base_bytes: int | None = None) -> Placement:
+    """Place ``m`` for training steps of ``w.batch`` x ``w.prompt`` tokens within ``memory`` bytes: weights,
+    gradients and activations in DRAM, the AdamW state in DRAM when it fits, else on SSD through a chunk
+    pipeline sized to what is left."""
+    base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
+    t = m.training(w.batch, w.prompt)
+    reserve = _reserve(profile, train=True)
+    acts = (t.activations_checkpointed if w.checkpointing else t.activations) + reserve
+    room = int(memory * (1 - SLACK)) - base - acts - t.weights - t.gradients
+    layers = m.layer_bytes
+    wplan = make_plan(t.weights, m.outside_bytes + m.embedding_bytes, layers, max(layers, default=0))
+    least = optplan.least_budget([m.params])
+    largest = optplan.BYTES_PER_ELEM * optplan.round_up(m.params, optplan.ALIGN)
+    if room < least:
+        raise BudgetError(f"a memory budget of {human(memory)} is below the least training needs: process {human(base)} + "
+                          f"activations {human(acts)} + weights {human(t.weights)} + gradients {human(t.gradients)} + "
+                          f"optimizer pipeline {human(least)}")
+    on_ssd = True
+    chunk = optplan.chunk_elems_for(min(room, largest), [m.params])
+    omem = optplan.BYTES_PER_ELEM * chunk
+    reasons = [f"the AdamW state ({human(t.offloaded_state_bytes)}, fp32 moments + master) lives on SSD; each step "
+               f"streams it in chunks of {chunk} elements through {human(omem)} of DRAM, what is left after weights, "
+               "gradients and activations"]
+    p = Placement(m, w, memory, base, acts - reserve, t.weights, wplan, 0, [], 0, choose_experts(m, wplan), omem,
+                  chunk, on_ssd, t.gradients, reasons=reasons, overhead_bytes=_overhead(profile, train=True))
+    if profile is not None:
+        p.prediction = predict_step(p, profile)
+    return p
+
+
+def plan_given(m: ModelMemory, w: Workload, profile: DeviceProfile | None = None, *, weights_memory: int | None = None,
+               kv_memory: int | None = None, optim_memory: int | None = None, base_bytes: int | None = None) -> Placement:
+    """The placement the runtimes make from budgets a user gave them directly (``llmtier run --memory``,
+    ``llmtier train``'s optimizer budget), with its predicted memory and time: nothing is split here, each runtime
+    decides with the planner's rules as it will at run time."""
+    base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
+    layers = m.layer_bytes
+    slot = max(layers, default=0)
+    wmem = weights_memory if weights_memory is not None else m.weight_bytes
+    wplan = plan_layers(wmem, m.outside_bytes, m.embedding_bytes, layers, slot)
+    if w.train:
+        t = m.training(w.batch, w.prompt)
+        acts = (t.activations_checkpointed if w.checkpointing else t.activations) + RUN_OVERHEAD
+        omem = optim_memory if optim_memory is not None else optplan.least_budget([m.params])
+        chunk = optplan.chunk_elems_for(omem, [m.params])
+        p = Placement(m, w, 0, base, acts - RUN_OVERHEAD, wmem, wplan, 0, [], 0, choose_experts(m, wplan),
+                      optplan.BYTES_PER_ELEM * chunk, chunk, True, t.gradients, reasons=["budgets as given"],
+                      overhead_bytes=_overhead(profile, train=True))
+        p.memory = p.predicted_peak
+        if profile is not None:
+            p.prediction = predict_step(p, profile)
+        return p
+    acts = m.prefill_activation_bytes(w.batch, w.prompt) + RUN_OVERHEAD
+    nkv = len(m.windows)
+    everything = set(range(nkv))
+    spilled: list[int] = []
+    if kv_memory is not None and nkv:
+        spilled = kvplan.choose_spills(max(w.context - 1, 1), 1, m.windows, everything, kvplan.spill_order(nkv),
+                                       _kv_geometry(m, w.batch), KV_PREFETCH, kv_memory)
+    kv_bytes = _kv_need(m, w, everything - set(spilled))
+    p = Placement(m, w, 0, base, acts - RUN_OVERHEAD, wmem, wplan, kv_memory or kv_bytes, spilled, kv_bytes,
+                  choose_experts(m, wplan), reasons=["budgets as given"], overhead_bytes=_overhead(profile))
+    p.memory = p.predicted_peak
+    if profile is not None:
+        p.prediction = predict_decode(p, profile)
+    return p
+
+
+# -- time ----------------------------------------------------------------------------------------------------------
+def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
+    """Seconds per decode token: compute (the layers' fixed cost, the weights passing through the CPU) against
+    reads (streamed layers, spilled KV), overlapped."""
+    m, w = p.model, p.workload
+    active = m.weight_bytes - m.embedding_bytes
+    if m.expert_bytes and m.experts_per_token:  # only the routed experts' weights are multiplied
+        per_expert = m.expert_bytes / max(1, sum(lay.experts for lay in m.layers))
+        used = sum(min(lay.experts, m.experts_per_token * w.batch) for lay in m.layers if lay.experts)
+        active = active - m.expert_bytes + used * per_expert
+    flops = 2 * (active / m.itemsize) * w.batch
+    hits = sum(min(lay.experts, max(1, m.experts_per_token) * w.batch) for lay in m.layers if lay.experts)
+    compute = len(m.layers) * prof.layer_overhead_s + hits * prof.expert_overhead_s
+    compute += max(active / prof.gemv_bw, flops / prof.gemm_flops)
+    compute += m.kv_bytes(w.batch, w.context) / prof.dram_copy_bw  # attention reads the past once
+    wp = p.weights
+    io_w = wp.disk_bytes_per_pass / prof.read_at(min(INFLIGHT_BYTES, max(1, wp.slot_bytes))) if wp.streamed else 0.0
+    io_kv = 0.0
+    if p.kv_spilled:
+        geo = _kv_geometry(m, w.batch)
+        wins = m.windows
+        past = sum(kvplan.staging_tokens(w.context, wins[i], KV_PAGE) for i in p.kv_spilled) * geo.token_bytes
+        io_kv = past / prof.read_at(geo.slot_bytes)
+    io = io_w + io_kv
+    # on the CPU the reads' completions and the compute share the same cores: with as many busy threads as cores the
+    # two barely overlap (measured: bench plan), so the shorter one counts in full there; with spare cores a tenth
+    overlap = 1.0 if prof.threads >= (os.cpu_count() or 1) else 0.1
+    total = max(compute, io) + overlap * min(compute, io)
+    neck = "compute (CPU)" if compute >= io else ("disk reads of streamed weights" if io_w >= io_kv else "disk reads of spilled KV")
+    return Prediction(total, compute, io, neck, {"weights_io_s": io_w, "kv_io_s": io_kv})
+
+
+def predict_step(p: Placement, prof: DeviceProfile) -> Prediction:
+    """Seconds per training step: forward and backward (3 x the forward's FLOPs, 3 x the layers' fixed cost), then
+    the AdamW step (its CPU rate, and with the state on SSD its reads and writes overlapped with it)."""
+    m, w = p.model, p.workload
+    tokens = w.batch * w.prompt
+    hits = sum(lay.experts for lay in m.layers if lay.experts)  # a batch of many tokens hits every expert
+    active = m.params
+    if m.expert_bytes and m.experts_per_token:  # a token runs through k of each layer's experts
+        experts = max(1, sum(lay.experts for lay in m.layers))
+        per_layer = experts / max(1, sum(1 for lay in m.layers if lay.experts))
+        active -= int(m.expert_bytes / m.itemsize * (1 - m.experts_per_token / per_layer))
+    # the training probe's rate already holds a small model's per-layer costs; MoE adds its expert dispatch
+    fb = 6 * active * tokens / (prof.train_flops or prof.gemm_flops) + 3 * hits * prof.expert_overhead_s
+    if w.checkpointing:
+        fb *= 4 / 3
+    upd = m.params / prof.adam_elems_s
+    io = 0.0
+    if p.optim_on_ssd:
+        state = m.training(1, 1).offloaded_state_bytes
+        size = 3 * 4 * p.chunk_elems  # one record per chunk
+        io = state / prof.read_at(size) + state / prof.write_at(size)
+        opt = max(upd, io) + 0.1 * min(upd, io)
+    else:
+        opt = upd
+    total = fb + opt
+    neck = "compute (forward/backward)" if fb >= opt else ("optimizer I/O (SSD)" if io > upd else "optimizer update (CPU)")
+    return Prediction(total, fb + upd, io, neck, {"forward_backward_s": fb, "adam_s": upd, "optim_io_s": io})
+
+
+__all__ = ["ExpertPlacement", "Placement", "Prediction", "Workload", "choose_experts", "least_memory", "plan_given", "plan_inference",
+           "plan_training", "predict_decode", "predict_step"]

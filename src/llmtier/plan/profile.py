@@ -1,0 +1,123 @@
+"""A device profile: what this machine's tiers and CPU do, saved by ``llmtier bench io --save-profile``.
+
+The planner predicts time from it: disk read and write bandwidth at the
+request sizes the runtimes issue (weight slots, KV page groups, optimizer
+chunks), DRAM copy bandwidth, pinned host -> GPU bandwidth where CUDA exists,
+and the CPU's rates (matrix multiply, a decoder layer's fixed cost, AdamW
+elements per second) plus the memory a process takes before any model
+(Python, torch, transformers).  Measuring is :mod:`llmtier.bench.profile`'s
+job; here it is only a record, loaded and saved as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import LLMTierError
+
+VERSION = 1
+
+
+class ProfileError(LLMTierError, ValueError):
+    """A saved device profile that cannot be read."""
+
+
+@dataclass
+class DeviceProfile:
+    """One machine's measured rates (bytes/s, FLOP/s, seconds, bytes)."""
+
+    read_bw: dict[int, float]  # request size (bytes) -> O_DIRECT read bandwidth through the engine
+    write_bw: dict[int, float]  # request size -> O_DIRECT write bandwidth
+    dram_copy_bw: float
+    gemm_flops: float  # bf16 matrix multiply on the CPU (torch, its threads)
+    gemv_bw: float  # bytes of bf16 weights a batch-1 matrix-vector product passes per second
+    layer_overhead_s: float  # fixed cost of one decoder layer's forward (a small HF model, batch 1, one token)
+    adam_elems_s: float  # fp32 AdamW updates per second (one thread of work as OffloadedAdamW runs it)
+    base_bytes: int  # a process with torch and transformers imported, before any model
+    h2d_bw: float | None = None  # pinned host -> GPU, where CUDA exists
+    threads: int = 1
+    directory: str = ""
+    measured_at: str = ""
+    host: str = ""
+    notes: list[str] = field(default_factory=list)
+    quick: bool = False
+    run_overhead_bytes: int = 0  # a small generation's peak RSS beyond base + weights + KV + activations (0: unknown)
+    train_overhead_bytes: int = 0  # the same for a small training step
+    expert_overhead_s: float = 0.0  # per routed expert a decode step hits in one layer, beyond a dense layer
+    train_flops: float = 0.0  # a small bf16 model's forward + backward, FLOP/s (0: use gemm_flops)
+
+    @staticmethod
+    def _at(table: dict[int, float], size: int) -> float:
+        if not table:
+            raise ProfileError("the profile holds no disk bandwidth")
+        sizes = sorted(table)
+        if size <= sizes[0]:
+            return table[sizes[0]]
+        if size >= sizes[-1]:
+            return table[sizes[-1]]
+        lo = max(s for s in sizes if s <= size)
+        hi = min(s for s in sizes if s >= size)
+        if lo == hi:
+            return table[lo]
+        f = (size - lo) / (hi - lo)
+        return table[lo] + f * (table[hi] - table[lo])
+
+    def read_at(self, size: int) -> float:
+        """Read bandwidth at requests of ``size`` bytes (interpolated between the sizes measured)."""
+        return self._at(self.read_bw, size)
+
+    def write_at(self, size: int) -> float:
+        return self._at(self.write_bw, size)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["read_bw"] = {str(k): v for k, v in self.read_bw.items()}
+        d["write_bw"] = {str(k): v for k, v in self.write_bw.items()}
+        d["version"] = VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DeviceProfile:
+        try:
+            d = dict(d)
+            d.pop("version", None)
+            d["read_bw"] = {int(k): float(v) for k, v in d["read_bw"].items()}
+            d["write_bw"] = {int(k): float(v) for k, v in d["write_bw"].items()}
+            return cls(**d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProfileError(f"not a device profile: {e}") from e
+
+
+def default_path() -> str:
+    """Where the profile is kept: ``$LLMTIER_PROFILE``, else ``~/.cache/llmtier/device-profile.json``."""
+    return os.environ.get("LLMTIER_PROFILE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llmtier",
+        "device-profile.json")
+
+
+def save_profile(profile: DeviceProfile, path: str | os.PathLike[str] | None = None) -> str:
+    """Write ``profile`` (atomically) to ``path`` (default :func:`default_path`); returns the path."""
+    p = os.fspath(path) if path is not None else default_path()
+    os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+    tmp = f"{p}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(profile.as_dict(), f, indent=1)
+    os.replace(tmp, p)
+    return p
+
+
+def load_profile(path: str | os.PathLike[str] | None = None) -> DeviceProfile | None:
+    """The saved profile at ``path`` (default :func:`default_path`), or None when there is none."""
+    p = os.fspath(path) if path is not None else default_path()
+    if not os.path.exists(p):
+        return None
+    try:
+        with open(p) as f:
+            return DeviceProfile.from_dict(json.load(f))
+    except (OSError, ValueError) as e:
+        raise ProfileError(f"{p}: {e}") from e
+
+
+__all__ = ["DeviceProfile", "ProfileError", "default_path", "load_profile", "save_profile"]

@@ -1,0 +1,206 @@
+"""The planner: memory model from HF configs, the seed's 10B table, profiles, placements the runtimes take."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from llmtier.bench.families import make_family_model  # noqa: E402
+from llmtier.bench.hfmodels import make_model  # noqa: E402
+from llmtier.cli import main  # noqa: E402
+from llmtier.errors import BudgetError  # noqa: E402
+from llmtier.offload import kv as kvtier  # noqa: E402
+from llmtier.offload import layout as wlayout  # noqa: E402
+from llmtier.offload.hfcompat import cache_kwargs  # noqa: E402
+from llmtier.offload.optim import layout as olayout  # noqa: E402
+from llmtier.plan import (  # noqa: E402
+    DeviceProfile,
+    Workload,
+    load_profile,
+    model_memory,
+    plan_inference,
+    plan_training,
+    save_profile,
+)
+from llmtier.plan import kv as kvplan  # noqa: E402
+from llmtier.plan import optim as optplan  # noqa: E402
+from llmtier.plan import weights as wplan  # noqa: E402
+
+TEN_B = {"model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 30,
+         "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 47252, "tie_word_embeddings": False,
+         "torch_dtype": "float16"}
+SEED_TABLE = """| Component              | Memory Usage |
+|------------------------|--------------|
+| Model Weights          | 20 GB        |
+| Gradients              | 20 GB        |
+| Optimizer State (Adam) | 60 GB        |
+| **Total per GPU**      | **100 GB**   |"""
+
+
+def profile(**kw):
+    base = {"read_bw": {1 << 20: 1e9, 16 << 20: 2e9}, "write_bw": {1 << 20: 5e8, 16 << 20: 1e9},
+            "dram_copy_bw": 5e9, "gemm_flops": 5e10, "gemv_bw": 4e9, "layer_overhead_s": 2e-4,
+            "adam_elems_s": 1e8, "base_bytes": 300 << 20}
+    return DeviceProfile(**{**base, **kw})
+
+
+def test_seed_10b_table_reproduced_from_a_config(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TEN_B))
+    assert main(["plan", "--model", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert SEED_TABLE in out
+    m = model_memory(str(cfg))
+    assert m.params == 10_000_000_000 and m.weight_bytes == 20_000_000_000
+    t = m.training(1, 2048)
+    assert (t.weights, t.gradients, t.optimizer, t.total) == (20 * 10**9, 20 * 10**9, 60 * 10**9, 100 * 10**9)
+    assert t.offloaded_state_bytes == 120 * 10**9  # what OffloadedAdamW keeps: fp32 master + 2 fp32 moments
+    assert m.kv_token_bytes == 2 * 30 * 5120 * 2  # the seed's 2 x 2 x D x L per token
+
+
+def _dynamic_kv_bytes(model, tokens):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 200, (1, tokens)), use_cache=True, **cache_kwargs(cache, model))
+    total = 0
+    for layer in cache.layers:
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if k is not None and k.numel():
+            total += k.numel() * k.element_size() + v.numel() * v.element_size()
+    return total
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe", "deepseek_v3", "gemma2", "mixtral"])
+def test_memory_model_matches_the_checkpoint_and_dynamic_cache(tmp_path, family):
+    d = make_family_model(str(tmp_path / family), family)
+    m = model_memory(d)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+    params = {id(p): p for p in model.parameters()}
+    assert m.params == sum(p.numel() for p in params.values())
+    assert m.weight_bytes == sum(p.numel() * p.element_size() for p in params.values())
+    if family in ("qwen2_moe", "mixtral", "deepseek_v3"):
+        assert m.expert_bytes > 0 and m.experts_per_token == 2
+    tokens = 6  # below gemma2's tiny window (8)
+    assert m.kv_bytes(1, tokens) == _dynamic_kv_bytes(model, tokens)
+    if family == "gemma2":
+        assert 8 in m.windows and None in m.windows
+
+
+def test_weight_bytes_as_stored_and_layers_as_the_streamer_groups_them(tmp_path):
+    d = make_model(str(tmp_path / "m"), "llama", layers=4, tokenizer=False)
+    m = model_memory(d)
+    assert m.from_checkpoint
+    lay = wlayout.open_layout(d)
+    try:
+        assert m.layer_bytes == [g.data_bytes for g in lay.groups]
+        assert m.embedding_bytes == lay.embedding_bytes
+    finally:
+        lay.source.close()
+
+
+def test_runtimes_take_their_placement_from_the_planner():
+    # one decision each, living in plan/: the runtimes re-export or call it, none keeps its own
+    assert wlayout.make_plan is wplan.make_plan and wlayout.plan_host_tier is wplan.plan_host_tier
+    assert kvtier.budget.need is kvplan.need and kvtier.budget.choose_spills is kvplan.choose_spills
+    assert kvtier.min_memory is kvplan.min_memory
+    assert olayout.BYTES_PER_ELEM == optplan.BYTES_PER_ELEM and olayout.OptimizerBudgetError is optplan.OptimizerBudgetError
+    params = [[torch.nn.Parameter(torch.zeros(5000)), torch.nn.Parameter(torch.zeros(3, 7))]]
+    flat = [optplan.round_up(5000, optplan.ALIGN) + 21]
+    for budget in (optplan.least_budget(flat), 3 << 20):
+        assert olayout.chunk_elems_for(budget, params) == optplan.chunk_elems_for(budget, flat)
+
+
+def test_choose_spills_is_what_the_tier_spills():
+    geo = kvplan.Geometry(1, 2, 16, 2, 16, 16, None, 2)
+    wins = [None, 8, None, 8]
+    order = kvplan.spill_order(4)
+    every = set(range(4))
+    n = 4000
+    full = kvplan.need(n, 1, wins, every, geo, 2)
+    assert kvplan.choose_spills(n, 1, wins, every, order, geo, 2, full) == []
+    out = kvplan.choose_spills(n, 1, wins, every, order, geo, 2, full - 1)
+    assert out and out[0] in (0, 2)  # full-attention layers hold most: they go first
+    assert sorted(kvplan.choose_spills(n, 1, wins, every, order, geo, 2, 1 << 40, spill_all=True)) == [0, 1, 2, 3]
+
+
+def test_plan_inference_places_weights_and_kv_within_the_budget(tmp_path):
+    d = make_model(str(tmp_path / "m"), "llama", layers=8, tokenizer=False, hidden_size=256, intermediate_size=512)
+    m = model_memory(d)
+    prof = profile()
+    w = Workload(batch=2, prompt=64, new_tokens=16)
+    roomy = plan_inference(m, w, 4 << 30, prof)
+    assert not roomy.weights.streamed and not roomy.kv_spilled
+    tight = plan_inference(m, w, int((prof.base_bytes + wplan.RUN_OVERHEAD + roomy.activation_bytes + roomy.kv_bytes
+                                      + m.weight_bytes // 2) / 0.97), prof)
+    assert tight.weights.streamed and tight.predicted_peak <= tight.memory
+    assert tight.prediction is not None and tight.prediction.seconds > 0
+    assert "bound by" in tight.describe()
+    with pytest.raises(BudgetError):
+        plan_inference(m, w, prof.base_bytes, prof)
+
+
+def test_plan_training_sizes_the_optimizer_chunks(tmp_path):
+    d = make_model(str(tmp_path / "m"), "llama", layers=2, tokenizer=False)
+    m = model_memory(d)
+    prof = profile()
+    w = Workload(batch=2, prompt=32, train=True)
+    t = m.training(2, 32)
+    need = prof.base_bytes + t.weights + t.gradients + t.activations
+    p = plan_training(m, w, int((need + (4 << 20) + wplan.RUN_OVERHEAD) / 0.97) + 1, prof)
+    assert p.optim_on_ssd and p.chunk_elems == optplan.chunk_elems_for(p.optim_memory, [m.params])
+    assert p.predicted_peak <= p.memory and p.prediction.seconds > 0
+
+
+def test_profile_round_trip_and_interpolation(tmp_path):
+    prof = profile()
+    path = save_profile(prof, tmp_path / "p.json")
+    back = load_profile(path)
+    assert back == prof
+    assert back.read_at(1 << 10) == 1e9 and back.read_at(64 << 20) == 2e9
+    assert 1e9 < back.read_at(8 << 20) < 2e9
+    assert load_profile(tmp_path / "none.json") is None
+
+
+def test_cli_plan_prints_the_plan_and_prediction(tmp_path, capsys):
+    d = make_model(str(tmp_path / "m"), "llama", layers=4, tokenizer=False)
+    prof = save_profile(profile(), tmp_path / "p.json")
+    assert main(["plan", "--model", d, "--memory", "400MiB", "--batch", "2", "--context", "96",
+                 "--profile", prof, "--json", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "predicted:" in out and "KV:" in out
+    assert json.loads((tmp_path / "plan.json").read_text())["plan"]["predicted_s"] > 0
+    assert main(["plan", "--model", d, "--memory", "1GiB", "--train", "--context", "32", "--profile", prof]) == 0
+    assert "optimizer: AdamW state on SSD" in capsys.readouterr().out
+
+
+def test_profile_disk_probe_and_format(tmp_path):
+    from llmtier.bench.profile import _disk, format_profile
+
+    read, write = _disk(str(tmp_path), 4 << 20, (1 << 20,), 1)
+    assert read[1 << 20] > 0 and write[1 << 20] > 0
+    assert not list(tmp_path.iterdir())  # the probe file is gone
+    assert "1024 KiB requests" in format_profile(profile(read_bw=read, write_bw=write))
+
+
+def test_bench_plan_budgets_are_ones_the_planner_accepts(tmp_path):
+    from llmtier.bench.plan import Config, Row, _memory_for, format_table
+    from llmtier.plan.planner import least_memory
+
+    d = make_model(str(tmp_path / "m"), "llama", layers=4, tokenizer=False)
+    m = model_memory(d)
+    prof = profile()
+    for c in (Config("a", "dense", 4, 64, weights=0.05), Config("b", "dense", 1, 64, kv_share=0.2)):
+        w = Workload(c.batch, c.prompt, c.new_tokens)
+        mem = _memory_for(m, c, prof.base_bytes)
+        assert mem >= least_memory(m, w, prof.base_bytes)
+        p = plan_inference(m, w, mem, prof)
+        assert p.predicted_peak <= mem
+    row = Row(Config("a", "dense", 1, 64), 1 << 30, 900 << 20, 0.1, "compute (CPU)", p.as_dict(), 1000 << 20, 1100 << 20,
+              0.12, (0.1, 0.2), True)
+    table = format_table({"rows": [row]})
+    assert "-10.0%" in table and "-16.7%" in table and "| yes |" in table
