@@ -203,6 +203,8 @@ def _windows(text: Any, n: int) -> list[int | None]:
         from transformers.cache_utils import get_layer_types_and_kwargs  # noqa: PLC0415
 
         types, kwargs = get_layer_types_and_kwargs(text)
+        if isinstance(kwargs, dict):  # transformers < 5.2x: one set of kwargs shared by every layer
+            kwargs = [kwargs] * len(types)
     except (ImportError, AttributeError, ValueError, TypeError):
         types, kwargs = ["full_attention"] * n, [{}] * n
     out: list[int | None] = []
