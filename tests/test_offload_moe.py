@@ -185,3 +185,35 @@ def test_other_expert_interfaces_refused(name, tmp_path):
     path = make_family_model(str(tmp_path / name), name, layers=2)
     with pytest.raises(ExpertError, match="no routed experts"):
         stream_model(path, "70%", experts="lru")
+
+
+def test_prediction_equals_next_router_on_this_input(tmp_path):
+    """The guess is layer L+1's router applied to layer L's expert input, counted exactly: the streamer's
+    counters equal those computed on the in-memory model; on a skewed model the guess is nearly always right."""
+    from llmtier.bench.families import family_config
+    from llmtier.bench.moe import QUICK, apply_skew
+
+    shape = dict(QUICK["mixtral"])
+    config = family_config("mixtral", layers=shape.pop("layers"), **shape)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    apply_skew(ref, 1.5)
+    ref.save_pretrained(tmp_path / "m")
+    calls: dict[int, list] = {}
+    blocks = [layer.mlp for layer in ref.model.layers]
+    for i, b in enumerate(blocks):
+        b.experts.register_forward_pre_hook(lambda m, a, i=i: calls.setdefault(i, []).append((a[0].clone(), a[1].clone())))
+    want = generate(ref)
+    guessed = right = routed = 0
+    for i in range(len(blocks) - 1):
+        w = blocks[i + 1].gate.weight.float()
+        for (h, _), (_, top) in zip(calls[i], calls[i + 1]):
+            g = set(torch.unique((h.float() @ w.T).topk(config.num_experts_per_tok, dim=-1).indices).tolist())
+            need = set(torch.unique(top).tolist())
+            guessed, right, routed = guessed + len(g), right + len(g & need), routed + len(need)
+    with stream_model(tmp_path / "m", "60%", experts="lru", predict=True) as model:
+        got = generate(model)
+        s = model.llmtier.stats()
+    assert torch.equal(got.sequences, want.sequences)
+    assert (s.predicted, s.predicted_right, s.routed_with_prediction) == (guessed, right, routed)
+    assert s.prediction_recall > 0.9 and s.prediction_precision > 0.9

@@ -134,14 +134,13 @@ class MoEStreamer(WeightStreamer):
                 lambda mod, args, kwargs, i=i: self._experts_before(i, mod, args, kwargs), with_kwargs=True))
 
     def _load_routers(self) -> None:
-        torch = self._torch
         for i, m in enumerate(self.moe):
             if m.router is None:
                 continue
             w, bias = m.router
-            weight = torch.from_numpy(np.ascontiguousarray(self.source.get(w, verify=self.verify != "never"))).float()
-            b = (torch.from_numpy(np.ascontiguousarray(self.source.get(bias, verify=self.verify != "never"))).float()
-                 if bias else None)
+            # get_torch: the tensors' real dtype (bf16 is stored as 16-bit words; a numpy view would be integers)
+            weight = self.source.get_torch(w, verify=self.verify != "never").float()
+            b = self.source.get_torch(bias, verify=self.verify != "never").float() if bias else None
             self._routers[i] = (weight, b)
 
     # -- the hook ------------------------------------------------------------------------------------------------------
