@@ -50,6 +50,7 @@ def test_experts_stream_exactly(family, policy, predict):
     with stream_model(path, "70%", experts=policy, predict=predict) as model:
         got = generate(model)
         s = model.llmtier.stats()
+        assert_evicted_pages_released(model.llmtier)
     assert torch.equal(got.sequences, want.sequences), f"{name}: tokens differ"
     for step, (a, b) in enumerate(zip(got.logits, want.logits)):
         assert torch.equal(a, b), f"{name} {policy}: logits differ at step {step}"
@@ -62,6 +63,19 @@ def test_experts_stream_exactly(family, policy, predict):
         assert s.predicted > 0 and 0 < s.prediction_recall <= 1 and 0 < s.prediction_precision <= 1
     else:
         assert s.prefetch_bytes == 0 and s.expert_payload_read == s.active_missing_bytes
+    assert s.expert_reads > len(model.llmtier.cache.resident) and s.expert_bytes_released > 0
+
+
+def assert_evicted_pages_released(streamer):
+    """Every whole page of an expert outside the cache was given back (reads zero, as fresh pages do)."""
+    from llmtier.engine.buffers import PAGE
+
+    for i, m in enumerate(streamer.moe):
+        for buf, row in zip(streamer._ebufs[i], m.row_bytes):
+            for e in range(m.num_experts):
+                a, b = -(-(e * row) // PAGE) * PAGE, (e + 1) * row // PAGE * PAGE
+                if (m.layer, e) not in streamer.cache and b > a:
+                    assert not buf[a:b].any(), f"layer {m.layer} expert {e}: evicted, yet its pages hold data"
 
 
 def test_tight_budget_streams_dense_layers(family):

@@ -41,14 +41,14 @@ OVERHEAD = 1 << 30
 SHAPES: dict[str, dict[str, Any]] = {
     "mixtral": {"hidden_size": 1024, "intermediate_size": 3584, "num_local_experts": 8, "num_experts": 8, "num_experts_per_tok": 2,
                 "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 32000, "layers": 14},
-    "qwen3_moe": {"hidden_size": 1024, "moe_intermediate_size": 384, "num_experts": 128, "num_experts_per_tok": 8,
+    "qwen3_moe": {"hidden_size": 1024, "moe_intermediate_size": 384, "num_experts": 128, "num_local_experts": 128, "num_experts_per_tok": 8,
                   "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 32000,
                   "layers": 9},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "mixtral": {"hidden_size": 128, "intermediate_size": 256, "num_local_experts": 8, "num_experts": 8, "num_experts_per_tok": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512, "layers": 6},
-    "qwen3_moe": {"hidden_size": 128, "moe_intermediate_size": 64, "num_experts": 32, "num_experts_per_tok": 4,
+    "qwen3_moe": {"hidden_size": 128, "moe_intermediate_size": 64, "num_experts": 32, "num_local_experts": 32, "num_experts_per_tok": 4,
                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512, "layers": 6},
 }
 SYSTEMS = ("memory", "layers", "experts-lru", "experts-lfu", "experts-profile", "experts-lru-nopredict", "accelerate")

@@ -34,6 +34,32 @@ def alloc(nbytes: int) -> np.ndarray:
     return np.frombuffer(mapping, dtype=np.uint8, count=nbytes)
 
 
+def discard_pages(buf: np.ndarray, start: int, stop: int) -> int:
+    """Give the whole pages of ``buf[start:stop]`` back to the system (``MADV_DONTNEED``); they read as
+    zeros afterwards.  ``buf`` must come from :func:`alloc`.  Returns the bytes released (the partial
+    pages at either end are kept: they may hold neighbouring data).
+
+    >>> buf = alloc(3 * PAGE); buf[:] = 7
+    >>> discard_pages(buf, 1, 3 * PAGE), int(buf[PAGE]), int(buf[0])
+    (8192, 0, 7)
+    """
+    mapping = _mapping_of(buf)
+    a, b = round_up(max(0, start), PAGE), round_down(min(stop, buf.nbytes), PAGE)
+    if b <= a:
+        return 0
+    mapping.madvise(mmap.MADV_DONTNEED, a, b - a)
+    return b - a
+
+
+def _mapping_of(buf: np.ndarray) -> mmap.mmap:
+    base = buf.base
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is None or buf.ctypes.data != np.frombuffer(base, dtype=np.uint8, count=0).ctypes.data:
+        raise ValueError("discard_pages: the buffer is not the start of an alloc() mapping")
+    return base
+
+
 def round_up(n: int, align: int) -> int:
     """Smallest multiple of ``align`` that is >= ``n``."""
     return -(-n // align) * align

@@ -22,7 +22,6 @@ next layer's hook reads what its own router chose.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -30,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import alloc
+from ..engine import alloc, discard_pages
 from ..errors import ChecksumError
 from ..store import dtypes
-from ..store.format import ALIGN, crc32c
+from ..store.format import crc32c
 from ..units import resolve_size
 from .experts import (
     ExpertCache,
@@ -68,6 +67,7 @@ class MoEStats(WeightStats):
     expert_payload_read: int = 0  # the experts' own bytes in those reads
     expert_reads: int = 0  # experts read
     expert_stall_s: float = 0.0
+    expert_bytes_released: int = 0  # whole pages of evicted experts given back to the system
     prefetch_bytes: int = 0
     prefetch_wasted_bytes: int = 0  # prefetched for a layer that did not route to them
     predicted: int = 0  # experts guessed
@@ -100,6 +100,8 @@ class MoEStreamer(WeightStreamer):
                                  "predicted", "right", "routed_pred", "tokens", "missing_bytes", "payload"), 0)
         self._read_bytes = [m.read_bytes for m in moe]
         self._stall = 0.0
+        self._released = 0  # bytes of evicted experts given back to the system
+        self._index = {m.layer: i for i, m in enumerate(moe)}
         sizes = {m.layer: m.expert_bytes for m in moe}
         pol = make_policy(policy, profile, eplan.cache_bytes, sizes)
         self.cache = ExpertCache(eplan.cache_bytes, pol, layer_quotas(eplan.cache_bytes, moe))
@@ -286,14 +288,9 @@ class MoEStreamer(WeightStreamer):
         """Drop ``key`` from the cache and give its whole pages back to the system."""
         if key in self.cache:
             self.cache.remove(key)
-        i = next(n for n, m in enumerate(self.moe) if m.layer == key[0])
-        m = self.moe[i]
-        for buf, row in zip(self._ebufs[i], m.row_bytes):
-            a = -(-(key[1] * row) // ALIGN) * ALIGN
-            b = (key[1] + 1) * row // ALIGN * ALIGN
-            mm = buf.base
-            if b > a and isinstance(mm, mmap.mmap):
-                mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+        i = self._index[key[0]]
+        for buf, row in zip(self._ebufs[i], self.moe[i].row_bytes):
+            self._released += discard_pages(buf, key[1] * row, (key[1] + 1) * row)
 
     # -- public --------------------------------------------------------------------------------------------------------
     def expert_counts(self) -> dict[int, list[int]]:
@@ -315,7 +312,8 @@ class MoEStreamer(WeightStreamer):
                         expert_hits=c["hits"], expert_misses=c["misses"], prefetch_hits=c["prefetch_hits"],
                         expert_hit_rate=c["hits"] / routed if routed else 0.0, expert_bytes_read=c["bytes"],
                         expert_payload_read=c["payload"],
-                        expert_reads=c["reads"], expert_stall_s=self._stall, prefetch_bytes=c["prefetch_bytes"],
+                        expert_reads=c["reads"], expert_stall_s=self._stall, expert_bytes_released=self._released,
+                        prefetch_bytes=c["prefetch_bytes"],
                         prefetch_wasted_bytes=c["wasted"], predicted=c["predicted"], predicted_right=c["right"],
                         routed_with_prediction=c["routed_pred"],
                         prediction_recall=c["right"] / c["routed_pred"] if c["routed_pred"] else 0.0,
