@@ -34,7 +34,7 @@ from types import TracebackType
 from ..errors import LLMTierError
 from .system import drop_page_cache
 
-__all__ = ["CgroupError", "CgroupRun", "MemoryCgroup", "memory_cgroup_available", "run_in_cgroup"]
+__all__ = ["CgroupError", "CgroupRun", "MemoryCgroup", "memory_cgroup_available", "run_in_cgroup", "run_json_child"]
 
 _PROC_CGROUP = "/proc/self/cgroup"
 _PROC_MOUNTINFO = "/proc/self/mountinfo"
@@ -422,3 +422,29 @@ def run_in_cgroup(
             cache_note=cache_note,
             swap_limited=cg.swap_limited,
         )
+
+
+def run_json_child(module: str, job: Mapping[str, object], limit: int | None, *, timeout: float = 3600.0) -> dict:
+    """Run ``python -m module --child JOB_JSON`` in a fresh process -- in a memory cgroup of ``limit`` bytes
+    (``None``: uncapped) with the page cache dropped first -- and return the last JSON line it printed, with
+    ``ok=True`` and ``cgroup_peak_bytes`` added; or ``{"ok": False, "error": ..., "stderr": ...}`` when it
+    failed or was killed by the cap.  The bench children of ``bench weights``, ``bench moe`` and ``bench plan``."""
+    import json  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    argv = [sys.executable, "-m", module, "--child", json.dumps(job)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    if limit is None:
+        drop_page_cache()
+        p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+        rc, out, err, peak, oom = p.returncode, p.stdout, p.stderr, None, False
+    else:
+        r = run_in_cgroup(argv, limit, drop_caches=True, env=env, timeout=timeout)
+        rc, out, err, peak, oom = r.returncode, r.stdout, r.stderr, r.peak_bytes, bool(r.oom_killed)
+    line = next((x for x in reversed(out.splitlines()) if x.startswith("{")), None)
+    if rc != 0 or line is None:
+        why = "killed by the memory cap (OOM)" if oom or rc in (-9, 137) else f"exit {rc}"
+        return {"ok": False, "error": why, "stderr": err.strip()[-800:], "cgroup_peak_bytes": peak}
+    res = json.loads(line)
+    res.update(ok=True, cgroup_peak_bytes=peak)
+    return res

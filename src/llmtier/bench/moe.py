@@ -27,7 +27,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -250,25 +249,9 @@ def gini(counts: list[int]) -> float:
 
 
 def _child(job: dict[str, Any], limit: int | None, timeout: float = 3600.0) -> dict[str, Any]:
-    from .cgroup import run_in_cgroup  # noqa: PLC0415
-    from .system import drop_page_cache  # noqa: PLC0415
+    from .cgroup import run_json_child  # noqa: PLC0415
 
-    argv = [sys.executable, "-m", "llmtier.bench.moe", "--child", json.dumps(job)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    if limit is None:
-        drop_page_cache()
-        p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
-        rc, out, err, peak, oom = p.returncode, p.stdout, p.stderr, None, False
-    else:
-        r = run_in_cgroup(argv, limit, drop_caches=True, env=env, timeout=timeout)
-        rc, out, err, peak, oom = r.returncode, r.stdout, r.stderr, r.peak_bytes, bool(r.oom_killed)
-    line = next((x for x in reversed(out.splitlines()) if x.startswith("{")), None)
-    if rc != 0 or line is None:
-        why = "killed by the memory cap (OOM)" if oom or rc in (-9, 137) else f"exit {rc}"
-        return {"ok": False, "error": why, "stderr": err.strip()[-800:], "cgroup_peak_bytes": peak}
-    res = json.loads(line)
-    res.update(ok=True, cgroup_peak_bytes=peak)
-    return res
+    return run_json_child("llmtier.bench.moe", job, limit, timeout=timeout)
 
 
 def _fio(path: str) -> float | None:
@@ -331,7 +314,7 @@ def run_moe_bench(cfg: MoEBenchConfig, progress: bool = True) -> dict[str, Any]:
 
     os.makedirs(cfg.directory, exist_ok=True)
     capped, why = memory_cgroup_available()
-    notes = ["the machine was shared with other jobs (2 cores, one virtio disk): compare ratios within a table"]
+    notes = ["2 cores and one virtio disk whose host cache makes O_DIRECT reads swing from run to run: compare ratios within a table"]
     if not capped:
         notes.append(f"no memory cgroup ({why}): runs are NOT capped")
     tables = []

@@ -78,25 +78,9 @@ class Cell:
 
 
 def _child(job: dict[str, Any], limit: int | None, timeout: float) -> dict[str, Any]:
-    from .cgroup import run_in_cgroup  # noqa: PLC0415
-    from .system import drop_page_cache  # noqa: PLC0415
+    from .cgroup import run_json_child  # noqa: PLC0415
 
-    argv = [sys.executable, "-m", "llmtier.bench.weights", "--child", json.dumps(job)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    if limit is None:
-        drop_page_cache()
-        p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
-        rc, out, err, peak, oom = p.returncode, p.stdout, p.stderr, None, False
-    else:
-        r = run_in_cgroup(argv, limit, drop_caches=True, env=env, timeout=timeout)
-        rc, out, err, peak, oom = r.returncode, r.stdout, r.stderr, r.peak_bytes, bool(r.oom_killed)
-    line = next((x for x in reversed(out.splitlines()) if x.startswith("{")), None)
-    if rc != 0 or line is None:
-        why = "killed by the memory cap (OOM)" if oom or rc in (-9, 137) else f"exit {rc}"
-        return {"ok": False, "error": why, "stderr": err.strip()[-600:], "cgroup_peak_bytes": peak}
-    res = json.loads(line)
-    res.update(ok=True, cgroup_peak_bytes=peak)
-    return res
+    return run_json_child("llmtier.bench.weights", job, limit, timeout=timeout)
 
 
 def _fio(path: str, size: int) -> float | None:
