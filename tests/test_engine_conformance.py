@@ -238,3 +238,32 @@ def test_observer_sees_every_byte(engine, tmp_path):
     assert sum(e.result for e in events if e.op == "write") == data.nbytes
     # reads may widen the last partial block to the alignment
     assert data.nbytes <= sum(e.result for e in events if e.op == "read") < data.nbytes + 4096
+
+
+def test_finished_requests_leave_no_reference_cycles(engine, tmp_path):
+    """A finished request's bounce buffers and the caller's buffer are freed by reference counting, not at the
+    next cyclic GC (a 1 GiB unaligned read would otherwise keep a 1 GiB bounce buffer alive until then)."""
+    import gc
+
+    from llmtier.engine.batch import Batch
+    from llmtier.engine.plan import Op, Plan
+
+    path = tmp_path / "f"
+    write_file(path, random_bytes(MiB * 2))
+    f = engine.open(str(path))
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for k in range(4):  # unaligned (bounced) and aligned (fast path) requests
+            f.pread(np.empty(MiB + 7, dtype=np.uint8), 4096 * k + 13).result()
+            f.pread(alloc(MiB), 4096 * k).result()
+        f.pread_many([alloc(4096), np.empty(100, dtype=np.uint8)], [0, 5]).result()
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (Op, Plan, Batch))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        f.close()
+    assert left == []

@@ -90,6 +90,13 @@ class Batch:
             elif e.kind == READ and self.exact and got < size and error is None:
                 error = ShortReadError(path=e.file.path, offset=e.offset, size=size, got=got)
             results.append(got)
+        # Break the reference cycles (batch -> op -> batch, plan -> op -> plan) now, so that bounce
+        # buffers and the caller's buffers are freed when the caller lets go, not at the next cyclic GC.
+        for e in self.entries:
+            if type(e) is Plan:
+                e.ops = []
+                e.segments = None
+        self.entries = []
         if error is not None:
             self.future.set_exception(error)
         elif self.mode == SINGLE:
