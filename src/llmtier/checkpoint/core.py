@@ -22,8 +22,8 @@ from ..store import StoreWriter, dtypes, open_store
 from ..store.writer import STAGE_BYTES, _check_json, fsync_dir
 from . import layout
 from .dist import Ranks
-from .readinto import read_tensors, typed
 from .readahead import ReadAhead
+from .readinto import read_tensors, typed
 from .staging import CHUNK, Packer, ParallelCopy, StagingPool, host_pieces
 from .tree import LazyTensor, Leaf, _is_torch, decode, encode, lookup
 

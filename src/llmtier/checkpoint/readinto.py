@@ -114,10 +114,9 @@ class _Arenas:
                 self.bufs[k] = alloc_huge(self.sizes[k])
         else:
             self.ready[k].wait()
-            if self.bufs[k] is None:
-                raise self.error or RuntimeError("prefault stopped")
         buf = self.bufs[k]
-        assert buf is not None  # noqa: S101 - set before ready
+        if buf is None:  # the prefault thread failed (or was stopped)
+            raise self.error or RuntimeError("the prefault of checkpoint memory stopped")
         return buf
 
     def close(self) -> None:
