@@ -19,13 +19,8 @@ while the younger ones are still on their way:
 * **the caller's tensors**: a tensor whose address and size are 4 KiB
   aligned is read straight into it.  torch's and numpy's allocators give
   64-byte alignment, which ``O_DIRECT`` refuses, so the others are read into
-  ``DEPTH + 1`` reusable aligned windows and copied into place when their
+  :data:`DEPTH` reusable aligned windows and copied into place when their
   segment is retired (the copy runs while the next segments are read).
-
-The engine's io_uring worker completes a group of queued requests together,
-so when a group ends the queue is empty: the next segment is therefore
-submitted as soon as the oldest one has arrived, before that one is retired
-(into the spare window).
 
 The CRC-32C of every tensor is computed as its segments are retired, in
 order, off the disk's critical path (the reads of the next segments are in
@@ -175,10 +170,7 @@ def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, 
         segments[-1].append(pc)
         used += size
     depth = max(1, min(depth, len(segments)))
-    # depth + 1 windows: segment k + depth is submitted (into the spare window) as soon as segment k has
-    # arrived, before k is copied out, so the engine gets new work the moment it runs dry
-    nwin = depth + 1
-    windows = [alloc(segment) for _ in range(nwin)] if any(pc.mode == "bounce" for pc in pieces) else []
+    windows = [alloc(segment) for _ in range(depth)] if any(pc.mode == "bounce" for pc in pieces) else []
     arenas = _Arenas(sizes, prefault)
     crcs: dict[str, int] = {}
 
@@ -191,7 +183,7 @@ def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, 
             elif pc.mode == "direct":
                 bufs.append(pc.target[pc.off : pc.off + pc.n])
             else:
-                bufs.append(windows[k % nwin][pc.pos : pc.pos + align_up(pc.n)])
+                bufs.append(windows[k % depth][pc.pos : pc.pos + align_up(pc.n)])
         f = st.file(segments[k][0].info.file)
         return f.pread_many(bufs, [pc.info.offset + pc.off for pc in segments[k]],
                             tags=[pc.info.name for pc in segments[k]], exact=False)
@@ -207,7 +199,7 @@ def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, 
             elif pc.mode == "direct":
                 data = pc.target[pc.off : pc.off + pc.n]
             else:
-                data = windows[k % nwin][pc.pos : pc.pos + pc.n]
+                data = windows[k % depth][pc.pos : pc.pos + pc.n]
                 np.copyto(pc.target[pc.off : pc.off + pc.n], data)
             if verify and pc.info.crc32c is not None:
                 crc = crcs[pc.info.name] = crc32c(data, crcs.get(pc.info.name, 0))
@@ -225,10 +217,9 @@ def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, 
             # Not fut.result() alone: that lends this thread to the engine, which would run the queued
             # younger segments here, inline, and retire nothing until they are all done.
             concurrent.futures.wait([fut])
-            got = fut.result()
-            if k + depth < len(segments):  # refill the queue first: the engine may have nothing left to do
+            retire(k, fut.result())
+            if k + depth < len(segments):  # this segment's window is free again
                 inflight.append(submit(k + depth))
-            retire(k, got)
     except BaseException:
         for fut in inflight:  # never leave a read writing into memory we give up
             concurrent.futures.wait([fut])
