@@ -284,3 +284,115 @@ def test_bench_checkpoint_quick(tmp_path: Path) -> None:
     text = format_result(res, cfg)
     assert "llmtier save (durable)" in text and "stall" in text
     assert [p.name for p in tmp_path.iterdir()] == [], "the bench left files behind"
+
+
+def test_loader_pipeline_modes_segments_and_damage(tmp_path: Path) -> None:
+    """read_tensors with tiny segments: fresh arenas, aligned and unaligned destinations, tensors spanning
+    segments, empty tensors, with and without prefault threads; a flipped byte in a middle segment is caught."""
+    from llmtier.checkpoint.readinto import alloc_huge, read_tensors
+    from llmtier.store import open_store
+
+    g = torch.Generator().manual_seed(3)
+    state = {"a": torch.randn(5000, generator=g), "b": torch.randn(3, 1024, generator=g),  # b: 12 KiB, aligned size
+             "e": torch.empty(0), "c": torch.randint(0, 255, (40_001,), dtype=torch.uint8, generator=g),
+             "d": torch.randn(2048, generator=g).to(torch.bfloat16)}
+    ck.save(state, tmp_path, step=1)
+    path = tmp_path / "step-000000001" / "rank-00000.lts"
+    for prefault in (0, 2):
+        with open_store(path) as st:
+            infos = {i.name: i for i in st.infos()}
+            aligned = torch.from_numpy(alloc_huge(3 * 1024 * 4)).view(torch.float32).view(3, 1024)  # direct
+            unaligned = torch.empty(2048, dtype=torch.bfloat16)  # bounce window + copy
+            pairs = [(infos[n], None) for n in ("a", "c", "e")] + [(infos["b"], aligned), (infos["d"], unaligned)]
+            raw = read_tensors(st, pairs, verify=True, segment=8192, depth=3, prefault=prefault)
+            assert set(raw) == {"a", "c", "e"} and raw["e"].nbytes == 0
+            assert raw["a"].ctypes.data % 4096 == 0  # read in place into aligned memory
+            assert equal(torch.from_numpy(raw["a"]).view(torch.float32), state["a"])
+            assert equal(torch.from_numpy(raw["c"]), state["c"])
+            assert equal(aligned, state["b"]) and equal(unaligned, state["d"])
+    # damage one byte in the middle of "a" (its second 8 KiB segment)
+    with open_store(path) as st:
+        off = st.info("a").offset + 9000
+    with open(path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x10]))
+    from llmtier.errors import ChecksumError
+
+    with open_store(path) as st, pytest.raises(ChecksumError, match="'a'"):
+        read_tensors(st, [(i, None) for i in st.infos()], verify=True, segment=8192, depth=3)
+    with open_store(path) as st:  # verify off: read, not checked
+        read_tensors(st, [(i, None) for i in st.infos()], verify=False, segment=8192, depth=3)
+
+
+def test_checkpoint_writes_and_reads_are_tagged(tmp_path: Path) -> None:
+    from llmtier.engine import open_engine
+
+    events: list[Any] = []
+    with open_engine() as eng:
+        eng.add_observer(events.extend)
+        ck.save({"w": torch.randn(300, 300), "n": 3}, tmp_path, step=7, engine=eng)
+        writes = [e for e in events if e.op == "write"]
+        assert writes and {e.tag for e in writes} == {"ckpt:step-000000007"}
+        events.clear()
+        ck.load(tmp_path, engine=eng)
+        reads = [e for e in events if e.op == "read"]
+        assert reads and all(e.tag for e in reads)
+
+
+def test_lazy_readahead_runs_ahead_on_a_thread_and_inline_when_off(tmp_path: Path) -> None:
+    full = torch.randn(64, 1024)
+    raw = full.view(-1).view(torch.uint8)
+    where: dict[str, set[str]] = {"on": set(), "off": set()}
+
+    def producer(key: str, reuse: bool) -> Any:
+        def pieces() -> Any:
+            buf = torch.empty(4096, dtype=torch.uint8)
+            for a in range(0, raw.numel(), 4096):
+                where[key].add(threading.current_thread().name)
+                if reuse:  # refills one buffer: only safe without read-ahead
+                    buf.copy_(raw[a : a + 4096])
+                    yield buf
+                else:
+                    yield raw[a : a + 4096].clone()
+        return pieces
+
+    state = {"on": LazyTensor(torch.float32, (64, 1024), producer("on", False)),
+             "off": LazyTensor(torch.float32, (64, 1024), producer("off", True), readahead=False)}
+    ck.save(state, tmp_path, step=1)
+    with Checkpointer(tmp_path) as c:
+        c.save_async(state, step=2).wait()
+    for s in (1, 2):
+        got = ck.load(tmp_path, step=s)
+        assert equal(got["on"], full) and equal(got["off"], full)
+    assert where["on"] == {"llmtier-ckpt-readahead"}
+    assert threading.current_thread().name in where["off"] and "llmtier-ckpt-readahead" not in where["off"]
+
+    def failing() -> Any:
+        yield raw[:4096].clone()
+        raise OSError(errno.EIO, "simulated read failure")
+
+    with pytest.raises(OSError, match="simulated read failure"):
+        ck.save({"x": LazyTensor(torch.float32, (64, 1024), failing)}, tmp_path, step=3)
+    assert ck.latest_step(tmp_path) == 2
+
+
+def test_parallel_snapshot_copy_is_exact(tmp_path: Path) -> None:
+    from llmtier.checkpoint.staging import ParallelCopy
+
+    cp = ParallelCopy(3)
+    try:
+        src = np.random.default_rng(0).integers(0, 255, (9 << 20) + 123, dtype=np.uint8)
+        dst = np.zeros_like(src)
+        cp.copy(dst, src)
+        assert np.array_equal(dst, src)
+    finally:
+        cp.close()
+    state = {"big": torch.randn(5 << 20), "small": torch.randn(10)}  # 20 MiB: split across the copy threads
+    want = {k: v.clone() for k, v in state.items()}
+    with Checkpointer(tmp_path, copy_threads=2) as c:
+        h = c.save_async(state, step=1)
+        state["big"].zero_()
+        h.wait()
+        assert equal(c.load(), want)

@@ -52,8 +52,8 @@ class CheckpointBenchConfig:
     rounds: int = 5  # counted rounds (plus one warm-up)
     kill_trials: int = 50
     staging_bytes: int | None = None  # llmtier save_async pool bound (None: the state's size)
-    methods: tuple[str, ...] = ("llmtier", "llmtier_async", "memcpy", "torch", "safetensors", "dcp", "dcp_async",
-                                "fio")
+    methods: tuple[str, ...] = ("llmtier", "llmtier_async", "memcpy", "fault", "torch", "safetensors", "dcp",
+                                "dcp_async", "fio")
 
     @classmethod
     def quick(cls, directory: str | None = None, **kw: Any) -> CheckpointBenchConfig:
@@ -128,12 +128,12 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _copy_tree(src: Any, dst: Any, np: Any, torch: Any) -> None:
+def _copy_tree(src: Any, dst: Any, np: Any, torch: Any, copy: Any) -> None:
     if isinstance(src, dict):
         for k, v in src.items():
-            _copy_tree(v, dst[k], np, torch)
+            _copy_tree(v, dst[k], np, torch, copy)
     elif isinstance(src, torch.Tensor):
-        np.copyto(dst.view(-1).view(torch.uint8).numpy(), src.view(-1).view(torch.uint8).numpy())
+        copy(dst.view(-1).view(torch.uint8).numpy(), src.view(-1).view(torch.uint8).numpy())
 
 
 def _empty_like(x: Any) -> Any:
@@ -192,16 +192,53 @@ class _Methods:
 
     def _memcpy(self) -> tuple[float, float | None, float | None]:
         """The floor of any snapshot: the state's tensors copied into already-resident memory (the
-        ``into`` tensors), one memcpy per tensor."""
+        ``into`` tensors), one memcpy per tensor, split over as many threads as save_async's copy uses
+        (``memcpy``) and on one thread (``memcpy_1t``)."""
         import numpy as np  # noqa: PLC0415
         import torch  # noqa: PLC0415
 
+        from ..checkpoint.staging import ParallelCopy  # noqa: PLC0415
+
         if self.into is None:
             self.into = _empty_like(self.state)
-            _copy_tree(self.state, self.into, np, torch)  # fault the pages in, untimed
+            _copy_tree(self.state, self.into, np, torch, np.copyto)  # fault the pages in, untimed
         t0 = time.perf_counter()
-        _copy_tree(self.state, self.into, np, torch)
-        return time.perf_counter() - t0, None, None
+        _copy_tree(self.state, self.into, np, torch, np.copyto)
+        self.res.save_s.setdefault("memcpy_1t", []).append(time.perf_counter() - t0)
+        cp = ParallelCopy(self.async_ck._copy_threads)
+        try:
+            t0 = time.perf_counter()
+            _copy_tree(self.state, self.into, np, torch, cp.copy)
+            return time.perf_counter() - t0, None, None
+        finally:
+            cp.close()
+
+    def _fault(self) -> tuple[float, float | None, float | None]:
+        """The memory bound of a load into new tensors: page-faulting fresh memory of the state's size,
+        as the loader does it (64 MiB arenas, transparent huge pages, its prefault threads)."""
+        import threading  # noqa: PLC0415
+
+        from ..checkpoint.readinto import ARENA, PREFAULT, alloc_huge  # noqa: PLC0415
+
+        sizes = [min(ARENA, self.nbytes - a) for a in range(0, self.nbytes, ARENA)]
+        bufs: list[Any] = []
+
+        def work(k0: int) -> None:
+            for k in range(k0, len(sizes), PREFAULT):
+                b = alloc_huge(sizes[k])
+                b[::4096] = 0
+                bufs.append(b)
+
+        ths = [threading.Thread(target=work, args=(i,)) for i in range(PREFAULT)]
+        t0 = time.perf_counter()
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        dt = time.perf_counter() - t0
+        bufs.clear()
+        self.res.load_s.setdefault("fault", []).append(dt)
+        return dt, None, None
 
     def _llmtier_async(self) -> tuple[float, float | None, float | None]:
         t0 = time.perf_counter()
@@ -307,6 +344,7 @@ def run_checkpoint_bench(cfg: CheckpointBenchConfig, *, progress: bool = True) -
     try:
         for rnd in range(cfg.rounds + 1):
             saved = {k: list(v) for k, v in res.load_s.items()}
+            saved_s = {k: list(v) for k, v in res.save_s.items()}
             for method in methods:
                 if bar is not None:
                     bar.set_description(f"round {rnd} {method}")
@@ -321,7 +359,7 @@ def run_checkpoint_bench(cfg: CheckpointBenchConfig, *, progress: bool = True) -
                 if bar is not None:
                     bar.update(1)
             if rnd == 0:
-                res.load_s = saved  # the warm-up's into-loads are not counted either
+                res.load_s, res.save_s = saved, saved_s  # nor the warm-up's extra figures (into-loads ...)
     finally:
         m.close()
         if bar is not None:
@@ -357,7 +395,7 @@ LABELS = {"llmtier": "llmtier save (durable)", "llmtier_async": "llmtier save_as
           "memcpy": "memcpy of the state (snapshot floor)"}
 LOAD_LABELS = {"llmtier": "llmtier load (new tensors)", "llmtier_into": "llmtier load into= existing",
                "torch": "torch.load", "safetensors": "safetensors load_file", "dcp": "DCP FileSystemReader (into)",
-               "fio": "fio seq read"}
+               "fio": "fio seq read", "fault": "page faults of new memory of the state's size (loader's threads)"}
 
 
 def _ratios(times: list[float], fio: list[float] | None) -> str:
@@ -376,7 +414,7 @@ def format_result(res: CheckpointBenchResult, cfg: CheckpointBenchConfig) -> str
              f"engine: {res.engine}", "",
              "| save | median s | GiB/s median (min-max) | × fio, per round: median (min-max) |", "|---|---|---|---|"]
     for k, v in res.save_s.items():
-        if k == "memcpy":
+        if k in ("memcpy", "memcpy_1t", "fault"):
             continue
         bw = [gib / t for t in v]
         lines.append(f"| {LABELS.get(k, k)} | {statistics.median(v):.2f} | {statistics.median(bw):.2f} "
@@ -387,11 +425,12 @@ def format_result(res: CheckpointBenchResult, cfg: CheckpointBenchConfig) -> str
         ratio = "-" if not base else f"{statistics.median([s / b for s, b in zip(v, base)]):.3f}"
         lines.append(f"| {LABELS.get(k, k).replace(' (total)', '')} | {statistics.median(v):.3f} "
                      f"({min(v):.3f}-{max(v):.3f}) | {ratio} |")
-    if "memcpy" in res.save_s:
-        v, base = res.save_s["memcpy"], res.save_s.get("llmtier")
-        ratio = "-" if not base else f"{statistics.median([s / b for s, b in zip(v, base)]):.3f}"
-        lines.append(f"| memcpy of the state into resident memory (floor of any snapshot) | {statistics.median(v):.3f} "
-                     f"({min(v):.3f}-{max(v):.3f}) | {ratio} |")
+    for key, what in (("memcpy", "memcpy of the state into resident memory, save_async's copy threads (floor of "
+                              "a copy-based snapshot)"), ("memcpy_1t", "the same memcpy on one thread")):
+        if key in res.save_s:
+            v, base = res.save_s[key], res.save_s.get("llmtier")
+            ratio = "-" if not base else f"{statistics.median([s / b for s, b in zip(v, base)]):.3f}"
+            lines.append(f"| {what} | {statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f}) | {ratio} |")
     lines.append(f"\nllmtier save_async staging memory: {human(res.staging_bytes)} (pool + two writer buffers)")
     lines += ["", "| load (page cache dropped) | median s | GiB/s median (min-max) | × fio read, per round |",
               "|---|---|---|---|"]

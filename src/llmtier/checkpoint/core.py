@@ -22,8 +22,9 @@ from ..store import StoreWriter, dtypes, open_store
 from ..store.writer import STAGE_BYTES, _check_json, fsync_dir
 from . import layout
 from .dist import Ranks
-from .readinto import read_into
-from .staging import CHUNK, Packer, StagingPool, host_pieces
+from .readahead import ReadAhead
+from .readinto import read_tensors, typed
+from .staging import CHUNK, Packer, ParallelCopy, StagingPool, host_pieces
 from .tree import LazyTensor, Leaf, _is_torch, decode, encode, lookup
 
 META_KEY = "llmtier_checkpoint"
@@ -84,7 +85,8 @@ class Checkpointer:
     bound on host memory an asynchronous save may use to snapshot tensors
     (``None``: as much as the state's tensors, so the caller stalls only for
     the copy; smaller values make the snapshot wait for the disk once the
-    pool is full).  ``group``: the torch.distributed group whose ranks each
+    pool is full).  ``copy_threads``: threads that copy the snapshot (default:
+    the CPU count, at most 4).  ``group``: the torch.distributed group whose ranks each
     save one shard (default: the world when a process group is initialised).
 
     >>> with Checkpointer("ckpt", keep_last=3) as ck:            # doctest: +SKIP
@@ -93,7 +95,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike[str], *, keep_last: int | None = None,
                  staging_bytes: int | None = None, engine: Engine | None = None, group: Any = None,
-                 chunk_bytes: int = CHUNK) -> None:
+                 chunk_bytes: int = CHUNK, copy_threads: int | None = None) -> None:
         if keep_last is not None and keep_last < 1:
             raise CheckpointError(f"keep_last must be >= 1, got {keep_last}")
         self.directory = os.path.abspath(os.fspath(directory))
@@ -104,6 +106,8 @@ class Checkpointer:
         self._group = group
         self._chunk = chunk_bytes
         self._pool: StagingPool | None = None
+        self._copy_threads = copy_threads if copy_threads is not None else min(4, os.cpu_count() or 1)
+        self._copier: ParallelCopy | None = None
         self._pending: AsyncSave | None = None
         self._lock: layout.DirLock | None = None
         self._own_engine = engine is None
@@ -135,7 +139,9 @@ class Checkpointer:
             step_dir = self._prepare(step, metadata)
             cuda = any(_is_torch(x.value) and x.value.device.type != "cpu" for x in leaves)
             bounce = alloc(CHUNK) if cuda else None
-            size = self._write(step_dir, step, tree, leaves, lambda leaf: host_pieces(leaf.value, bounce))
+            with ReadAhead([x.value for x in leaves]) as ra:
+                size = self._write(step_dir, step, tree, leaves, lambda leaf: ra.pieces(leaf.value)
+                                   if ra.handles(leaf.value) else host_pieces(leaf.value, bounce))
         except BaseException as exc:  # noqa: BLE001 - every rank must learn of it before anyone raises
             err = exc
         deleted = self._commit(self._ranks, step, step_dir, err, size, metadata)
@@ -170,7 +176,10 @@ class Checkpointer:
         overlap = pool.limit < total  # the packer fills chunks back to back: ceil(total / chunk) of them
         if overlap:
             th.start()
-        packer = Packer(pool, q.put)
+        if self._copier is None:
+            self._copier = ParallelCopy(self._copy_threads)
+        ra = ReadAhead([x.value for x in leaves])
+        packer = Packer(pool, q.put, self._copier, ra)
         try:
             for leaf in leaves:
                 packer.add(leaf.value)
@@ -184,6 +193,8 @@ class Checkpointer:
                 th.start()
             th.join()
             raise
+        finally:
+            ra.close()
         if not overlap:
             th.start()
         handle.info.stall_seconds = time.perf_counter() - t0
@@ -221,7 +232,8 @@ class Checkpointer:
 
     def _writer(self, step_dir: str, step: int, tree: Any) -> StoreWriter:
         meta = {META_KEY: {"tree": tree, "step": step, "rank": self.rank, "world_size": self.world_size}}
-        return StoreWriter(os.path.join(step_dir, layout.rank_file(self.rank)), metadata=meta, engine=self.engine)
+        return StoreWriter(os.path.join(step_dir, layout.rank_file(self.rank)), metadata=meta, engine=self.engine,
+                           tag=f"ckpt:{layout.step_name(step)}")
 
     def _write(self, step_dir: str, step: int, tree: Any, leaves: list[Leaf], pieces: Any) -> int:
         with self._writer(step_dir, step, tree) as w:
@@ -374,12 +386,11 @@ class Checkpointer:
                     outs[name] = dst.detach() if _is_torch(dst) else dst
                 else:
                     later[name] = dst
-            if outs:
-                read_into(st, [(st.info(n), d) for n, d in outs.items()], verify=verify)
-            torch_names = [lf["tensor"] for lf, _ in found if lf["tensor"] not in outs and lf["kind"] == "torch"]
-            np_names = [lf["tensor"] for lf, _ in found if lf["tensor"] not in outs and lf["kind"] != "torch"]
-            got = st.get_many(torch_names, torch=True) if torch_names else {}
-            got.update(st.get_many(np_names) if np_names else {})
+            fresh = [lf["tensor"] for lf, _ in found if lf["tensor"] not in outs]
+            raw = read_tensors(st, [(st.info(n), d) for n, d in outs.items()] + [(st.info(n), None) for n in fresh],
+                               verify=verify)
+            kinds = {lf["tensor"]: lf["kind"] for lf, _ in found}
+            got = {n: typed(raw[n], st.info(n), "torch" if kinds[n] == "torch" else "numpy") for n in fresh}
             for name, dst in later.items():
                 src = got[name]
                 if isinstance(dst, np.ndarray):
@@ -407,6 +418,9 @@ class Checkpointer:
                 self._lock = None
             if self._pool is not None:
                 self._pool.close()
+            if self._copier is not None:
+                self._copier.close()
+                self._copier = None
             if self._own_engine:
                 self.engine.close()
 

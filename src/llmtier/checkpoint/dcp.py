@@ -105,7 +105,8 @@ class DCPWriter(StorageWriter):
         bounce = None
         engine = self._engine or open_engine()
         try:
-            with StoreWriter(os.path.join(self.path, fname), metadata={"format": FORMAT}, engine=engine) as w:
+            with StoreWriter(os.path.join(self.path, fname), metadata={"format": FORMAT}, engine=engine,
+                             tag=f"ckpt:dcp:{os.path.basename(self.path)}") as w:
                 for k, item in enumerate(plan.items):
                     name = f"item{k:07d}"
                     data = planner.resolve_data(item)

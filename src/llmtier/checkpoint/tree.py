@@ -47,6 +47,12 @@ class LazyTensor:
     Loading gives back an ordinary tensor (``kind`` ``"torch"`` or
     ``"numpy"``), or fills the tensor ``into`` holds at that place.
 
+    ``readahead`` (default True): the pieces are pulled on a background
+    thread, up to 128 MiB ahead of the writer, so the producer's reads
+    overlap the checkpoint's writes.  Every piece must then stay unchanged
+    after the next one is asked for (a fresh buffer per piece).  A producer
+    that refills one buffer passes ``readahead=False``.
+
     >>> lazy = LazyTensor("float32", (1 << 20,), lambda: (ssd_read(i) for i in range(4)))  # doctest: +SKIP
     """
 
@@ -54,6 +60,7 @@ class LazyTensor:
     shape: tuple[int, ...]
     chunks: Callable[[], Iterator[Any]]
     kind: str = "torch"
+    readahead: bool = True  # pieces are pulled ahead on a background thread; each must be a fresh buffer
 
     @property
     def store_dtype(self) -> dtypes.DType:

@@ -57,9 +57,10 @@ STAGE_BYTES = 64 << 20  # per staging buffer (two of them)
 class _Stream:
     """Append-only direct-I/O writer with two staging buffers."""
 
-    def __init__(self, engine: Engine, path: str, stage_bytes: int) -> None:
+    def __init__(self, engine: Engine, path: str, stage_bytes: int, tag: Any = None) -> None:
         self.file = engine.open(path, "w")
         self.path = path
+        self.tag = tag
         self.stages = [alloc(stage_bytes), alloc(stage_bytes)]
         self.pending: list[Any] = [None, None]
         self.cur = 0
@@ -93,7 +94,7 @@ class _Stream:
 
     def _flush(self) -> None:
         if self.fill:
-            self.pending[self.cur] = self.file.pwrite(self.stages[self.cur][: self.fill], self.stage_off)
+            self.pending[self.cur] = self.file.pwrite(self.stages[self.cur][: self.fill], self.stage_off, tag=self.tag)
         self.stage_off += self.fill
         self.fill = 0
         self.cur ^= 1
@@ -125,10 +126,10 @@ class _Stream:
 class _FileWriter:
     """One single-file store being written to a temporary name."""
 
-    def __init__(self, engine: Engine, target: str, stage_bytes: int) -> None:
+    def __init__(self, engine: Engine, target: str, stage_bytes: int, tag: Any = None) -> None:
         self.target = target
         self.tmp = _temp_name(target)
-        self.stream = _Stream(engine, self.tmp, stage_bytes)
+        self.stream = _Stream(engine, self.tmp, stage_bytes, tag)
         self.tensors: list[TensorInfo] = []
         self.names: set[str] = set()
 
@@ -146,7 +147,7 @@ class _FileWriter:
         s.file.sync()
         head = alloc(PREAMBLE)
         head[:] = np.frombuffer(pack_preamble(index_offset, index), dtype=np.uint8)
-        s.file.pwrite(head, 0).result()  # the store becomes valid only now
+        s.file.pwrite(head, 0, tag=s.tag).result()  # the store becomes valid only now
         s.file.sync()
         s.close()
         os.rename(self.tmp, self.target)
@@ -211,6 +212,9 @@ class StoreWriter:
     >>> with StoreWriter("model.lts") as w:       # doctest: +SKIP
     ...     w.add("embed.weight", tensor, tags={"kind": "embed"})
 
+    ``tag``: the engine tag of every write (what a trace attributes the bytes to; a staging buffer
+    holds several tensors, so the tag names the store, e.g. ``"ckpt:step-000000100"``).
+
     Leaving the ``with`` block normally commits; an exception aborts, leaving
     any previous store at ``path`` untouched.  A full disk raises
     :class:`~llmtier.errors.DiskFullError` after removing the temporary files.
@@ -218,8 +222,9 @@ class StoreWriter:
 
     def __init__(self, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None,
                  max_shard_bytes: int | None = None, engine: Engine | None = None,
-                 stage_bytes: int = STAGE_BYTES) -> None:
+                 stage_bytes: int = STAGE_BYTES, tag: Any = None) -> None:
         self.path = os.path.abspath(os.fspath(path))
+        self.tag = tag
         self.metadata = dict(metadata or {})
         _check_json(self.metadata, "metadata")
         self.sharded = max_shard_bytes is not None
@@ -368,7 +373,7 @@ class StoreWriter:
             target = os.path.join(self.path, f"shard-{self.generation}-{len(self._shards):05d}.lts")
         else:
             target = self.path
-        return _FileWriter(self.engine, target, self.stage_bytes)
+        return _FileWriter(self.engine, target, self.stage_bytes, self.tag)
 
     def _close_shard(self) -> None:
         self._shard.commit({})
