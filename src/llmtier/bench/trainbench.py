@@ -21,8 +21,9 @@ is reported next to it.
 **Loader.**  A token file (uint16) on the disk under test; windows of
 ``seq_len + 1`` tokens (``seq_len = 2048``: every window is one 8 KiB request
 after widening to 4 KiB pages).  Per round, interleaved, the page cache dropped
-before each: fio random reads (8 KiB, QD 32, O_DIRECT) on the same file;
-:class:`~llmtier.data.TokenDataset` (one ``pread_pages`` per batch, prefetch);
+before each: fio random reads on the same file at the loader's request size
+(``span``) and queue depth (the engine's), O_DIRECT;
+:class:`~llmtier.data.TokenDataset` (one ``pread_pages`` per group of batches, prefetch);
 nanoGPT's way (``np.memmap`` and a list of slices per batch, the same windows);
 and ``DataLoader(num_workers=2)`` over that memmap dataset.
 """
@@ -235,10 +236,9 @@ def _loader_round(cfg: TrainBenchConfig, path: str, ds_seed: int) -> dict[str, A
     import torch  # noqa: PLC0415
 
     from ..data import TokenDataset  # noqa: PLC0415
+    from ..engine import current_settings  # noqa: PLC0415
     from .fio import run_fio  # noqa: PLC0415
     from .system import drop_page_cache  # noqa: PLC0415
-
-    from ..engine import current_settings  # noqa: PLC0415
 
     out: dict[str, Any] = {}
     ds = TokenDataset(path, seq_len=cfg.seq_len, batch_size=cfg.batch, seed=ds_seed, batches=cfg.loader_batches,

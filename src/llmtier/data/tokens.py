@@ -13,12 +13,13 @@ Batch ``b`` of the stream is ``batch_size`` windows of ``seq_len + 1`` tokens
 whose starts are drawn uniformly by ``numpy.random.default_rng([seed, b])``:
 any batch can be produced without the ones before it, so the stream is
 deterministic for a seed and resumes from a position (the number of batches
-consumed, :meth:`TokenDataset.state_dict`).  All windows of a batch are read
-with **one** engine call (``pread_pages``): each window widened to ``span``
-bytes of whole 4 KiB pages (``O_DIRECT``), into one aligned buffer; with
-``uring`` the batch goes to the kernel in one call with no Python object per
-window.  A background thread keeps
-``prefetch`` batches in flight.  Windows end before the file's last partial
+consumed, :meth:`TokenDataset.state_dict`).  The windows of a group of
+consecutive batches (about :data:`GATHER_BYTES`) are read with **one** engine
+call (``pread_pages``): each window widened to ``span`` bytes of whole 4 KiB
+pages (``O_DIRECT``), into one aligned buffer; with ``uring`` the group goes to
+the kernel in one call with no Python object per window, the ring's queue kept
+full across its batches.  A background thread keeps at least two groups and
+``prefetch`` batches in flight (:class:`BatchReader`).  Windows end before the file's last partial
 4 KiB page (less than 4 KiB of tokens are never sampled).
 
 With ``DataLoader(ds, batch_size=None, num_workers=W)`` worker ``w`` produces
@@ -64,7 +65,8 @@ class TokenDataset(torch.utils.data.IterableDataset):
         batch_size: windows per batch.
         seed: the stream's seed.
         dtype: token dtype of a flat file (default uint16); a Megatron index brings its own.
-        prefetch: batches read ahead by the background thread.
+        prefetch: batches read ahead by the background thread, at least (reads go out in groups of
+            about :data:`GATHER_BYTES`, two groups or more in flight).
         batches: stop after this many batches of this rank's stream (default: never stop).
         engine: backend name for the engine each iterator opens (``"auto"``).
         rank, world_size: data-parallel split of the stream.
