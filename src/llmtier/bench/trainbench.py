@@ -59,7 +59,7 @@ class TrainBenchConfig:
     loader_bytes: int = 2 << 30
     seq_len: int = 2048
     batch: int = 32
-    loader_batches: int = 1024  # TokenDataset's batches per round (~1 s of reads: comparable with fio's 2 s)
+    loader_batches: int = 2048  # TokenDataset's batches per round (512 MiB, ~2 s: as long as fio's run)
     peer_batches: int = 128  # np.memmap's and DataLoader's (they are ~10x slower; their rate needs fewer)
     loader_rounds: int = 5
     prefetch: int = 4
@@ -394,7 +394,7 @@ def add_cli(bench: Any) -> None:
     t.add_argument("--steps", type=int, help="steps per optimizer child (first is warm-up)")
     t.add_argument("--rounds", type=int, help="optimizer children per system")
     t.add_argument("--loader-rounds", type=int, help="loader rounds (default 5)")
-    t.add_argument("--loader-batches", type=int, help="TokenDataset's batches of 32 windows per loader round (default 1024)")
+    t.add_argument("--loader-batches", type=int, help="TokenDataset's batches of 32 windows per loader round (default 2048)")
     t.add_argument("--peer-batches", type=int, help="np.memmap's and DataLoader's batches per round (default 128)")
     t.add_argument("--loader-gib", type=float, help="token file size for the loader part (default 2)")
     t.add_argument("--parts", help="optim,loader (default both)")
