@@ -21,8 +21,9 @@ is reported next to it.
 **Loader.**  A token file (uint16) on the disk under test; windows of
 ``seq_len + 1`` tokens (``seq_len = 2048``: every window is one 8 KiB request
 after widening to 4 KiB pages).  Per round, interleaved, the page cache dropped
-before each: fio random reads (8 KiB, QD 32, O_DIRECT) on the same file;
-:class:`~llmtier.data.TokenDataset` (one ``pread_pages`` per batch, prefetch);
+before each: fio random reads on the same file at the loader's request size
+(``span``) and queue depth (the engine's), O_DIRECT;
+:class:`~llmtier.data.TokenDataset` (one ``pread_pages`` per group of batches, prefetch);
 nanoGPT's way (``np.memmap`` and a list of slices per batch, the same windows);
 and ``DataLoader(num_workers=2)`` over that memmap dataset.
 """
@@ -58,7 +59,8 @@ class TrainBenchConfig:
     loader_bytes: int = 2 << 30
     seq_len: int = 2048
     batch: int = 32
-    loader_batches: int = 256
+    loader_batches: int = 2048  # TokenDataset's batches per round (512 MiB, ~2 s: as long as fio's run)
+    peer_batches: int = 128  # np.memmap's and DataLoader's (they are ~10x slower; their rate needs fewer)
     loader_rounds: int = 5
     prefetch: int = 4
     parts: tuple[str, ...] = ("optim", "loader")
@@ -66,7 +68,7 @@ class TrainBenchConfig:
     @classmethod
     def quick(cls, directory: str | None = None, **kw: Any) -> TrainBenchConfig:
         base = {"params": 1_000_000, "budgets": (0.25,), "steps": 3, "loader_bytes": 32 << 20,
-                "loader_batches": 4, "loader_rounds": 1, "batch": 8}
+                "loader_batches": 4, "peer_batches": 4, "loader_rounds": 1, "batch": 8}
         return cls(**({"directory": directory} if directory else {}), **{**base, **kw})
 
 
@@ -234,16 +236,20 @@ def _loader_round(cfg: TrainBenchConfig, path: str, ds_seed: int) -> dict[str, A
     import torch  # noqa: PLC0415
 
     from ..data import TokenDataset  # noqa: PLC0415
+    from ..engine import current_settings  # noqa: PLC0415
     from .fio import run_fio  # noqa: PLC0415
     from .system import drop_page_cache  # noqa: PLC0415
 
     out: dict[str, Any] = {}
-    size = os.path.getsize(path) // 8192 * 8192
-    drop_page_cache()  # every reader of the round starts cold, fio included (file metadata too)
-    fio = run_fio(path, "randread", 8192, 32, size, runtime_s=2.0 if cfg.loader_batches > 8 else 1.0)
-    out["fio_bytes_s"] = fio.gib_per_s * 2**30
     ds = TokenDataset(path, seq_len=cfg.seq_len, batch_size=cfg.batch, seed=ds_seed, batches=cfg.loader_batches,
                       prefetch=cfg.prefetch)
+    # fio as the loader reads: its request size (a window widened to whole pages) and its queue depth (the
+    # engine's: every pread_pages keeps that many of its pages in flight), O_DIRECT, random offsets, same file
+    qd = current_settings().queue_depth
+    size = os.path.getsize(path) // ds.span * ds.span
+    drop_page_cache()  # every reader of the round starts cold, fio included (file metadata too)
+    fio = run_fio(path, "randread", ds.span, qd, size, runtime_s=2.0 if cfg.loader_batches > 8 else 1.0)
+    out.update(fio_bytes_s=fio.gib_per_s * 2**30, request_size=ds.span, queue_depth=qd)
     req = sum(ds.request_bytes(k) for k in range(cfg.loader_batches))
     windows = cfg.batch * cfg.loader_batches
     drop_page_cache()
@@ -251,7 +257,8 @@ def _loader_round(cfg: TrainBenchConfig, path: str, ds_seed: int) -> dict[str, A
     n = sum(1 for _ in ds)
     dt = time.perf_counter() - t0
     out.update(ours_s=dt, ours_bytes_s=req / dt, ours_windows_s=windows / dt, request_bytes=req, batches=n)
-    mm = MemmapWindows(path, ds, cfg.loader_batches)
+    windows = cfg.batch * cfg.peer_batches
+    mm = MemmapWindows(path, ds, cfg.peer_batches)
     drop_page_cache()
     t0 = time.perf_counter()
     sum(1 for _ in mm)
@@ -296,7 +303,7 @@ def run_loader(cfg: TrainBenchConfig, notes: list[str]) -> dict[str, Any]:
 def run_train_bench(cfg: TrainBenchConfig) -> dict[str, Any]:
     """Run the parts of the study; a JSON-able dict with the rows, the loader figures and notes."""
     os.makedirs(cfg.directory, exist_ok=True)
-    notes: list[str] = ["the machine was shared with other jobs while this ran"]
+    notes: list[str] = []
     res: dict[str, Any] = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "notes": notes}
     if "optim" in cfg.parts:
         res["optim"] = run_optim(cfg, notes)
@@ -340,7 +347,8 @@ def format_report(res: dict[str, Any]) -> str:
     if "loader" in res:
         m = res["loader"]
         out += ["", "| loader (cold cache) | windows/s | request MiB/s | vs fio | llmtier vs it |", "|---|---|---|---|---|",
-                f"| fio randread 8 KiB QD32 | - | {m['fio_bytes_s'] / 2**20:.0f} | 1.00 | {m['vs_fio']:.2f} |",
+                f"| fio randread {m['request_size'] // 1024:.0f} KiB QD{m['queue_depth']:.0f} | - | "
+                f"{m['fio_bytes_s'] / 2**20:.0f} | 1.00 | {m['vs_fio']:.2f} |",
                 f"| llmtier TokenDataset | {m['ours_windows_s']:.0f} | {m['ours_bytes_s'] / 2**20:.0f} | "
                 f"{m['vs_fio']:.2f} | - |",
                 f"| np.memmap windows (nanoGPT) | {m['memmap_windows_s']:.0f} | - | - | {m['vs_memmap']:.2f} |",
@@ -362,7 +370,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         kw["parts"] = tuple(args.parts.split(","))
     if args.loader_gib:
         kw["loader_bytes"] = int(args.loader_gib * 2**30)
-    for key in ("steps", "rounds", "loader_rounds", "loader_batches"):
+    for key in ("steps", "rounds", "loader_rounds", "loader_batches", "peer_batches"):
         if getattr(args, key) is not None:
             kw[key] = getattr(args, key)
     cfg = TrainBenchConfig.quick(args.dir, **kw) if args.quick else TrainBenchConfig(
@@ -386,7 +394,8 @@ def add_cli(bench: Any) -> None:
     t.add_argument("--steps", type=int, help="steps per optimizer child (first is warm-up)")
     t.add_argument("--rounds", type=int, help="optimizer children per system")
     t.add_argument("--loader-rounds", type=int, help="loader rounds (default 5)")
-    t.add_argument("--loader-batches", type=int, help="batches of 32 windows per loader round (default 256)")
+    t.add_argument("--loader-batches", type=int, help="TokenDataset's batches of 32 windows per loader round (default 2048)")
+    t.add_argument("--peer-batches", type=int, help="np.memmap's and DataLoader's batches per round (default 128)")
     t.add_argument("--loader-gib", type=float, help="token file size for the loader part (default 2)")
     t.add_argument("--parts", help="optim,loader (default both)")
     t.add_argument("--json", metavar="PATH", help="write the result as JSON")

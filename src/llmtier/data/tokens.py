@@ -13,12 +13,13 @@ Batch ``b`` of the stream is ``batch_size`` windows of ``seq_len + 1`` tokens
 whose starts are drawn uniformly by ``numpy.random.default_rng([seed, b])``:
 any batch can be produced without the ones before it, so the stream is
 deterministic for a seed and resumes from a position (the number of batches
-consumed, :meth:`TokenDataset.state_dict`).  All windows of a batch are read
-with **one** engine call (``pread_pages``): each window widened to ``span``
-bytes of whole 4 KiB pages (``O_DIRECT``), into one aligned buffer; with
-``uring`` the batch goes to the kernel in one call with no Python object per
-window.  A background thread keeps
-``prefetch`` batches in flight.  Windows end before the file's last partial
+consumed, :meth:`TokenDataset.state_dict`).  The windows of a group of
+consecutive batches (about :data:`GATHER_BYTES`) are read with **one** engine
+call (``pread_pages``): each window widened to ``span`` bytes of whole 4 KiB
+pages (``O_DIRECT``), into one aligned buffer; with ``uring`` the group goes to
+the kernel in one call with no Python object per window, the ring's queue kept
+full across its batches.  A background thread keeps at least two groups and
+``prefetch`` batches in flight (:class:`BatchReader`).  Windows end before the file's last partial
 4 KiB page (less than 4 KiB of tokens are never sampled).
 
 With ``DataLoader(ds, batch_size=None, num_workers=W)`` worker ``w`` produces
@@ -29,6 +30,7 @@ split the stream between data-parallel ranks (rank ``r`` gets global batches
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import queue
 import threading
@@ -45,6 +47,8 @@ from .indexed import bin_path, idx_path, read_index
 
 ALIGN = 4096
 TAG = "data:window"
+#: bytes per engine call: consecutive batches are read as one group of about this size (at least one batch)
+GATHER_BYTES = 4 << 20
 _END = object()
 
 
@@ -61,7 +65,8 @@ class TokenDataset(torch.utils.data.IterableDataset):
         batch_size: windows per batch.
         seed: the stream's seed.
         dtype: token dtype of a flat file (default uint16); a Megatron index brings its own.
-        prefetch: batches read ahead by the background thread.
+        prefetch: batches read ahead by the background thread, at least (reads go out in groups of
+            about :data:`GATHER_BYTES`, two groups or more in flight).
         batches: stop after this many batches of this rank's stream (default: never stop).
         engine: backend name for the engine each iterator opens (``"auto"``).
         rank, world_size: data-parallel split of the stream.
@@ -176,37 +181,59 @@ class TokenDataset(torch.utils.data.IterableDataset):
 
 
 class BatchReader:
-    """Produces the batches ``ks`` of a :class:`TokenDataset` on a background thread, ``prefetch`` in flight."""
+    """Produces the batches ``ks`` of a :class:`TokenDataset` on a background thread, ``prefetch`` in flight.
+
+    The windows of ``group`` consecutive batches (about :data:`GATHER_BYTES` of reads, at least one batch)
+    go to the engine as **one** ``pread_pages``: the ring keeps its queue depth full across the batches of
+    a group and drains once per group, and the engine hands back (and this thread wakes) once per group
+    instead of once per batch.  ``max(2, ceil(prefetch / group))`` groups are in flight: the engine's
+    worker reads the next one while this thread turns the previous one into tensors.
+    """
 
     def __init__(self, ds: TokenDataset, ks: range) -> None:
         self.ds = ds
         self.ks = ks
+        self.group = max(1, GATHER_BYTES // (ds.batch_size * ds.span))
+        self.depth = max(2, -(-ds.prefetch // self.group))  # groups in flight
         self.engine = open_engine(ds.engine_name)
         #: why the I/O threads could not be given priority (None: they were, or io_nice is None)
         self.io_nice_note = self.engine.prioritize(ds.io_nice) if ds.io_nice is not None else None
         self.file = self.engine.open(ds.path, "r")
-        self.out: queue.Queue = queue.Queue(maxsize=ds.prefetch)
+        self.out: queue.Queue = queue.Queue(maxsize=max(ds.prefetch, self.group))
         self._stop = threading.Event()
-        self._free = [alloc(ds.batch_size * ds.span) for _ in range(ds.prefetch + 1)]
+        self._free = [alloc(self.group * ds.batch_size * ds.span) for _ in range(self.depth)]
         self.bytes_read = 0
         self.thread = threading.Thread(target=self._run, name="llmtier-tokens", daemon=True)
         self.thread.start()
 
+    def _groups(self) -> Iterator[range]:
+        ks, g = self.ks, self.group
+        for i in range(0, len(ks), g):
+            yield ks[i:i + g]
+
     def _run(self) -> None:
         inflight: deque = deque()
+        ds = self.ds
         try:
-            for k in self.ks:
-                if self._stop.is_set():
+            groups = self._groups()
+            done = False
+            while not self._stop.is_set():
+                while not done and self._free:  # keep every free buffer reading
+                    ks = next(groups, None)
+                    if ks is None:
+                        done = True
+                        break
+                    ext = [ds.extents(k) for k in ks]
+                    lo = np.concatenate([e[0] for e in ext])
+                    buf = self._free.pop()
+                    view = buf[:len(lo) * ds.span]
+                    fut = self.file.pread_pages(view, lo, ds.span, tag=TAG)  # the whole group: one engine call
+                    inflight.append((buf, [e[1] for e in ext], fut, len(lo) * ds.span))
+                if not inflight:
                     break
-                lo, delta = self.ds.extents(k)
-                buf = self._free.pop()
-                fut = self.file.pread_pages(buf, lo, self.ds.span, tag=TAG)  # the whole batch: one engine call
-                inflight.append((buf, np.arange(len(lo)) * self.ds.span + delta, fut, len(lo) * self.ds.span))
-                if len(inflight) > self.ds.prefetch - 1 or not self._free:
-                    self._finish(inflight.popleft())
-            while inflight and not self._stop.is_set():
                 self._finish(inflight.popleft())
-            self._put(_END)
+            if not self._stop.is_set():
+                self._put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._put(exc)
         finally:
@@ -214,18 +241,29 @@ class BatchReader:
                 fut.exception()
 
     def _finish(self, item: tuple) -> None:
-        buf, at, fut, nbytes = item
+        buf, deltas, fut, nbytes = item
+        # Wait without fut.result() on a pending future: that lends this thread to the engine, which then
+        # runs every queued group here, synchronously, and the disk idles while this thread converts them.
+        concurrent.futures.wait([fut])
         fut.result()
         self.bytes_read += nbytes
         ds = self.ds
-        n = ds.seq_len + 1
-        tokens = np.empty((ds.batch_size, n), dtype=np.int64)
-        for row, a in enumerate(at.tolist()):
-            tokens[row] = buf[a:a + ds.window_bytes].view(ds.dtype)
+        t, b = ds.seq_len, ds.batch_size
+        flat = buf.view(ds.dtype)
+        size = ds.dtype.itemsize
+        per_batch = b * ds.span // size
+        batches = []
+        for j, delta in enumerate(deltas):
+            x = np.empty((b, t), dtype=np.int64)
+            y = np.empty((b, t), dtype=np.int64)
+            base = j * per_batch + np.arange(b) * (ds.span // size) + delta // size
+            for row, a in enumerate(base.tolist()):
+                x[row] = flat[a:a + t]
+                y[row] = flat[a + 1:a + 1 + t]
+            batches.append((torch.from_numpy(x), torch.from_numpy(y)))
         self._free.append(buf)
-        # numpy copies: torch's parallel strided copy can take tens of ms when the cores are busy
-        x, y = np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
-        self._put((torch.from_numpy(x), torch.from_numpy(y)))
+        for xy in batches:
+            self._put(xy)
 
     def _put(self, item: Any) -> None:
         while not self._stop.is_set():
@@ -260,4 +298,4 @@ class BatchReader:
         self.close()
 
 
-__all__ = ["ALIGN", "TAG", "BatchReader", "DataError", "TokenDataset"]
+__all__ = ["ALIGN", "GATHER_BYTES", "TAG", "BatchReader", "DataError", "TokenDataset"]

@@ -26,6 +26,7 @@ master.  ``amsgrad``, ``capturable``, ``differentiable``, ``fused`` and
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import time
@@ -194,6 +195,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
                     pending = read(work[i + 1])
                 try:
                     t = time.perf_counter()
+                    # not fut.result() while it is pending: that lends this thread to the engine, which would
+                    # run the queued read of chunk i+1 and write of chunk i-1 here, before the update, serially
+                    concurrent.futures.wait([fut])
                     fut.result()
                     waited += time.perf_counter() - t
                     self.stats.bytes_read += c.nbytes
