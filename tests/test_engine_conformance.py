@@ -1,6 +1,7 @@
 """Conformance suite: every engine backend must pass every test here unchanged."""
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import threading
@@ -267,3 +268,22 @@ def test_finished_requests_leave_no_reference_cycles(engine, tmp_path):
         gc.enable()
         f.close()
     assert left == []
+
+
+def test_waiting_caller_never_runs_younger_work(engine, tmp_path):
+    """``result()`` may lend the waiting thread to the engine, but only for work submitted up to the awaited
+    batch: a pipeline waiting for read i must not run the read-ahead of i+1 .. i+k inline (it would then wait
+    for all of them, and compute would no longer overlap I/O)."""
+    path = tmp_path / "f"
+    write_file(path, random_bytes(8 * MiB))
+    me = threading.get_ident()
+    ran: list[tuple[int, str]] = []
+    engine.add_observer(lambda events: ran.extend((threading.get_ident(), e.tag) for e in events))
+    with engine.open(str(path)) as f:
+        for _ in range(5):
+            first = f.pread(alloc(MiB), 0, tag="awaited")
+            later = [f.pread(alloc(MiB), k * MiB, tag="younger") for k in range(1, 8)]
+            first.result()
+            for fut in later:
+                concurrent.futures.wait([fut])
+    assert {t for t, tag in ran if tag == "younger"} - {me} and all(t != me for t, tag in ran if tag == "younger")

@@ -13,6 +13,7 @@ registered nothing is timed or recorded.
 from __future__ import annotations
 
 import errno
+import itertools
 import operator
 import os
 import queue
@@ -80,6 +81,11 @@ def remove_global_observer(observer: Observer) -> None:
         _global_observers = [o for o in _global_observers if o is not observer]
 
 
+
+def _younger(item: Any, seq: int) -> bool:
+    """Whether queue ``item`` (a run of ops of one batch) was submitted after batch ``seq``."""
+    return item is not _STOP and bool(item) and item[0].batch.seq > seq
+
 class Engine:
     """Moves bytes between host buffers and files. Backends subclass this.
 
@@ -106,6 +112,7 @@ class Engine:
         self._lock = threading.Lock()
         self._closed = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._seq = itertools.count()  # batch submission order
         self._workers = [
             threading.Thread(target=self._work, name=f"llmtier-{self.name}-{i}", daemon=True)
             for i in range(self._worker_count())
@@ -335,16 +342,21 @@ class Engine:
         """Caller-runs: a thread about to block on ``future`` executes queued
         work itself instead of sleeping while a worker wakes up (a thread
         hand-off costs tens of microseconds, as much as a 4 KiB read)."""
+        upto = getattr(future, "_seq", None)
         while not future.done():
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if not self._process(item):
+            if upto is not None and _younger(item, upto):
+                self._queue.put(item)  # submitted after the awaited batch: the workers' work, not ours
+                return
+            if not self._process(item, upto):
                 return
 
-    def _process(self, item: Any) -> bool:
-        """Execute one queue item (with ``_take_all``: everything queued).
+    def _process(self, item: Any, upto: int | None = None) -> bool:
+        """Execute one queue item (with ``_take_all``: everything queued; a helping caller
+        waiting for batch ``upto``: everything queued that was submitted up to it).
 
         Returns False once a stop marker was taken (it is put back for the
         other threads when the taker is not a worker).
@@ -355,6 +367,7 @@ class Engine:
         ops = list(item)
         stop = False
         if self._take_all:
+            later = []
             while True:
                 try:
                     item = self._queue.get_nowait()
@@ -363,7 +376,12 @@ class Engine:
                 if item is _STOP:
                     stop = True
                     break
+                if upto is not None and _younger(item, upto):
+                    later.append(item)
+                    continue
                 ops.extend(item)
+            for item in later:
+                self._queue.put(item)
         self._run(ops)
         self._replan_misaligned(ops)
         self._complete(ops)

@@ -14,11 +14,13 @@ if TYPE_CHECKING:
 
 
 class EngineFuture(Future):
-    """A Future whose ``result()`` lends the waiting thread to the engine."""
+    """A Future whose ``result()`` lends the waiting thread to the engine, for work submitted up to its own
+    (never for younger work: a pipelined caller waiting for batch i must not end up running batch i+1 inline)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, seq: int = -1) -> None:
         super().__init__()
         self._engine = engine
+        self._seq = seq
 
     def result(self, timeout: float | None = None) -> Any:
         if not self.done():
@@ -47,11 +49,12 @@ class Batch:
     ``mode`` (LIST, SINGLE or SUM) says what the future gives.
     """
 
-    __slots__ = ("entries", "future", "pending", "lock", "mode", "exact")
+    __slots__ = ("entries", "future", "pending", "lock", "mode", "exact", "seq")
 
     def __init__(self, engine: Engine, mode: str, exact: bool) -> None:
         self.entries: list[Plan | Op] = []
-        self.future: Future = EngineFuture(engine)
+        self.seq = next(engine._seq)  # submission order: a waiting caller helps only with older work
+        self.future: Future = EngineFuture(engine, self.seq)
         self.future.set_running_or_notify_cancel()
         self.pending = 1
         self.lock = threading.Lock()
