@@ -160,6 +160,10 @@ def load_config(model: str | os.PathLike[str] | dict[str, Any] | Any) -> Any:
     else:
         p = os.fspath(model)
         path = os.path.join(p, "config.json") if os.path.isdir(p) else p
+        if not os.path.exists(path) and os.path.isdir(p):  # an llmtier store keeps the config in its metadata
+            stored = _store_config(p)
+            if stored is not None:
+                return load_config(stored)
         if not os.path.exists(path):
             raise ModelConfigError(f"{p}: no config.json (a Hugging Face model directory or config file is needed)")
         try:
@@ -174,6 +178,18 @@ def load_config(model: str | os.PathLike[str] | dict[str, Any] | Any) -> Any:
         return AutoConfig.for_model(kind, **doc)
     except (ValueError, KeyError) as e:
         raise ModelConfigError(f"transformers does not know model_type {kind!r}: {e}") from e
+
+
+def _store_config(path: str) -> dict[str, Any] | None:
+    """The ``hf_config`` an llmtier store (``llmtier convert``) keeps in its metadata; None when it is not one."""
+    from ..store.reader import open_store  # noqa: PLC0415
+
+    try:
+        with open_store(path, verify=False) as src:
+            doc = src.metadata.get("hf_config")
+    except (LLMTierError, OSError, ValueError):
+        return None
+    return dict(doc) if isinstance(doc, dict) and doc.get("model_type") else None
 
 
 def _dtype_name(config: Any, dtype: Any) -> str:

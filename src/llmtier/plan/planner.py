@@ -13,7 +13,6 @@ bottleneck come from a :class:`~llmtier.plan.profile.DeviceProfile`.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +23,11 @@ from . import optim as optplan
 from .experts import ExpertLayer, ExpertPlan, split_budget_for_experts
 from .memory import ModelMemory
 from .profile import DeviceProfile
-from .weights import INFLIGHT_BYTES, RUN_OVERHEAD, Plan, make_plan, plan_layers
+from .weights import RUN_OVERHEAD, Plan, make_plan, plan_layers
 
 KV_PAGE = kvplan.DEFAULT_PAGE_TOKENS
 KV_PREFETCH = 2
+READ_PIECE = 1 << 20  # the engine's request size for a streamed layer's reads
 SLACK = 0.03  # of the budget kept free: allocator rounding and what the model does not see
 
 
@@ -384,22 +384,23 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
         active = active - m.expert_bytes + used * per_expert
     flops = 2 * (active / m.itemsize) * w.batch
     hits = sum(min(lay.experts, max(1, m.experts_per_token) * w.batch) for lay in m.layers if lay.experts)
-    compute = len(m.layers) * prof.layer_overhead_s + hits * prof.expert_overhead_s
-    compute += max(active / prof.gemv_bw, flops / prof.gemm_flops)
+    compute = len(m.layers) * prof.layer_overhead_s + hits * prof.expert_overhead_s + prof.step_overhead_s
+    compute += prof.weights_s(active, w.batch) if prof.matmul_bw else max(active / prof.gemv_bw, flops / prof.gemm_flops)
     compute += m.kv_bytes(w.batch, w.context) / prof.dram_copy_bw  # attention reads the past once
     wp = p.weights
-    io_w = wp.disk_bytes_per_pass / prof.read_at(min(INFLIGHT_BYTES, max(1, wp.slot_bytes))) if wp.streamed else 0.0
+    # the streamer's reads reach the disk as the engine's pieces (1 MiB), many in flight
+    io_w = wp.disk_bytes_per_pass / prof.read_at(min(READ_PIECE, max(1, wp.slot_bytes))) if wp.streamed else 0.0
     io_kv = 0.0
     if p.kv_spilled:
-        geo = _kv_geometry(m, w.batch)
+        geo = _kv_geometry(m, w.batch, p.kv_page)
         wins = m.windows
-        past = sum(kvplan.staging_tokens(w.context, wins[i], KV_PAGE) for i in p.kv_spilled) * geo.token_bytes
+        past = sum(kvplan.staging_tokens(w.context, wins[i], p.kv_page) for i in p.kv_spilled) * geo.token_bytes
         io_kv = past / prof.read_at(geo.slot_bytes)
     io = io_w + io_kv
-    # on the CPU the reads' completions and the compute share the same cores: with as many busy threads as cores the
-    # two barely overlap (measured: bench plan), so the shorter one counts in full there; with spare cores a tenth
-    overlap = 1.0 if prof.threads >= (os.cpu_count() or 1) else 0.1
-    total = max(compute, io) + overlap * min(compute, io)
+    # measured on the idle 2-core VM (bench plan): the weights' read-ahead (up to 8 slots deep, I/O threads at a
+    # higher priority) runs under the compute, so a streamed step costs the larger of the two; the spilled KV is read
+    # a layer or two ahead of attention and the two share the disk: its reads add to either
+    total = io_kv + max(compute, io_w)
     neck = "compute (CPU)" if compute >= io else ("disk reads of streamed weights" if io_w >= io_kv else "disk reads of spilled KV")
     return Prediction(total, compute, io, neck, {"weights_io_s": io_w, "kv_io_s": io_kv})
 
