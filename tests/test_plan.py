@@ -169,6 +169,10 @@ def test_profile_round_trip_and_interpolation(tmp_path):
     assert back.read_at(1 << 10) == 1e9 and back.read_at(64 << 20) == 2e9
     assert 1e9 < back.read_at(8 << 20) < 2e9
     assert load_profile(tmp_path / "none.json") is None
+    skinny = profile(matmul_bw={1: 8e9, 4: 2e9})  # time per weight byte: interpolated, then growing with the batch
+    assert load_profile(save_profile(skinny, tmp_path / "q.json")) == skinny
+    assert skinny.weights_s(8e9, 1) == pytest.approx(1.0) and skinny.weights_s(8e9, 4) == pytest.approx(4.0)
+    assert skinny.weights_s(8e9, 2) == pytest.approx(2.0) and skinny.weights_s(8e9, 8) == pytest.approx(8.0)
 
 
 def test_cli_plan_prints_the_plan_and_prediction(tmp_path, capsys):
