@@ -124,11 +124,14 @@ class ModelMemory:
         """The training state for one step of ``batch`` x ``seq`` tokens."""
         w = self.weight_bytes
         n_layers = max(1, len(self.layers))
-        # saved for backward per layer, per token: ~ 16 hidden-sized tensors + 4 of the MLP width (attention by
-        # a fused kernel: no T x T scores) -- Korthikanti et al.'s 34 sbh without the score matrix
-        per_token_layer = (16 * self.hidden + 4 * self.intermediate) * self.itemsize
-        acts = batch * seq * (n_layers * per_token_layer) + batch * seq * self.vocab * 4 * 2
-        ckpt = batch * seq * (n_layers * self.hidden * self.itemsize + per_token_layer) + batch * seq * self.vocab * 4 * 2
+        # saved for backward per layer, per token: ~ 32 hidden-sized tensors + 8 of the MLP width -- twice
+        # Korthikanti et al.'s 34 sbh without the score matrix, for transformers' fp32 upcasts (RMSNorm, rotary,
+        # softmax) on the CPU; and at the head bf16 logits, their fp32 copy, log-softmax and its gradient: 16 bytes a
+        # vocabulary entry.  Calibrated on bench plan's dense b2/b4 x 128 rows (idle run, 2026-12-01 03:08: the
+        # measured peak grew 175 KB a token, the textbook terms 88 KB), checked on its MoE row.
+        per_token_layer = (32 * self.hidden + 8 * self.intermediate) * self.itemsize
+        acts = batch * seq * (n_layers * per_token_layer) + batch * seq * self.vocab * 16
+        ckpt = batch * seq * (n_layers * self.hidden * self.itemsize + per_token_layer) + batch * seq * self.vocab * 16
         low = self.itemsize < 4
         offloaded = self.params * 4 * (3 if low else 2)
         return TrainingMemory(self.params, w, w, 3 * w, acts, ckpt, offloaded)
