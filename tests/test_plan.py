@@ -169,6 +169,10 @@ def test_profile_round_trip_and_interpolation(tmp_path):
     assert back.read_at(1 << 10) == 1e9 and back.read_at(64 << 20) == 2e9
     assert 1e9 < back.read_at(8 << 20) < 2e9
     assert load_profile(tmp_path / "none.json") is None
+    skinny = profile(matmul_bw={1: 8e9, 4: 2e9})  # time per weight byte: interpolated, then growing with the batch
+    assert load_profile(save_profile(skinny, tmp_path / "q.json")) == skinny
+    assert skinny.weights_s(8e9, 1) == pytest.approx(1.0) and skinny.weights_s(8e9, 4) == pytest.approx(4.0)
+    assert skinny.weights_s(8e9, 2) == pytest.approx(2.0) and skinny.weights_s(8e9, 8) == pytest.approx(8.0)
 
 
 def test_cli_plan_prints_the_plan_and_prediction(tmp_path, capsys):
@@ -209,3 +213,59 @@ def test_bench_plan_budgets_are_ones_the_planner_accepts(tmp_path):
               0.12, (0.1, 0.2), True)
     table = format_table({"rows": [row]})
     assert "-10.0%" in table and "-16.7%" in table and "| yes |" in table
+
+
+def test_runtimes_consume_the_planners_plan_objects(tmp_path):
+    # plan_inference's parts are what stream_model / TieredCache take; plan_training's what OffloadedAdamW takes
+    from llmtier.offload import stream_model
+    from llmtier.offload.kv import TieredCache
+    from llmtier.offload.optim import OffloadedAdamW
+    from llmtier.plan import KVPlan, OptimPlan
+
+    d = make_model(str(tmp_path / "m"), "llama", layers=4, tokenizer=False, hidden_size=128, intermediate_size=256)
+    m = model_memory(d)
+    prof = profile()
+    w = Workload(batch=1, prompt=16, new_tokens=4)
+    from llmtier.plan.planner import least_memory
+
+    p = plan_inference(m, w, least_memory(m, w, prof.base_bytes, prof) + m.weight_bytes // 4, prof)
+    assert p.weights.streamed and isinstance(p.kv, KVPlan) and p.optim is None
+    ids = torch.randint(1, 100, (1, 16))
+    with stream_model(d, plan=p.weights, verify="never") as model, \
+            TieredCache(model.config, plan=p.kv, path=str(tmp_path / "kv")) as cache:
+        st = model.llmtier
+        assert st.plan.resident == p.weights.resident and st.plan.slots == p.weights.slots
+        assert st.plan.memory_bytes <= p.weights.budget
+        assert cache.memory == p.kv.memory
+        with torch.no_grad():
+            model(ids, use_cache=True, **cache_kwargs(cache, model))
+    with pytest.raises(wlayout.BudgetError, match="decoder layers"):
+        wplan.adopt_plan(p.weights, 0, 0, [1, 2])
+    with pytest.raises(kvtier.KVConfigError):
+        TieredCache(model.config)
+    t = plan_training(m, Workload(batch=1, prompt=16, train=True), 4 << 30, prof)
+    assert isinstance(t.optim, OptimPlan) and t.kv is None
+    net = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    op = OptimPlan(optplan.BYTES_PER_ELEM * 8192, 8192)
+    with OffloadedAdamW(net.parameters(), plan=op, path=str(tmp_path / "opt")) as opt:
+        assert opt.budget == op.memory and opt.chunk_elems == 5120  # the plan's chunk, capped at the flat length
+
+
+def test_expert_split_is_the_planners(tmp_path):
+    from llmtier.offload import experts as oexperts
+    from llmtier.plan import experts as pexperts
+    from llmtier.plan.planner import choose_experts
+
+    assert oexperts.split_budget_for_experts is pexperts.split_budget_for_experts
+    assert oexperts.ExpertPlan is pexperts.ExpertPlan
+    d = make_family_model(str(tmp_path / "moe"), "mixtral", layers=2, vocab_size=512, hidden_size=64,
+                          intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)
+    m = model_memory(d)
+    one = m.layers[0].expert_bytes // 4
+    budget = m.weight_bytes - m.expert_bytes + 6 * one
+    ex = choose_experts(m, wplan.make_plan(budget, 0, [1], 1), budget)
+    assert ex.split is not None and ex.split.cache_bytes == 6 * one and ex.cached_experts == 6
+    p = plan_inference(m, Workload(1, 16, 4), 4 << 30, profile(), experts="lru")
+    assert p.experts.split is not None and p.predicted_peak >= p.weights.memory_bytes + p.experts.split.cache_bytes
+    with pytest.raises(BudgetError):
+        pexperts.split_budget_for_experts(one, 0, [0, 0], [pexperts.ExpertLayer(0, 4, 2, one)])

@@ -78,22 +78,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def prediction_line(model: Any, *, batch: int, prompt: int, new_tokens: int = 0, train: bool = False,
-                    weights_memory: int | None = None, kv_memory: int | None = None, optim_memory: int | None = None,
-                    measured_s: float | None = None, measured_peak: int | None = None) -> str:
-    """One line for ``llmtier run`` / ``llmtier train``: the planner's prediction for the budgets given, beside the
-    measurement.  Uses the saved device profile only (``llmtier bench io --save-profile``); says so when there is none."""
-    from .plan import load_profile, model_memory  # noqa: PLC0415
-    from .plan.planner import Workload, plan_given  # noqa: PLC0415
+def saved_profile() -> Any:
+    """The saved device profile, or None when there is none or it cannot be read (no time prediction then)."""
+    from .plan import load_profile  # noqa: PLC0415
 
     try:
-        prof = load_profile()
-    except LLMTierError as e:
-        return f"plan: no prediction ({e})"
-    m = model_memory(model)
-    p = plan_given(m, Workload(batch, prompt, new_tokens, train), prof, weights_memory=weights_memory,
-                   kv_memory=kv_memory, optim_memory=optim_memory)
-    unit = "step" if train else "token"
+        return load_profile()
+    except LLMTierError:
+        return None
+
+
+def given_placement(model: Any, *, batch: int, prompt: int, new_tokens: int = 0, train: bool = False,
+                    weights_memory: int | str | None = None, kv_memory: int | None = None,
+                    optim_memory: int | None = None, kv_page: int | None = None, dtype: Any = None) -> Any:
+    """The planner's placement for budgets a user gave (``llmtier run --memory``, ``llmtier train``'s optimizer
+    budget), with the saved profile's prediction: the plan the runtimes are then given (``.weights``, ``.kv``,
+    ``.optim``)."""
+    from .plan import model_memory  # noqa: PLC0415
+    from .plan.planner import KV_PAGE, Workload, plan_given  # noqa: PLC0415
+    from .units import resolve_size  # noqa: PLC0415
+
+    m = model_memory(model, dtype=dtype)
+    if isinstance(weights_memory, str):  # "4GiB", "50%" of the weights, "25%ram"
+        weights_memory = resolve_size(weights_memory, whole=m.weight_bytes, what="the weights")
+    return plan_given(m, Workload(batch, prompt, new_tokens, train), saved_profile(), weights_memory=weights_memory,
+                      kv_memory=kv_memory, optim_memory=optim_memory, kv_page=kv_page or KV_PAGE)
+
+
+def format_prediction(p: Any, measured_s: float | None = None, measured_peak: int | None = None) -> str:
+    """One line: a placement's predicted peak and time per token/step beside the measured ones."""
+    unit = "step" if p.workload.train else "token"
     parts = [f"plan: predicted peak {human(p.predicted_peak)}"
              + (f" (measured {human(measured_peak)}, {p.predicted_peak / measured_peak - 1:+.0%})" if measured_peak else "")]
     if p.prediction is None:
@@ -103,6 +117,16 @@ def prediction_line(model: Any, *, batch: int, prompt: int, new_tokens: int = 0,
                      + (f" (measured {measured_s * 1e3:.1f} ms, {p.prediction.seconds / measured_s - 1:+.0%})"
                         if measured_s else "") + f", bound by {p.prediction.bottleneck}")
     return "; ".join(parts)
+
+
+def prediction_line(model: Any, *, batch: int, prompt: int, new_tokens: int = 0, train: bool = False,
+                    weights_memory: int | None = None, kv_memory: int | None = None, optim_memory: int | None = None,
+                    measured_s: float | None = None, measured_peak: int | None = None) -> str:
+    """:func:`format_prediction` of :func:`given_placement`: the planner's prediction for the budgets given, beside the
+    measurement.  Uses the saved device profile only (``llmtier bench io --save-profile``); says so when there is none."""
+    p = given_placement(model, batch=batch, prompt=prompt, new_tokens=new_tokens, train=train,
+                        weights_memory=weights_memory, kv_memory=kv_memory, optim_memory=optim_memory)
+    return format_prediction(p, measured_s, measured_peak)
 
 
 def add_cli(sub: Any, bench: Any) -> None:
@@ -128,4 +152,5 @@ def add_cli(sub: Any, bench: Any) -> None:
     add_bench_plan(bench)
 
 
-__all__ = ["add_cli", "cmd_plan", "describe_memory", "prediction_line", "seed_table"]
+__all__ = ["add_cli", "cmd_plan", "describe_memory", "format_prediction", "given_placement", "prediction_line", "saved_profile",
+           "seed_table"]

@@ -107,14 +107,30 @@ def _check_ids(ids: list[int], config: Any, new_tokens: int) -> None:
 
 
 def _kv_need(config: Any, dtype: Any, batch: int, tokens: int, page_tokens: int) -> int:
-    """The least DRAM the KV tier needs for ``tokens`` of context (every layer spilled)."""
-    from .offload.kv import min_memory  # noqa: PLC0415
+    """The least DRAM the KV tier needs for ``tokens`` of context (every layer spilled), from the planner's memory
+    model (GQA, MLA's compressed cache, sliding windows)."""
+    from .plan import model_memory  # noqa: PLC0415
+    from .plan.planner import Workload, kv_least  # noqa: PLC0415
 
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    itemsize = getattr(dtype, "itemsize", 2)
-    return min_memory(text.num_hidden_layers, batch, heads, head_dim, itemsize, tokens, page_tokens=page_tokens)
+    m = model_memory(config, dtype=str(dtype).replace("torch.", "") if dtype is not None else None)
+    return kv_least(m, Workload(batch, max(1, tokens - 1), 1), page_tokens)
+
+
+def _placement(args: argparse.Namespace, ids: list[int]) -> Any:
+    """The planner's placement for this run's budgets (built once; its parts go to ``stream_model`` and
+    ``TieredCache``), or None where the runtimes take budgets (a GPU, expert streaming, -i, a model the memory model
+    cannot read)."""
+    if args.device != "cpu" or args.experts is not None or args.interactive:
+        return None
+    from .cli_plan import given_placement  # noqa: PLC0415
+
+    try:
+        return given_placement(args.model, batch=args.batch, prompt=max(1, len(ids)), new_tokens=args.max_new_tokens,
+                               weights_memory=args.memory or DEFAULT_MEMORY,
+                               kv_memory=args.kv_memory if args.kv_offload else None, kv_page=args.kv_page_tokens,
+                               dtype=args.dtype)
+    except (LLMTierError, ValueError):
+        return None
 
 
 # -- generation options ------------------------------------------------------------------------------------------------
@@ -213,6 +229,9 @@ def _cache(args: argparse.Namespace, model: Any, stack: contextlib.ExitStack, st
     if args.kv_offload:
         from .offload.kv import TieredCache  # noqa: PLC0415
 
+        kv = getattr(args, "placement", None) and args.placement.kv  # the planner's KV part when there is one
+        if kv is not None:
+            return stack.enter_context(TieredCache(model.config, plan=kv, path=args.kv_dir))
         return stack.enter_context(TieredCache(model.config, memory=args.kv_memory, path=args.kv_dir,
                                                page_tokens=args.kv_page_tokens))
     if store is not None:
@@ -289,10 +308,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         trace_cm = record(args.trace, device_path=args.model, label=f"llmtier run {os.path.basename(args.model)}")
         trace_cm.__enter__()
     t0 = time.perf_counter()
+    args.placement = _placement(args, ids) if args.prefetch is None else None  # built once, given to the runtimes
+    budget = {"plan": args.placement.weights} if args.placement is not None else {"memory": args.memory or DEFAULT_MEMORY}
     try:
-        with stream_model(args.model, args.memory or DEFAULT_MEMORY, args.device, host_memory=args.host_memory,
+        with stream_model(args.model, device=args.device, host_memory=args.host_memory,
                           prefetch=args.prefetch, verify=args.verify, experts=args.experts,
-                          predict=not args.no_predict, dtype=args.dtype) as model, contextlib.ExitStack() as stack:
+                          predict=not args.no_predict, dtype=args.dtype, **budget) as model, contextlib.ExitStack() as stack:
             load_s = time.perf_counter() - t0
             st = model.llmtier
             if not args.json:
@@ -389,11 +410,9 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{e['prediction_precision']:.2f}, {human(e['bytes_per_token'])} per token", file=sys.stderr)
     for line in _kv_lines(kv_out):
         print(line, file=sys.stderr)
-    if args.device == "cpu" and timed.decode_steps:  # the planner's prediction beside the measurement
-        from .cli_plan import prediction_line  # noqa: PLC0415
-        print(prediction_line(args.model, batch=args.batch, prompt=len(ids), new_tokens=args.max_new_tokens,
-                              weights_memory=plan.budget, kv_memory=args.kv_memory if args.kv_offload else None,
-                              measured_s=timed.decode_s / timed.decode_steps, measured_peak=rss), file=sys.stderr)
+    if args.placement is not None and timed.decode_steps:  # the planner's prediction beside the measurement
+        from .cli_plan import format_prediction  # noqa: PLC0415
+        print(format_prediction(args.placement, timed.decode_s / timed.decode_steps, rss), file=sys.stderr)
     if "trace" in out:
         print(f"trace saved to {args.trace}; `llmtier report {args.trace} -o DIR` explains it", file=sys.stderr)
     return 0

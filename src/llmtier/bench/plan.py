@@ -110,6 +110,19 @@ def build_model(directory: str, kind: str) -> str:
     return path
 
 
+def model_path(directory: str, kind: str) -> str:
+    """What a configuration streams from: the HF directory, or for a MoE model its llmtier store.  A safetensors
+    checkpoint stores each expert apart at unaligned offsets; transformers fuses them, and the pieces of the fused
+    tensors go through the engine's bounce buffers, freed only by the cyclic GC (+20-50 MiB measured on the bench's
+    MoE shapes): a store lays them out aligned, each read straight into place (as ``bench moe`` does)."""
+    path = build_model(directory, kind)
+    if MODELS[kind]["builder"] != "family":
+        return path
+    from .moe import ensure_store  # noqa: PLC0415
+
+    return ensure_store(path)
+
+
 def _memory_for(m: Any, c: Config, base: int, profile: Any = None) -> int:
     """The budget of a configuration: what it needs outside the weights, the weights' share, the KV's share."""
     from ..plan.planner import SLACK, Workload, _kv_need, least_memory  # noqa: PLC0415
@@ -125,6 +138,18 @@ def _memory_for(m: Any, c: Config, base: int, profile: Any = None) -> int:
     acts = m.prefill_activation_bytes(c.batch, c.prompt) + max(RUN_OVERHEAD, getattr(profile, "run_overhead_bytes", 0))
     want = int((base + acts + kv * c.kv_share + m.weight_bytes * c.weights) / (1 - SLACK))
     return max(want, least_memory(m, w, base, profile) + (4 << 20))
+
+
+def plan_job(p: Any) -> dict[str, Any]:
+    """The placement's parts as the child takes them (JSON): the weights' :class:`~llmtier.plan.weights.Plan`, the KV
+    tier's :class:`~llmtier.plan.planner.KVPlan` (only where a layer spills: else transformers' own cache), the
+    optimizer's :class:`~llmtier.plan.planner.OptimPlan`."""
+    import dataclasses  # noqa: PLC0415
+
+    kv, opt = p.kv, p.optim
+    return {"weights_plan": dataclasses.asdict(p.weights),
+            "kv_plan": dataclasses.asdict(kv) if kv is not None and kv.spilled else None,
+            "optim_plan": dataclasses.asdict(opt) if opt is not None else None}
 
 
 def _child_argv(job: dict[str, Any]) -> list[str]:
@@ -192,7 +217,8 @@ def refresh_profile(profile: Any, directory: str) -> Any:
     return dataclasses.replace(profile, read_bw={**profile.read_bw, **read}, write_bw={**profile.write_bw, **write},
                                gemm_flops=cpu["gemm_flops"], gemv_bw=cpu["gemv_bw"],
                                layer_overhead_s=cpu["layer_overhead_s"], adam_elems_s=cpu["adam_elems_s"],
-                               expert_overhead_s=cpu["expert_overhead_s"], train_flops=cpu["train_flops"])
+                               expert_overhead_s=cpu["expert_overhead_s"], train_flops=cpu["train_flops"],
+                               matmul_bw=cpu["matmul_bw"], step_overhead_s=cpu["step_overhead_s"])
 
 
 def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, progress: bool = True,
@@ -209,7 +235,7 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
     for c in configs:
         if recalibrate:  # the CPU and disk rates right now: the machine is shared, its rates swing run to run
             profile = refresh_profile(profile, directory)
-        path = build_model(directory, c.model)
+        path = build_model(directory, c.model) if c.train else model_path(directory, c.model)
         m = model_memory(path)
         w = Workload(c.batch, c.prompt, 0 if c.train else c.new_tokens, c.train)
         memory = _memory_for(m, c, profile.base_bytes, profile)
@@ -219,9 +245,7 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
         row.predicted_s = p.prediction.seconds if p.prediction else 0.0
         row.bottleneck = p.prediction.bottleneck if p.prediction else ""
         job = {"kind": "train" if c.train else "infer", "model": path, "batch": c.batch, "prompt": c.prompt,
-               "new_tokens": c.new_tokens, "steps": c.steps, "weights_memory": p.weights_memory,
-               "kv_memory": p.kv_memory, "kv_spill": bool(p.kv_spilled), "optim_memory": p.optim_memory,
-               "dir": directory}
+               "new_tokens": c.new_tokens, "steps": c.steps, "dir": directory, **plan_job(p)}
         if progress:
             print(f"[bench plan] {c.name}: budget {human(memory)}, predicted peak {human(row.predicted_peak)}, "
                   f"{row.predicted_s * 1e3:.1f} ms", file=sys.stderr, flush=True)
@@ -266,13 +290,17 @@ def _infer(job: dict[str, Any]) -> list[float]:
 
     from ..offload import stream_model  # noqa: PLC0415
     from ..offload.generate import generate_timed  # noqa: PLC0415
+    from ..plan.planner import KVPlan  # noqa: PLC0415
+    from ..plan.weights import Plan  # noqa: PLC0415
 
-    with stream_model(job["model"], job["weights_memory"], verify="never") as model:
+    plan = Plan(**job["weights_plan"]) if job.get("weights_plan") else None
+    budget = {"plan": plan} if plan is not None else {"memory": job["weights_memory"]}
+    with stream_model(job["model"], verify="never", **budget) as model:
         cache = None
-        if job["kv_spill"]:
+        if job.get("kv_plan"):
             from ..offload.kv import TieredCache  # noqa: PLC0415
 
-            cache = TieredCache(model.config, memory=job["kv_memory"], path=job["dir"])
+            cache = TieredCache(model.config, plan=KVPlan(**job["kv_plan"]), path=job["dir"])
         ids = torch.randint(1, model.config.vocab_size, (job["batch"], job["prompt"]))
         try:
             timed = generate_timed(model, ids, job["new_tokens"], cache=cache)
@@ -294,7 +322,10 @@ def _train(job: dict[str, Any]) -> list[float]:
     model.train()
     state = tempfile.mkdtemp(prefix="optim-", dir=job["dir"])
     out = []
-    with OffloadedAdamW(model.parameters(), memory=job["optim_memory"], path=state, lr=1e-4) as opt:
+    from ..plan.planner import OptimPlan  # noqa: PLC0415
+
+    budget = {"plan": OptimPlan(**job["optim_plan"])} if job.get("optim_plan") else {"memory": job["optim_memory"]}
+    with OffloadedAdamW(model.parameters(), path=state, lr=1e-4, **budget) as opt:
         for _ in range(job["steps"]):
             ids = torch.randint(1, config.vocab_size, (job["batch"], job["prompt"]))
             t0 = time.perf_counter()

@@ -12,6 +12,7 @@ GPU: pinned host -> device copy bandwidth, only where CUDA is usable.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import platform
 import sys
@@ -100,6 +101,7 @@ def _cpu(quick: bool) -> dict[str, float]:
     for _ in range(reps * 4):
         torch.nn.functional.linear(x, w)
     out["gemv_bw"] = reps * 4 * w.numel() * 2 / (time.perf_counter() - t0)
+    out["matmul_bw"] = _matmul_rates(w, reps)
     # AdamW on fp32 as OffloadedAdamW updates a chunk (torch's foreach-free functional form)
     e = 1 << 22
     p, g, m, v = (torch.randn(e) for _ in range(4))
@@ -111,8 +113,29 @@ def _cpu(quick: bool) -> dict[str, float]:
         p.mul_(1 - 1e-4).addcdiv_(m, v.sqrt().add_(1e-8), value=-1e-3)
     out["adam_elems_s"] = reps * e / (time.perf_counter() - t0)
     out["layer_overhead_s"] = _layer_overhead(reps)
+    out["step_overhead_s"] = _step_overhead(reps, out["layer_overhead_s"])
     out["train_flops"] = _train_rate(2 if quick else 4)
     out["expert_overhead_s"] = _expert_overhead(reps, out["layer_overhead_s"])
+    return out
+
+
+MATMUL_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def _matmul_rates(w: Any, reps: int) -> dict[int, float]:
+    """Bytes of bf16 weights per second of ``[batch, k] x w`` at the batch sizes decode runs (median of ``reps * 4``)."""
+    import torch  # noqa: PLC0415
+
+    out = {}
+    for b in MATMUL_BATCHES:
+        x = torch.randn(b, w.shape[1], dtype=torch.bfloat16)
+        torch.nn.functional.linear(x, w)
+        times = []
+        for _ in range(reps * 4):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - t0)
+        out[b] = w.numel() * 2 / float(np.median(times))
     return out
 
 
@@ -143,6 +166,26 @@ def _expert_overhead(reps: int, dense_layer_s: float) -> float:
     cfg = MixtralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                         num_hidden_layers=8, vocab_size=256, num_local_experts=8, num_experts_per_tok=2)
     return max(0.0, (_layer_overhead(reps, MixtralForCausalLM(cfg).eval()) - dense_layer_s) / 2)
+
+
+def _step_overhead(reps: int, layer_s: float) -> float:
+    """Seconds a decode step of ``generate()`` (as llmtier's runs call it) takes beyond its decoder layers' fixed
+    cost: embedding, head, logits processing, the cache's bookkeeping (a tiny Llama, batch 1)."""
+    import torch  # noqa: PLC0415
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    from ..offload.generate import generate_timed  # noqa: PLC0415
+
+    layers = 8
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=layers, vocab_size=256)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, 32))
+    steps = []
+    for _ in range(2):
+        st = generate_timed(model, ids, 4 * reps + 1).stamps
+        steps += [b - a for a, b in itertools.pairwise(st[1:])]
+    return max(0.0, float(np.median(steps)) - layers * layer_s)
 
 
 def _layer_overhead(reps: int, model: Any = None) -> float:
@@ -211,7 +254,8 @@ def measure_profile(directory: str, *, quick: bool = False) -> DeviceProfile:
     return DeviceProfile(read, write, _dram(), cpu["gemm_flops"], cpu["gemv_bw"], cpu["layer_overhead_s"],
                          cpu["adam_elems_s"], base, _h2d(), torch.get_num_threads(), os.path.abspath(directory),
                          datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), platform.node(),
-                         [n for n in notes if n], quick, gen, train, cpu["expert_overhead_s"], cpu["train_flops"])
+                         [n for n in notes if n], quick, gen, train, cpu["expert_overhead_s"], cpu["train_flops"],
+                         cpu["matmul_bw"], cpu["step_overhead_s"])
 
 
 def format_profile(p: DeviceProfile) -> str:
@@ -224,8 +268,11 @@ def format_profile(p: DeviceProfile) -> str:
     lines.append(f"  DRAM copy {p.dram_copy_bw / g:.2f} GiB/s; bf16 GEMM {p.gemm_flops / 1e9:.1f} GFLOP/s "
                  f"(training {p.train_flops / 1e9:.1f} GFLOP/s); "
                  f"GEMV {p.gemv_bw / g:.2f} GiB/s of weights")
+    if p.matmul_bw:
+        rates = ", ".join(f"{b}: {v / g:.2f}" for b, v in sorted(p.matmul_bw.items()))
+        lines.append(f"  decode products (batch: GiB/s of weights) {rates}")
     lines.append(f"  decoder layer fixed cost {p.layer_overhead_s * 1e3:.3f} ms (+{p.expert_overhead_s * 1e3:.3f} ms per routed "
-                 f"expert hit); AdamW {p.adam_elems_s / 1e6:.0f} M elems/s; "
+                 f"expert hit, +{p.step_overhead_s * 1e3:.2f} ms per decode step); AdamW {p.adam_elems_s / 1e6:.0f} M elems/s; "
                  f"process base {p.base_bytes / (1 << 20):.0f} MiB, run overhead {p.run_overhead_bytes / (1 << 20):.0f} MiB "
                  f"(training {p.train_overhead_bytes / (1 << 20):.0f} MiB)")
     lines.append(f"  pinned host->GPU {p.h2d_bw / g:.2f} GiB/s" if p.h2d_bw else "  pinned host->GPU: no CUDA here")

@@ -75,6 +75,9 @@ class BudgetRun:
     trace: str = ""
     peak_rss: int = 0
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # step, seconds, bytes
+    predicted_s: float | None = None  # the planner's step time for this budget (None: no saved device profile)
+    predicted_peak: int = 0
+    bottleneck: str = ""
 
     def median(self, key: str, skip: int = 1) -> float:
         vals = [s[key] for s in self.steps[skip:]] or [s[key] for s in self.steps]
@@ -151,9 +154,13 @@ def train_once(cfg: TrainConfig, budget: float, token_file: str) -> BudgetRun:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     state_dir = os.path.join(cfg.directory, f"optim-{budget:g}")
+    placement = train_placement(cfg, budget_bytes)  # the planner's plan, built once: the optimizer takes its part
     opt = OffloadedAdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                         memory=budget_bytes, path=state_dir, lr=cfg.lr, betas=(0.9, 0.95))
+                         plan=placement.optim, path=state_dir, lr=cfg.lr, betas=(0.9, 0.95))
     run = BudgetRun(budget, budget_bytes, len(opt.chunks), opt.chunk_elems)
+    run.predicted_peak = placement.predicted_peak
+    if placement.prediction is not None:
+        run.predicted_s, run.bottleneck = placement.prediction.seconds, placement.prediction.bottleneck
     run.analytic_read, run.analytic_write = opt.step_bytes()
     try:
         if cfg.fio:
@@ -268,17 +275,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_lines(cfg: TrainConfig, runs: list[BudgetRun]) -> list[str]:
-    """Per budget: the planner's predicted step time and peak beside the measured ones (the GPT as a gpt2 config)."""
-    from ..cli_plan import prediction_line  # noqa: PLC0415
+def gpt2_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The GPT of ``cfg`` as a gpt2 config the planner's memory model reads."""
     from .gpt import GPTConfig  # noqa: PLC0415
 
     g = GPTConfig.sized(cfg.params, context=cfg.context, vocab=cfg.vocab)
-    config = {"model_type": "gpt2", "n_embd": g.dim, "n_layer": g.layers, "n_head": g.heads, "vocab_size": g.vocab,
-              "n_positions": g.context, "torch_dtype": "bfloat16"}
-    return [f"budget {r.budget:g}: " + prediction_line(config, batch=cfg.batch, prompt=cfg.context, train=True,
-                                                     optim_memory=r.budget_bytes, measured_s=r.median("step_s"),
-                                                     measured_peak=r.peak_rss) for r in runs]
+    return {"model_type": "gpt2", "n_embd": g.dim, "n_layer": g.layers, "n_head": g.heads, "vocab_size": g.vocab,
+            "n_positions": g.context, "torch_dtype": "bfloat16"}
+
+
+def train_placement(cfg: TrainConfig, budget_bytes: int) -> Any:
+    """The planner's placement for one optimizer budget (its ``.optim`` is what ``OffloadedAdamW`` takes)."""
+    from ..cli_plan import given_placement  # noqa: PLC0415
+
+    return given_placement(gpt2_config(cfg), batch=cfg.batch, prompt=cfg.context, train=True, optim_memory=budget_bytes)
+
+
+def plan_lines(cfg: TrainConfig, runs: list[BudgetRun]) -> list[str]:
+    """Per budget: the planner's predicted step time and peak (made when the run was planned) beside the measured ones."""
+    out = []
+    for r in runs:
+        parts = [f"plan: predicted peak {human(r.predicted_peak)} (measured {human(r.peak_rss)}, "
+                 f"{r.predicted_peak / max(1, r.peak_rss) - 1:+.0%})"]
+        if r.predicted_s is None:
+            parts.append("no time prediction: no saved device profile (llmtier bench io --save-profile)")
+        else:
+            m = r.median("step_s")
+            parts.append(f"{r.predicted_s * 1e3:.1f} ms per step (measured {m * 1e3:.1f} ms, {r.predicted_s / m - 1:+.0%}), "
+                         f"bound by {r.bottleneck}")
+        out.append(f"budget {r.budget:g}: " + "; ".join(parts))
+    return out
 
 
 def add_cli(sub: Any) -> None:

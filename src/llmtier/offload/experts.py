@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LLMTierError
+from ..plan.experts import ExpertPlan, split_budget_for_experts  # the budget split is the planner's; re-exported
 from ..store.format import ALIGN
-from ..units import human
-from .layout import Group, Layout, Plan, make_group, make_plan
+from .layout import Group, Layout, make_group
 
 PROFILE_NAME = "llmtier-experts.json"
 POLICIES = ("lru", "lfu", "profile")
@@ -376,57 +376,6 @@ def layer_quotas(capacity: int, moe: list[MoELayer]) -> dict[int, int]:
     total = sum(m.num_experts * m.expert_bytes for m in moe) or 1
     return {m.layer: min(m.num_experts, int(capacity * m.num_experts * m.expert_bytes / total) // max(1, m.expert_bytes))
             for m in moe}
-
-
-# -- the budget ----------------------------------------------------------------------------------------------------
-@dataclass
-class ExpertPlan:
-    """The budget split: ``dense`` (a :class:`Plan` of the layers without their
-    experts) and ``cache_bytes`` of DRAM for experts."""
-
-    dense: Plan
-    cache_bytes: int
-    least_cache_bytes: int
-    expert_bytes: int  # all routed experts of the model
-    reason: str
-
-    def describe(self) -> str:
-        return self.dense.describe() + "\n" + self.reason
-
-
-def split_budget_for_experts(budget: int, outside: int, dense_layers: list[int], moe: list[MoELayer],
-                             prefetch: int | None = None) -> ExpertPlan:
-    """Split ``budget`` bytes between the dense weights and the expert cache.
-
-    The one place this decision is made (a planner can take it over).  The
-    cache must hold at least every expert of the largest MoE layer (a
-    prefill can route to all of them at once) plus ``top_k`` experts more
-    for a prediction in flight.  The dense part (head, embeddings, attention,
-    routers, shared experts) is used by every token, so it is held whole
-    when it fits beside that least cache, and the cache gets the rest;
-    otherwise the dense layers stream (:func:`make_plan`) in what the least
-    cache leaves.
-    """
-    least = max(m.num_experts * m.expert_bytes + m.top_k * m.expert_bytes for m in moe)
-    total_experts = sum(m.num_experts * m.expert_bytes for m in moe)
-    dense_total = outside + sum(dense_layers)
-    if budget >= dense_total + total_experts:
-        dense = make_plan(budget, outside, dense_layers, max(dense_layers, default=0), prefetch)
-        return ExpertPlan(dense, total_experts, least, total_experts, "every expert fits: the cache holds them all")
-    if budget >= dense_total + least:
-        dense = make_plan(dense_total, outside, dense_layers, max(dense_layers, default=0), prefetch)
-        cache = budget - dense_total
-    else:
-        if budget < least:
-            raise ExpertError(f"a memory budget of {human(budget)} is below the least expert cache: every expert of a "
-                              f"layer and {moe[0].top_k} more ({human(least)})")
-        dense = make_plan(budget - least, outside, dense_layers, max(dense_layers, default=0), prefetch)
-        cache = budget - dense.memory_bytes
-    count = sum(1 for _ in moe)
-    dense.budget = budget
-    return ExpertPlan(dense, cache, least, total_experts,
-                      f"expert cache: {human(cache)} of DRAM for the routed experts of {count} MoE layers "
-                      f"({human(total_experts)}, {cache / max(1, total_experts):.0%} of them fit)")
 
 
 __all__ = ["POLICIES", "PROFILE_NAME", "ExpertCache", "ExpertError", "ExpertPlan", "ExpertProfile", "Extent", "LFU",

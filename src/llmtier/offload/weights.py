@@ -34,6 +34,7 @@ import numpy as np
 from ..engine import Engine, alloc
 from ..engine.cuda import require_cuda
 from ..errors import ChecksumError, FormatError, LLMTierError
+from ..plan.weights import adopt_plan
 from ..store import dtypes
 from ..store.format import TensorInfo, crc32c
 from ..store.reader import TensorSource, verify_mode
@@ -421,10 +422,10 @@ def _streamed_class(cls: type) -> type:
                                                                   "__qualname__": cls.__qualname__})
 
 
-def stream_model(path: str | os.PathLike[str], memory: int | str, device: Any = "cpu", *, dtype: Any = None,
+def stream_model(path: str | os.PathLike[str], memory: int | str | None = None, device: Any = "cpu", *, dtype: Any = None,
                  host_memory: int | str | None = None, prefetch: int | None = None, engine: Engine | None = None,
                  verify: bool | str = "first", io_nice: int | None = -10, experts: str | None = None,
-                 predict: bool = True, profile: Any = None) -> Any:
+                 predict: bool = True, profile: Any = None, plan: Plan | None = None) -> Any:
     """A transformers causal LM whose weights stream from ``path`` within ``memory`` bytes.
 
     ``path``: a Hugging Face model directory (config.json + safetensors, read
@@ -452,7 +453,16 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: Any = 
     next layer's guessed experts; ``profile`` is the profile policy's
     expert frequencies (default: the one saved beside the model).  See
     :mod:`llmtier.offload.moe`.
+
+    ``plan``: the weights' part of the planner's placement
+    (``llmtier.plan.plan_inference(...).weights``) instead of ``memory``: its
+    resident layers, slots and embedding choice are taken as they are, with
+    this checkpoint's sizes (:func:`llmtier.plan.weights.adopt_plan`).
     """
+    if (memory is None) == (plan is None):
+        raise LLMTierError("give stream_model either memory= (a budget) or plan= (the planner's weights plan)")
+    if memory is None and plan is not None:
+        memory = plan.budget
     dev = str(device)
     if dev.split(":")[0] not in ("cpu", "cuda"):
         raise LLMTierError(f"device {device!r}: weights stream to the CPU or to a CUDA GPU ('cuda', 'cuda:1')")
@@ -474,7 +484,13 @@ def stream_model(path: str | os.PathLike[str], memory: int | str, device: Any = 
             layout.model.__class__ = _streamed_class(type(layout.model))
             layout.model.llmtier = streamer
             return layout.model
-        plan = layout.plan(memory, prefetch) if dev == "cpu" else layout.device_plan(memory, host_memory, prefetch)
+        if plan is not None and plan.device == "cpu" and dev == "cpu":  # the planner's decisions, this checkpoint's sizes
+            sizes = [g.nbytes for g in layout.groups]
+            plan = adopt_plan(plan, layout.outside.nbytes, layout.embedding_bytes, sizes)
+        elif plan is not None:  # a GPU plan: the same rules (plan/) over its budgets and the device's buffer sizes
+            plan = layout.device_plan(plan.budget, plan.host_budget or host_memory, prefetch)
+        else:
+            plan = layout.plan(memory, prefetch) if dev == "cpu" else layout.device_plan(memory, host_memory, prefetch)
         if engine is None and plan.streamed and io_nice is not None:
             why = layout.source.engine.prioritize(io_nice)
             if why:

@@ -124,11 +124,14 @@ class ModelMemory:
         """The training state for one step of ``batch`` x ``seq`` tokens."""
         w = self.weight_bytes
         n_layers = max(1, len(self.layers))
-        # saved for backward per layer, per token: ~ 16 hidden-sized tensors + 4 of the MLP width (attention by
-        # a fused kernel: no T x T scores) -- Korthikanti et al.'s 34 sbh without the score matrix
-        per_token_layer = (16 * self.hidden + 4 * self.intermediate) * self.itemsize
-        acts = batch * seq * (n_layers * per_token_layer) + batch * seq * self.vocab * 4 * 2
-        ckpt = batch * seq * (n_layers * self.hidden * self.itemsize + per_token_layer) + batch * seq * self.vocab * 4 * 2
+        # saved for backward per layer, per token: ~ 32 hidden-sized tensors + 8 of the MLP width -- twice
+        # Korthikanti et al.'s 34 sbh without the score matrix, for transformers' fp32 upcasts (RMSNorm, rotary,
+        # softmax) on the CPU; and at the head bf16 logits, their fp32 copy, log-softmax and its gradient: 16 bytes a
+        # vocabulary entry.  Calibrated on bench plan's dense b2/b4 x 128 rows (idle run, 2026-12-01 03:08: the
+        # measured peak grew 175 KB a token, the textbook terms 88 KB), checked on its MoE row.
+        per_token_layer = (32 * self.hidden + 8 * self.intermediate) * self.itemsize
+        acts = batch * seq * (n_layers * per_token_layer) + batch * seq * self.vocab * 16
+        ckpt = batch * seq * (n_layers * self.hidden * self.itemsize + per_token_layer) + batch * seq * self.vocab * 16
         low = self.itemsize < 4
         offloaded = self.params * 4 * (3 if low else 2)
         return TrainingMemory(self.params, w, w, 3 * w, acts, ckpt, offloaded)
@@ -160,6 +163,10 @@ def load_config(model: str | os.PathLike[str] | dict[str, Any] | Any) -> Any:
     else:
         p = os.fspath(model)
         path = os.path.join(p, "config.json") if os.path.isdir(p) else p
+        if not os.path.exists(path) and os.path.isdir(p):  # an llmtier store keeps the config in its metadata
+            stored = _store_config(p)
+            if stored is not None:
+                return load_config(stored)
         if not os.path.exists(path):
             raise ModelConfigError(f"{p}: no config.json (a Hugging Face model directory or config file is needed)")
         try:
@@ -174,6 +181,18 @@ def load_config(model: str | os.PathLike[str] | dict[str, Any] | Any) -> Any:
         return AutoConfig.for_model(kind, **doc)
     except (ValueError, KeyError) as e:
         raise ModelConfigError(f"transformers does not know model_type {kind!r}: {e}") from e
+
+
+def _store_config(path: str) -> dict[str, Any] | None:
+    """The ``hf_config`` an llmtier store (``llmtier convert``) keeps in its metadata; None when it is not one."""
+    from ..store.reader import open_store  # noqa: PLC0415
+
+    try:
+        with open_store(path, verify=False) as src:
+            doc = src.metadata.get("hf_config")
+    except (LLMTierError, OSError, ValueError):
+        return None
+    return dict(doc) if isinstance(doc, dict) and doc.get("model_type") else None
 
 
 def _dtype_name(config: Any, dtype: Any) -> str:

@@ -13,7 +13,6 @@ bottleneck come from a :class:`~llmtier.plan.profile.DeviceProfile`.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +20,14 @@ from ..errors import BudgetError
 from ..units import human
 from . import kv as kvplan
 from . import optim as optplan
+from .experts import ExpertLayer, ExpertPlan, split_budget_for_experts
 from .memory import ModelMemory
 from .profile import DeviceProfile
-from .weights import INFLIGHT_BYTES, RUN_OVERHEAD, Plan, make_plan, plan_layers
+from .weights import RUN_OVERHEAD, Plan, make_plan, plan_layers
 
 KV_PAGE = kvplan.DEFAULT_PAGE_TOKENS
 KV_PREFETCH = 2
+READ_PIECE = 1 << 20  # the engine's request size for a streamed layer's reads
 SLACK = 0.03  # of the budget kept free: allocator rounding and what the model does not see
 
 
@@ -58,11 +59,35 @@ class Prediction:
 
 @dataclass
 class ExpertPlacement:
-    """Resident MoE experts per layer.  Today every expert stays with its layer (resident or streamed
-    whole); :func:`choose_experts` is the one place a per-expert hot/cold split will be decided."""
+    """Resident MoE experts: with whole-layer streaming (``experts=None``) every expert stays with its layer,
+    ``resident`` lists them; with expert streaming ``split`` is the budget split between the dense weights and the
+    expert cache (:func:`llmtier.plan.experts.split_budget_for_experts`, what ``stream_model(experts=...)`` makes)."""
 
     resident: dict[int, list[int]] = field(default_factory=dict)  # layer -> experts kept in memory
     reason: str = "experts move with their layer"
+    split: ExpertPlan | None = None  # expert streaming: dense plan + expert cache bytes
+    cached_experts: int = 0  # experts the cache holds at once (expert streaming)
+
+
+@dataclass
+class KVPlan:
+    """The KV tier's part of a plan: what ``TieredCache(config, plan=...)`` takes.  ``spilled`` is what the planner
+    expects the tier to spill at the longest context (the tier decides at each forward with the same rule,
+    :func:`llmtier.plan.kv.choose_spills`, over ``memory``)."""
+
+    memory: int
+    page_tokens: int = kvplan.DEFAULT_PAGE_TOKENS
+    prefetch: int = 2
+    spilled: list[int] = field(default_factory=list)
+
+
+@dataclass
+class OptimPlan:
+    """The offloaded optimizer's part of a plan: what ``OffloadedAdamW(params, plan=...)`` takes."""
+
+    memory: int  # DRAM for the chunk pipeline
+    chunk_elems: int
+    on_ssd: bool = True
 
 
 @dataclass
@@ -88,12 +113,28 @@ class Placement:
     reasons: list[str] = field(default_factory=list)
     gpu_memory: int | None = None
     overhead_bytes: int = RUN_OVERHEAD  # predicted: what a run adds beyond the model's terms (the profile's measure)
+    kv_page: int = KV_PAGE  # tokens per KV page
+
+    @property
+    def kv(self) -> KVPlan | None:
+        """What ``TieredCache(config, plan=...)`` takes; None when the run has no KV tier (training, no KV layers)."""
+        if self.workload.train or not self.model.windows or not self.kv_memory:
+            return None
+        return KVPlan(self.kv_memory, self.kv_page, KV_PREFETCH, list(self.kv_spilled))
+
+    @property
+    def optim(self) -> OptimPlan | None:
+        """What ``OffloadedAdamW(params, plan=...)`` takes; None for inference."""
+        if not self.workload.train or not self.chunk_elems:
+            return None
+        return OptimPlan(self.optim_memory, self.chunk_elems, self.optim_on_ssd)
 
     @property
     def predicted_peak(self) -> int:
         """Predicted peak memory of the whole process."""
-        return (self.base_bytes + self.overhead_bytes + self.activation_bytes + self.weights.memory_bytes + self.kv_bytes
-                + self.gradient_bytes + self.optim_memory)
+        cache = self.experts.split.cache_bytes if self.experts.split is not None else 0
+        return (self.base_bytes + self.overhead_bytes + self.activation_bytes + self.weights.memory_bytes + cache
+                + self.kv_bytes + self.gradient_bytes + self.optim_memory)
 
     def breakdown(self) -> list[tuple[str, int]]:
         rows = [("process (python, torch, transformers)", self.base_bytes), ("run overhead (allocator, objects)",
@@ -148,28 +189,50 @@ def _overhead(profile: DeviceProfile | None, train: bool = False) -> int:
     return got if got > 0 else RUN_OVERHEAD
 
 
-def choose_experts(model: ModelMemory, weights: Plan) -> ExpertPlacement:
-    """Resident MoE experts: the hook for a per-expert split (router statistics); today experts follow their layer."""
+def expert_layers(model: ModelMemory) -> list[ExpertLayer]:
+    """The MoE layers' sizes as the expert split takes them (one expert's bytes: the layer's expert bytes / experts)."""
+    k = max(1, model.experts_per_token)
+    return [ExpertLayer(lay.index, lay.experts, k, lay.expert_bytes // lay.experts)
+            for lay in model.layers if lay.experts and lay.expert_bytes]
+
+
+def choose_experts(model: ModelMemory, weights: Plan, budget: int | None = None, prefetch: int | None = None) -> ExpertPlacement:
+    """Resident MoE experts.  ``budget`` None (whole-layer streaming): experts follow their layer.  ``budget`` bytes
+    (expert streaming, ``stream_model(experts=...)``): the planner's split of the weights' budget between the dense part
+    and the expert cache (:func:`~llmtier.plan.experts.split_budget_for_experts`, the rule the runtime applies to the
+    checkpoint's sizes)."""
+    if budget is not None and model.expert_bytes:
+        dense = [lay.weight_bytes - lay.expert_bytes for lay in model.layers]
+        moe = expert_layers(model)
+        split = split_budget_for_experts(budget, model.outside_bytes + model.embedding_bytes, dense, moe, prefetch)
+        one = max((m.expert_bytes for m in moe), default=1)
+        return ExpertPlacement({}, split.reason, split, split.cache_bytes // max(1, one))
     res = {i: list(range(model.layers[i].experts)) for i in weights.resident if model.layers[i].experts}
     why = ("experts move with their layer: resident layers hold all their experts, streamed layers read all "
            "of theirs" if model.expert_bytes else "no routed experts")
     return ExpertPlacement(res, why)
 
 
-def _kv_need(m: ModelMemory, w: Workload, resident: set[int]) -> int:
+def _kv_need(m: ModelMemory, w: Workload, resident: set[int], page: int = KV_PAGE) -> int:
     wins = m.windows
     if not wins:
         return 0
-    geo = _kv_geometry(m, w.batch)
+    geo = _kv_geometry(m, w.batch, page)
     return max(kvplan.need(0, w.prompt, wins, resident, geo, KV_PREFETCH),
                kvplan.need(max(w.context - 1, 1), 1, wins, resident, geo, KV_PREFETCH))
 
 
-def _kv_geometry(m: ModelMemory, batch: int) -> kvplan.Geometry:
+def kv_least(m: ModelMemory, w: Workload, page: int = KV_PAGE) -> int:
+    """The least DRAM the KV tier needs for ``w`` with every layer spilled (MLA's compressed layout and sliding
+    windows as the memory model counts them)."""
+    return _kv_need(m, w, set(), page)
+
+
+def _kv_geometry(m: ModelMemory, batch: int, page: int = KV_PAGE) -> kvplan.Geometry:
     tok = max((lay.kv_token_bytes for lay in m.layers), default=0)
     elems = tok // m.itemsize
     # one "head" of the token's K and V elements: the budget depends on bytes only
-    return kvplan.Geometry(batch, 1, elems // 2, 1, elems - elems // 2, KV_PAGE, None, m.itemsize)
+    return kvplan.Geometry(batch, 1, elems // 2, 1, elems - elems // 2, page, None, m.itemsize)
 
 
 def _reserve(profile: DeviceProfile | None, train: bool = False) -> int:
@@ -187,8 +250,12 @@ def least_memory(m: ModelMemory, w: Workload, base_bytes: int, profile: DevicePr
 
 
 def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfile | None = None, *,
-                   base_bytes: int | None = None, gpu_memory: int | None = None) -> Placement:
-    """Place ``m`` for generating ``w`` within ``memory`` bytes (the whole process)."""
+                   base_bytes: int | None = None, gpu_memory: int | None = None, experts: str | None = None) -> Placement:
+    """Place ``m`` for generating ``w`` within ``memory`` bytes (the whole process).
+
+    The result's parts are what the runtimes take: ``.weights`` -> ``stream_model(path, plan=...)``, ``.kv`` ->
+    ``TieredCache(config, plan=...)``.  ``experts`` (a policy name, a MoE model): the weights' budget is split
+    between the dense part and an expert cache (``.experts.split``), as ``stream_model(experts=...)`` streams."""
     base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
     reserve = _reserve(profile)
     acts = m.prefill_activation_bytes(w.batch, w.prompt) + reserve
@@ -217,7 +284,9 @@ def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProf
         wmem = room - kv_mem
         reasons.append("KV and weights both exceed the budget: the KV pool gets a quarter (at least its least) and "
                        "spills layers to SSD; the weights stream through the rest")
-    wplan = plan_layers(wmem, m.outside_bytes, m.embedding_bytes, layers, slot)
+    ex = choose_experts(m, Plan(0, 0, [], [], [], 0, 0, ""), wmem) if experts and m.expert_bytes else None
+    wplan = ex.split.dense if ex is not None and ex.split is not None else plan_layers(wmem, m.outside_bytes,
+                                                                                      m.embedding_bytes, layers, slot)
     spilled = []
     kv_bytes = 0
     if nkv:
@@ -226,7 +295,7 @@ def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProf
         spilled = kvplan.choose_spills(max(w.context - 1, 1), 1, m.windows, everything, order, geo, KV_PREFETCH, kv_mem)
         kv_bytes = _kv_need(m, w, everything - set(spilled))
     p = Placement(m, w, memory, base, acts - reserve, wmem, wplan, kv_mem, spilled, kv_bytes,
-                  choose_experts(m, wplan), reasons=reasons, gpu_memory=gpu_memory, overhead_bytes=_overhead(profile))
+                  ex or choose_experts(m, wplan), reasons=reasons, gpu_memory=gpu_memory, overhead_bytes=_overhead(profile))
     if profile is not None:
         p.prediction = predict_decode(p, profile)
     return p
@@ -264,7 +333,8 @@ def plan_training(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfi
 
 
 def plan_given(m: ModelMemory, w: Workload, profile: DeviceProfile | None = None, *, weights_memory: int | None = None,
-               kv_memory: int | None = None, optim_memory: int | None = None, base_bytes: int | None = None) -> Placement:
+               kv_memory: int | None = None, optim_memory: int | None = None, base_bytes: int | None = None,
+               kv_page: int = KV_PAGE) -> Placement:
     """The placement the runtimes make from budgets a user gave them directly (``llmtier run --memory``,
     ``llmtier train``'s optimizer budget), with its predicted memory and time: nothing is split here, each runtime
     decides with the planner's rules as it will at run time."""
@@ -291,10 +361,11 @@ def plan_given(m: ModelMemory, w: Workload, profile: DeviceProfile | None = None
     spilled: list[int] = []
     if kv_memory is not None and nkv:
         spilled = kvplan.choose_spills(max(w.context - 1, 1), 1, m.windows, everything, kvplan.spill_order(nkv),
-                                       _kv_geometry(m, w.batch), KV_PREFETCH, kv_memory)
-    kv_bytes = _kv_need(m, w, everything - set(spilled))
-    p = Placement(m, w, 0, base, acts - RUN_OVERHEAD, wmem, wplan, kv_memory or kv_bytes, spilled, kv_bytes,
-                  choose_experts(m, wplan), reasons=["budgets as given"], overhead_bytes=_overhead(profile))
+                                       _kv_geometry(m, w.batch, kv_page), KV_PREFETCH, kv_memory)
+    kv_bytes = _kv_need(m, w, everything - set(spilled), kv_page)
+    p = Placement(m, w, 0, base, acts - RUN_OVERHEAD, wmem, wplan, kv_memory if kv_memory is not None else 0, spilled,
+                  kv_bytes, choose_experts(m, wplan), reasons=["budgets as given"], overhead_bytes=_overhead(profile),
+                  kv_page=kv_page)
     p.memory = p.predicted_peak
     if profile is not None:
         p.prediction = predict_decode(p, profile)
@@ -313,22 +384,23 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
         active = active - m.expert_bytes + used * per_expert
     flops = 2 * (active / m.itemsize) * w.batch
     hits = sum(min(lay.experts, max(1, m.experts_per_token) * w.batch) for lay in m.layers if lay.experts)
-    compute = len(m.layers) * prof.layer_overhead_s + hits * prof.expert_overhead_s
-    compute += max(active / prof.gemv_bw, flops / prof.gemm_flops)
+    compute = len(m.layers) * prof.layer_overhead_s + hits * prof.expert_overhead_s + prof.step_overhead_s
+    compute += prof.weights_s(active, w.batch) if prof.matmul_bw else max(active / prof.gemv_bw, flops / prof.gemm_flops)
     compute += m.kv_bytes(w.batch, w.context) / prof.dram_copy_bw  # attention reads the past once
     wp = p.weights
-    io_w = wp.disk_bytes_per_pass / prof.read_at(min(INFLIGHT_BYTES, max(1, wp.slot_bytes))) if wp.streamed else 0.0
+    # the streamer's reads reach the disk as the engine's pieces (1 MiB), many in flight
+    io_w = wp.disk_bytes_per_pass / prof.read_at(min(READ_PIECE, max(1, wp.slot_bytes))) if wp.streamed else 0.0
     io_kv = 0.0
     if p.kv_spilled:
-        geo = _kv_geometry(m, w.batch)
+        geo = _kv_geometry(m, w.batch, p.kv_page)
         wins = m.windows
-        past = sum(kvplan.staging_tokens(w.context, wins[i], KV_PAGE) for i in p.kv_spilled) * geo.token_bytes
+        past = sum(kvplan.staging_tokens(w.context, wins[i], p.kv_page) for i in p.kv_spilled) * geo.token_bytes
         io_kv = past / prof.read_at(geo.slot_bytes)
     io = io_w + io_kv
-    # on the CPU the reads' completions and the compute share the same cores: with as many busy threads as cores the
-    # two barely overlap (measured: bench plan), so the shorter one counts in full there; with spare cores a tenth
-    overlap = 1.0 if prof.threads >= (os.cpu_count() or 1) else 0.1
-    total = max(compute, io) + overlap * min(compute, io)
+    # measured on the idle 2-core VM (bench plan): the weights' read-ahead (up to 8 slots deep, I/O threads at a
+    # higher priority) runs under the compute, so a streamed step costs the larger of the two; the spilled KV is read
+    # a layer or two ahead of attention and the two share the disk: its reads add to either
+    total = io_kv + max(compute, io_w)
     neck = "compute (CPU)" if compute >= io else ("disk reads of streamed weights" if io_w >= io_kv else "disk reads of spilled KV")
     return Prediction(total, compute, io, neck, {"weights_io_s": io_w, "kv_io_s": io_kv})
 
@@ -362,5 +434,5 @@ def predict_step(p: Placement, prof: DeviceProfile) -> Prediction:
     return Prediction(total, fb + upd, io, neck, {"forward_backward_s": fb, "adam_s": upd, "optim_io_s": io})
 
 
-__all__ = ["ExpertPlacement", "Placement", "Prediction", "Workload", "choose_experts", "least_memory", "plan_given", "plan_inference",
-           "plan_training", "predict_decode", "predict_step"]
+__all__ = ["ExpertPlacement", "KVPlan", "OptimPlan", "Placement", "Prediction", "Workload", "choose_experts", "expert_layers",
+           "kv_least", "least_memory", "plan_given", "plan_inference", "plan_training", "predict_decode", "predict_step"]

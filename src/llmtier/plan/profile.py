@@ -47,6 +47,28 @@ class DeviceProfile:
     train_overhead_bytes: int = 0  # the same for a small training step
     expert_overhead_s: float = 0.0  # per routed expert a decode step hits in one layer, beyond a dense layer
     train_flops: float = 0.0  # a small bf16 model's forward + backward, FLOP/s (0: use gemm_flops)
+    # batch -> bytes of bf16 weights a [batch, k] x [k, n] product passes per second (decode's skinny products: on a
+    # CPU they run on other kernels than a square GEMM, and their rate, not gemm_flops, sets a decode step's time)
+    matmul_bw: dict[int, float] = field(default_factory=dict)
+    step_overhead_s: float = 0.0  # a generate() decode step beyond its layers (embedding, head, logits, cache)
+
+    def weights_s(self, nbytes: float, batch: int) -> float:
+        """Seconds to multiply ``batch`` rows by ``nbytes`` of bf16 weights: the time per weight byte measured at
+        the batch sizes of :attr:`matmul_bw`, interpolated between them and growing with the batch beyond the
+        largest (compute-bound there); without those, the larger of the GEMV and the GEMM bound."""
+        if not self.matmul_bw:
+            return max(nbytes / self.gemv_bw, nbytes * batch / self.gemm_flops)  # 2 FLOP per bf16 weight (2 bytes) and row
+        sizes = sorted(self.matmul_bw)
+        per = {b: 1.0 / self.matmul_bw[b] for b in sizes}
+        if batch <= sizes[0]:
+            t = per[sizes[0]]
+        elif batch >= sizes[-1]:
+            t = per[sizes[-1]] * batch / sizes[-1]
+        else:
+            lo = max(b for b in sizes if b <= batch)
+            hi = min(b for b in sizes if b >= batch)
+            t = per[lo] if lo == hi else per[lo] + (batch - lo) / (hi - lo) * (per[hi] - per[lo])
+        return nbytes * t
 
     @staticmethod
     def _at(table: dict[int, float], size: int) -> float:
@@ -75,6 +97,7 @@ class DeviceProfile:
         d = asdict(self)
         d["read_bw"] = {str(k): v for k, v in self.read_bw.items()}
         d["write_bw"] = {str(k): v for k, v in self.write_bw.items()}
+        d["matmul_bw"] = {str(k): v for k, v in self.matmul_bw.items()}
         d["version"] = VERSION
         return d
 
@@ -85,6 +108,7 @@ class DeviceProfile:
             d.pop("version", None)
             d["read_bw"] = {int(k): float(v) for k, v in d["read_bw"].items()}
             d["write_bw"] = {int(k): float(v) for k, v in d["write_bw"].items()}
+            d["matmul_bw"] = {int(k): float(v) for k, v in (d.get("matmul_bw") or {}).items()}
             return cls(**d)
         except (KeyError, TypeError, ValueError) as e:
             raise ProfileError(f"not a device profile: {e}") from e

@@ -8,6 +8,7 @@ memory model when there is no checkpoint yet.  Pure arithmetic: no I/O.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import BudgetError
@@ -157,6 +158,27 @@ def plan_layers(budget: int, outside: int, embedding: int, layers: list[int], sl
     return plan
 
 
+def adopt_plan(plan: Plan, outside: int, embedding: int, layers: list[int], slot_bytes: int | None = None) -> Plan:
+    """``plan`` (made by the planner from the memory model's sizes) with a checkpoint's own sizes: the runtime's
+    buffers (``outside`` bytes outside the layers, an untied ``embedding`` table, each layer's ``layers`` bytes) and
+    the plan's decisions (resident layers, slot count, the embedding read by rows or held).  The sizes may differ by
+    the reads' alignment; a plan made for another model (layer count) or whose resident set no longer fits its
+    budget raises :class:`BudgetError`."""
+    if len(layers) != len(plan.layer_bytes):
+        raise BudgetError(f"the plan is for {len(plan.layer_bytes)} decoder layers, the checkpoint has {len(layers)}: "
+                          "make the plan from this model")
+    by_rows = bool(plan.on_demand_bytes) and embedding > 0
+    out = dataclasses.replace(plan, outside_bytes=outside + (0 if by_rows else embedding), layer_bytes=list(layers),
+                              resident=list(plan.resident), streamed=list(plan.streamed), cached=list(plan.cached),
+                              slot_bytes=slot_bytes if slot_bytes is not None else max(layers, default=0),
+                              on_demand_bytes=embedding if by_rows else 0)
+    # the reads' alignment (a few KiB a layer) may pass the planner's sizes; more than 1% over is another model
+    if out.memory_bytes > plan.budget + plan.budget // 100 + (out.slots + len(out.resident) + 1) * 8192:
+        raise BudgetError(f"the plan's layers take {human(out.memory_bytes)} with this checkpoint's sizes, over its "
+                          f"budget of {human(plan.budget)}: make the plan from this model directory")
+    return out
+
+
 def plan_host_tier(plan: Plan, host_layers: list[int], host_budget: int | None, prefetch: int | None = None,
                    inflight_bytes: int = INFLIGHT_BYTES) -> Plan:
     """Fill in the host tiers of a GPU ``plan``: which streamed layers stay in
@@ -202,5 +224,5 @@ def ranges(xs: list[int]) -> str:
     return ",".join(out)
 
 
-__all__ = ["INFLIGHT_BYTES", "MAX_SLOTS", "RUN_OVERHEAD", "BudgetError", "Plan", "make_plan", "plan_host_tier", "plan_layers", "ranges",
-           "spread"]
+__all__ = ["INFLIGHT_BYTES", "MAX_SLOTS", "RUN_OVERHEAD", "BudgetError", "Plan", "adopt_plan", "make_plan", "plan_host_tier",
+           "plan_layers", "ranges", "spread"]

@@ -140,11 +140,18 @@ class TieredCache(Cache):
     without KV (``"dummy"``) hold nothing; K and V may differ in head size
     (MLA).  Models whose layers keep a recurrent state (mamba, linear
     attention, conv) are refused.  Use it as a context manager, or call :meth:`close`.
+    ``plan``: a :class:`llmtier.plan.planner.KVPlan` (``plan_inference(...).kv``) instead
+    of ``memory``: the pool, page size and read-ahead the planner chose.
     """
 
-    def __init__(self, config: Any, *, memory: int | str, path: str | os.PathLike[str] | None = None,
+    def __init__(self, config: Any, *, memory: int | str | None = None, path: str | os.PathLike[str] | None = None,
                  page_tokens: int = DEFAULT_PAGE_TOKENS, prefetch: int = 2, engine: Engine | None = None,
-                 io_nice: int | None = -10, spill_all: bool = False) -> None:
+                 io_nice: int | None = -10, spill_all: bool = False, plan: Any = None) -> None:
+        if (memory is None) == (plan is None):
+            raise KVConfigError("give TieredCache either memory= (the DRAM pool) or plan= (the planner's KV plan, "
+                                "llmtier.plan.plan_inference(...).kv)")
+        if plan is not None:  # the planner's KV part: its pool, page size and read-ahead
+            memory, page_tokens, prefetch = plan.memory, plan.page_tokens, plan.prefetch
         windows = layer_windows(config)
         directory = os.fspath(path) if path is not None else default_directory()
         self.tier = Tier(windows, parse_memory(memory), directory, page_tokens, prefetch, engine, io_nice, spill_all)

@@ -79,13 +79,21 @@ class OffloadedAdamW(torch.optim.Optimizer):
         io_nice: nice value for the I/O threads of an engine we open (root or CAP_SYS_NICE),
             so that torch's spinning compute threads do not keep them, and the disk,
             waiting; None leaves them alone.
+        plan: a :class:`llmtier.plan.planner.OptimPlan` (``plan_training(...).optim``)
+            instead of ``memory``: the DRAM budget and chunk length the planner chose.
     """
 
-    def __init__(self, params: Iterable[Any], *, memory: int | str, path: str | os.PathLike[str], lr: float = 1e-3,
+    def __init__(self, params: Iterable[Any], *, memory: int | str | None = None, path: str | os.PathLike[str], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, engine: Engine | str = "auto",
-                 chunk_elems: int | None = None, io_nice: int | None = -10) -> None:
+                 chunk_elems: int | None = None, io_nice: int | None = -10, plan: Any = None) -> None:
+        if (memory is None) == (plan is None):
+            raise OptimizerError("give OffloadedAdamW either memory= (its DRAM budget) or plan= (the planner's "
+                                 "optimizer plan, llmtier.plan.plan_training(...).optim)")
+        if plan is not None:  # the planner's optimizer part: its DRAM budget and chunk length
+            memory = plan.memory
+            chunk_elems = plan.chunk_elems if chunk_elems is None else chunk_elems
         if amsgrad or capturable or differentiable or fused or foreach:
             raise OptimizerError("OffloadedAdamW supports amsgrad=False, capturable=False, differentiable=False, "
                                  "fused=None/False and foreach=None/False only")
