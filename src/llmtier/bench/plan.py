@@ -152,29 +152,15 @@ def plan_job(p: Any) -> dict[str, Any]:
             "optim_plan": dataclasses.asdict(opt) if opt is not None else None}
 
 
-def _child_argv(job: dict[str, Any]) -> list[str]:
-    return [sys.executable, "-m", "llmtier.bench.plan", "--child", json.dumps(job)]
-
-
 def run_child(job: dict[str, Any], limit: int, timeout: float = 900) -> dict[str, Any]:
     """Run one job in a fresh process in a memory cgroup of ``limit`` bytes (plain process when none is usable)."""
-    import subprocess  # noqa: PLC0415
+    from .cgroup import CgroupError, run_json_child  # noqa: PLC0415
 
-    from .cgroup import CgroupError, run_in_cgroup  # noqa: PLC0415
-
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     try:
-        r = run_in_cgroup(_child_argv(job), limit, drop_caches=True, env=env, timeout=timeout)
-        rc, out, err, peak, oom = r.returncode, r.stdout, r.stderr, r.peak_bytes, bool(r.oom_killed)
+        res = run_json_child("llmtier.bench.plan", job, limit, timeout=timeout)
     except CgroupError:
-        p = subprocess.run(_child_argv(job), capture_output=True, text=True, env=env, timeout=timeout)
-        rc, out, err, peak, oom = p.returncode, p.stdout, p.stderr, None, False
-    line = next((x for x in reversed(out.splitlines()) if x.startswith("{")), None)
-    if rc != 0 or line is None:
-        why = "killed by the memory cap (OOM)" if oom or rc in (-9, 137) else f"exit {rc}"
-        return {"ok": False, "error": why, "stderr": err.strip()[-800:], "cgroup_peak": peak}
-    res = json.loads(line)
-    res.update(ok=True, cgroup_peak=peak)
+        res = run_json_child("llmtier.bench.plan", job, None, timeout=timeout)
+    res["cgroup_peak"] = res.pop("cgroup_peak_bytes", None)
     return res
 
 
