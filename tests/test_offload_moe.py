@@ -231,3 +231,40 @@ def test_prediction_equals_next_router_on_this_input(tmp_path):
     assert torch.equal(got.sequences, want.sequences)
     assert (s.predicted, s.predicted_right, s.routed_with_prediction) == (guessed, right, routed)
     assert s.prediction_recall > 0.9 and s.prediction_precision > 0.9
+
+
+@pytest.mark.parametrize("routing", ["skew", "uniform"])
+def test_auto_prediction_reads_guesses_only_while_they_are_right(routing, tmp_path):
+    """``predict="auto"``: on the skewed model (guesses right) it reads what ``predict=True`` reads; on the
+    uniformly routed one (guesses often wrong) it stops reading them, and reads fewer bytes; exact either way."""
+    from llmtier.bench.families import family_config
+    from llmtier.bench.moe import QUICK, apply_skew
+    from llmtier.offload.moe import AUTO_WINDOW
+
+    shape = dict(QUICK["mixtral"])
+    config = family_config("mixtral", layers=shape.pop("layers"), **shape)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    if routing == "skew":
+        apply_skew(ref, 1.5)
+    ref.save_pretrained(tmp_path / "m")
+    ids = torch.randint(1, 500, (1, 6), generator=torch.Generator().manual_seed(3))
+    want = generate(ref, ids)
+    stats = {}
+    for predict in (True, "auto"):
+        with stream_model(tmp_path / "m", "40%", experts="lru", predict=predict) as model:
+            for _ in range(3):  # more layer passes than AUTO_WINDOW
+                got = generate(model, ids)
+                assert torch.equal(got.sequences, want.sequences)
+                assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+            stats[predict] = model.llmtier.stats()
+    on, auto = stats[True], stats["auto"]
+    assert on.predicted > AUTO_WINDOW and auto.predict == "auto" and on.prefetch_paused == 0
+    if routing == "skew":
+        assert auto.prediction_precision >= 0.9 and auto.prefetch_paused == 0
+        assert auto.prefetch_bytes == on.prefetch_bytes
+    else:
+        assert auto.prediction_precision < 0.9 and auto.prefetch_paused > 0
+        assert auto.prefetch_bytes < on.prefetch_bytes and auto.prefetch_wasted_bytes < on.prefetch_wasted_bytes
+    with pytest.raises(ExpertError, match="predict must be"):
+        stream_model(tmp_path / "m", "40%", experts="lru", predict="sometimes")

@@ -313,7 +313,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with stream_model(args.model, device=args.device, host_memory=args.host_memory,
                           prefetch=args.prefetch, verify=args.verify, experts=args.experts,
-                          predict=not args.no_predict, dtype=args.dtype, **budget) as model, contextlib.ExitStack() as stack:
+                          predict=False if args.no_predict else "auto", dtype=args.dtype,
+                          **budget) as model, contextlib.ExitStack() as stack:
             load_s = time.perf_counter() - t0
             st = model.llmtier
             if not args.json:
@@ -478,7 +479,8 @@ def add_cli(sub: Any) -> None:
     run.add_argument("--prefetch", type=_positive, help="layers read ahead (default: from the budget)")
     run.add_argument("--experts", choices=("lru", "lfu", "profile"), help="a MoE model: stream by experts with this "
                      "cache policy (default: whole layers)")
-    run.add_argument("--no-predict", action="store_true", help="with --experts: no prediction and prefetch")
+    run.add_argument("--no-predict", action="store_true",
+                     help="with --experts: no prediction and prefetch (default: prefetch while the guesses are mostly right)")
     run.add_argument("--verify", choices=("first", "always", "never"), default="first",
                      help="CRC-32C checks of store tensors (default: the first time each is read)")
     run.add_argument("--threads", type=_positive, help="torch compute threads (default: torch's)")

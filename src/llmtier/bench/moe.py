@@ -50,7 +50,8 @@ QUICK: dict[str, dict[str, Any]] = {
     "qwen3_moe": {"hidden_size": 128, "moe_intermediate_size": 64, "num_experts": 32, "num_local_experts": 32, "num_experts_per_tok": 4,
                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512, "layers": 6},
 }
-SYSTEMS = ("memory", "layers", "experts-lru", "experts-lfu", "experts-profile", "experts-lru-nopredict", "accelerate")
+SYSTEMS = ("memory", "layers", "experts-lru", "experts-lfu", "experts-profile", "experts-lru-nopredict", "experts-lru-auto",
+           "accelerate")
 
 
 @dataclass
@@ -187,8 +188,8 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
             model = stream_model(job["model"], job["budget"], verify="never")
         else:
             policy = system.split("-")[1]
-            model = stream_model(job["model"], job["budget"], experts=policy, predict="nopredict" not in system,
-                                 verify="never")
+            predict = False if "nopredict" in system else "auto" if system.endswith("-auto") else True
+            model = stream_model(job["model"], job["budget"], experts=policy, predict=predict, verify="never")
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     streamed = hasattr(model, "llmtier")

@@ -18,12 +18,17 @@ experts), so the output is the in-memory model's, bit for bit.
 Prediction: the next MoE layer's router applied to this layer's expert
 input guesses the next layer's experts; their reads start before this
 layer's experts compute.  A wrong guess costs bytes, never correctness: the
-next layer's hook reads what its own router chose.
+next layer's hook reads what its own router chose.  ``predict="auto"`` (the
+default of :func:`~llmtier.offload.stream_model`) keeps guessing but reads a
+guess only while the guesses of the last :data:`AUTO_WINDOW` layers were at
+least :data:`AUTO_PRECISION` right: on a model whose next-layer guess is
+poor, every wrong guess would be a whole expert read for nothing.
 """
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,13 +55,18 @@ from .layout import Layout
 from .stats import WeightStats
 from .weights import WeightStreamer
 
+#: ``predict="auto"``: guesses are read while this share of the recent guesses was right ...
+AUTO_PRECISION = 0.9
+#: ... over the guesses of this many MoE layer passes (read from the start, until that many were judged)
+AUTO_WINDOW = 32
+
 
 @dataclass(frozen=True)
 class MoEStats(WeightStats):
     """:class:`WeightStats` of the dense part plus the expert cache's counters."""
 
     policy: str = ""
-    predict: bool = False
+    predict: bool | str = False  # True, False or "auto"
     expert_cache_bytes: int = 0
     expert_cache_used: int = 0
     expert_hits: int = 0  # routed experts found resident
@@ -70,6 +80,7 @@ class MoEStats(WeightStats):
     expert_bytes_released: int = 0  # whole pages of evicted experts given back to the system
     prefetch_bytes: int = 0
     prefetch_wasted_bytes: int = 0  # prefetched for a layer that did not route to them
+    prefetch_paused: int = 0  # guesses not read: ``predict="auto"`` found the recent guesses too often wrong
     predicted: int = 0  # experts guessed
     predicted_right: int = 0  # guessed and routed to
     routed_with_prediction: int = 0  # routed experts of the layers that had a guess
@@ -86,10 +97,14 @@ class MoEStreamer(WeightStreamer):
     """A :class:`WeightStreamer` of the dense part and the expert cache of the routed experts."""
 
     def __init__(self, layout: Layout, eplan: ExpertPlan, moe: list[MoELayer], dense_groups: list, *, policy: str,
-                 predict: bool, profile: ExpertProfile | None, verify: str, tag: str = "weights") -> None:
+                 predict: bool | str, profile: ExpertProfile | None, verify: str, tag: str = "weights") -> None:
+        if predict not in (True, False, "auto"):
+            raise ExpertError(f"predict must be True, False or 'auto', not {predict!r}")
         self.moe = moe
         self.expert_plan = eplan
         self.predict = predict
+        self._judged: deque[tuple[int, int]] = deque(maxlen=AUTO_WINDOW)  # (guessed, right) of recent layer passes
+        self._paused = 0
         self._ebufs: list[list[np.ndarray]] = []
         self._ereads: dict[Key, list] = {}  # expert reads in flight
         self._routers: dict[int, tuple[Any, Any]] = {}
@@ -162,6 +177,7 @@ class MoEStreamer(WeightStreamer):
             guessed, fetched = guess
             self._c["predicted"] += len(guessed)
             self._c["right"] += len(guessed & set(need))
+            self._judged.append((len(guessed), len(guessed & set(need))))
             self._c["routed_pred"] += len(need)
             self._c["wasted"] += m.expert_bytes * len(fetched - set(need))
             stale = [(m.layer, e) for e in sorted(fetched - set(need)) if (m.layer, e) in self._ereads]
@@ -225,6 +241,10 @@ class MoEStreamer(WeightStreamer):
             scores = scores.sigmoid() + bias
         guessed = set(self._torch.unique(scores.topk(min(nxt.top_k, nxt.num_experts), dim=-1).indices).tolist())
         fetched: set[int] = set()
+        if not self._reading_guesses():
+            self._paused += 1
+            self._guess[nxt.layer] = (guessed, fetched)
+            return
         hold = keep | {(nxt.layer, e) for e in guessed}
         for e in sorted(guessed):
             k = (nxt.layer, e)
@@ -235,6 +255,14 @@ class MoEStreamer(WeightStreamer):
             self._read(j, k, prefetched=True)
             fetched.add(e)
         self._guess[nxt.layer] = (guessed, fetched)
+
+    def _reading_guesses(self) -> bool:
+        """Whether a guess is read now: always with ``predict=True``; with ``"auto"`` while the recent guesses
+        were right often enough (and until :data:`AUTO_WINDOW` layer passes were judged)."""
+        if self.predict is True or len(self._judged) < AUTO_WINDOW:
+            return True
+        guessed = sum(g for g, _ in self._judged)
+        return guessed == 0 or sum(r for _, r in self._judged) >= AUTO_PRECISION * guessed
 
     # -- reading -------------------------------------------------------------------------------------------------------
     def _read(self, i: int, key: Key, *, prefetched: bool) -> None:
@@ -314,7 +342,8 @@ class MoEStreamer(WeightStreamer):
                         expert_payload_read=c["payload"],
                         expert_reads=c["reads"], expert_stall_s=self._stall, expert_bytes_released=self._released,
                         prefetch_bytes=c["prefetch_bytes"],
-                        prefetch_wasted_bytes=c["wasted"], predicted=c["predicted"], predicted_right=c["right"],
+                        prefetch_wasted_bytes=c["wasted"], prefetch_paused=self._paused, predicted=c["predicted"],
+                        predicted_right=c["right"],
                         routed_with_prediction=c["routed_pred"],
                         prediction_recall=c["right"] / c["routed_pred"] if c["routed_pred"] else 0.0,
                         prediction_precision=c["right"] / c["predicted"] if c["predicted"] else 0.0,
@@ -336,7 +365,7 @@ class MoEStreamer(WeightStreamer):
         self._ebufs = []
 
 
-def bind_moe_streamer(layout: Layout, memory: int | str, *, policy: str = "lru", predict: bool = True,
+def bind_moe_streamer(layout: Layout, memory: int | str, *, policy: str = "lru", predict: bool | str = "auto",
                       profile: ExpertProfile | str | None = None, prefetch: int | None = None,
                       verify: str = "first") -> MoEStreamer:
     """The expert-granular streamer of ``layout`` within ``memory`` bytes (see the module doc).
@@ -356,4 +385,4 @@ def bind_moe_streamer(layout: Layout, memory: int | str, *, policy: str = "lru",
                        profile=profile if isinstance(profile, ExpertProfile) else None, verify=verify)
 
 
-__all__ = ["MoEStats", "MoEStreamer", "bind_moe_streamer"]
+__all__ = ["AUTO_PRECISION", "AUTO_WINDOW", "MoEStats", "MoEStreamer", "bind_moe_streamer"]

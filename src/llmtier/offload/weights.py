@@ -425,7 +425,7 @@ def _streamed_class(cls: type) -> type:
 def stream_model(path: str | os.PathLike[str], memory: int | str | None = None, device: Any = "cpu", *, dtype: Any = None,
                  host_memory: int | str | None = None, prefetch: int | None = None, engine: Engine | None = None,
                  verify: bool | str = "first", io_nice: int | None = -10, experts: str | None = None,
-                 predict: bool = True, profile: Any = None, plan: Plan | None = None) -> Any:
+                 predict: bool | str = "auto", profile: Any = None, plan: Plan | None = None) -> Any:
     """A transformers causal LM whose weights stream from ``path`` within ``memory`` bytes.
 
     ``path``: a Hugging Face model directory (config.json + safetensors, read
@@ -450,7 +450,9 @@ def stream_model(path: str | os.PathLike[str], memory: int | str | None = None, 
     ``experts="lru"`` / ``"lfu"`` / ``"profile"`` (a MoE model, on the CPU):
     the routed experts are cached and read one by one as the router picks
     them instead of streaming with their layer; ``predict`` prefetches the
-    next layer's guessed experts; ``profile`` is the profile policy's
+    next layer's guessed experts (``True``), or only while the recent guesses
+    were right often enough (``"auto"``, the default), or never (``False``);
+    ``profile`` is the profile policy's
     expert frequencies (default: the one saved beside the model).  See
     :mod:`llmtier.offload.moe`.
 
