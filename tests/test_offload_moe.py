@@ -236,7 +236,8 @@ def test_prediction_equals_next_router_on_this_input(tmp_path):
 @pytest.mark.parametrize("routing", ["skew", "uniform"])
 def test_auto_prediction_reads_guesses_only_while_they_are_right(routing, tmp_path):
     """``predict="auto"``: on the skewed model (guesses right) it reads what ``predict=True`` reads; on the
-    uniformly routed one (guesses often wrong) it stops reading them, and reads fewer bytes; exact either way."""
+    uniformly routed one (guesses often wrong) it reads only its confident guesses, fewer bytes and righter
+    ones; exact either way."""
     from llmtier.bench.families import family_config
     from llmtier.bench.moe import QUICK, apply_skew
     from llmtier.offload.moe import AUTO_WINDOW
@@ -266,5 +267,12 @@ def test_auto_prediction_reads_guesses_only_while_they_are_right(routing, tmp_pa
     else:
         assert auto.prediction_precision < 0.9 and auto.prefetch_paused > 0
         assert auto.prefetch_bytes < on.prefetch_bytes and auto.prefetch_wasted_bytes < on.prefetch_wasted_bytes
+
+        def right(s):  # share of the guesses read that were routed to
+            return 1 - s.prefetch_wasted_bytes / s.prefetch_bytes
+
+        # the confident guesses it still reads are right more often than the guesses predict=True reads
+        assert auto.prefetch_bytes > 0 and right(auto) > right(on)
+        assert auto.expert_payload_read <= 1.1 * auto.active_missing_bytes
     with pytest.raises(ExpertError, match="predict must be"):
         stream_model(tmp_path / "m", "40%", experts="lru", predict="sometimes")

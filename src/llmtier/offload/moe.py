@@ -20,9 +20,14 @@ input guesses the next layer's experts; their reads start before this
 layer's experts compute.  A wrong guess costs bytes, never correctness: the
 next layer's hook reads what its own router chose.  ``predict="auto"`` (the
 default of :func:`~llmtier.offload.stream_model`) keeps guessing but reads a
-guess only while the guesses of the last :data:`AUTO_WINDOW` layers were at
-least :data:`AUTO_PRECISION` right: on a model whose next-layer guess is
-poor, every wrong guess would be a whole expert read for nothing.
+guess only where guesses like it were right often enough: each guess has a
+confidence, the margin of its router score over the best expert not chosen,
+and the recent guesses of its confidence band (:data:`CONFIDENCE_BANDS`) must
+have been at least :data:`AUTO_PRECISION` right (until a band has
+:data:`AUTO_MIN_JUDGED` judged guesses, the last :data:`AUTO_WINDOW` layer
+passes' guesses as a whole decide).  On a model whose next-layer guess is
+poor, every wrong guess would be a whole expert read for nothing; its
+confident guesses are still worth reading.
 """
 from __future__ import annotations
 
@@ -59,6 +64,12 @@ from .weights import WeightStreamer
 AUTO_PRECISION = 0.9
 #: ... over the guesses of this many MoE layer passes (read from the start, until that many were judged)
 AUTO_WINDOW = 32
+#: Confidence bands of a guess: lower edges of its router-score margin over the best expert not guessed (for
+#: softmax routers a margin of 0.5 means the guessed expert is 1.65x as likely as that one)
+CONFIDENCE_BANDS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+#: A band decides alone once this many of its guesses were judged (the last AUTO_BAND_WINDOW count)
+AUTO_MIN_JUDGED = 16
+AUTO_BAND_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,7 @@ class MoEStats(WeightStats):
     expert_bytes_released: int = 0  # whole pages of evicted experts given back to the system
     prefetch_bytes: int = 0
     prefetch_wasted_bytes: int = 0  # prefetched for a layer that did not route to them
-    prefetch_paused: int = 0  # guesses not read: ``predict="auto"`` found the recent guesses too often wrong
+    prefetch_paused: int = 0  # guesses not read: ``predict="auto"`` found recent guesses of their confidence too often wrong
     predicted: int = 0  # experts guessed
     predicted_right: int = 0  # guessed and routed to
     routed_with_prediction: int = 0  # routed experts of the layers that had a guess
@@ -104,11 +115,12 @@ class MoEStreamer(WeightStreamer):
         self.expert_plan = eplan
         self.predict = predict
         self._judged: deque[tuple[int, int]] = deque(maxlen=AUTO_WINDOW)  # (guessed, right) of recent layer passes
+        self._bands = [deque(maxlen=AUTO_BAND_WINDOW) for _ in CONFIDENCE_BANDS]  # right (1) or not, per band
         self._paused = 0
         self._ebufs: list[list[np.ndarray]] = []
         self._ereads: dict[Key, list] = {}  # expert reads in flight
         self._routers: dict[int, tuple[Any, Any]] = {}
-        self._guess: dict[int, tuple[set[int], set[int]]] = {}  # layer -> (guessed, prefetched)
+        self._guess: dict[int, tuple[dict[int, int], set[int]]] = {}  # layer -> ({guessed: band}, prefetched)
         self._counts = {m.layer: [0] * m.num_experts for m in moe}
         self._everified: set[Key] = set()
         self._c = dict.fromkeys(("hits", "misses", "prefetch_hits", "bytes", "reads", "prefetch_bytes", "wasted",
@@ -174,10 +186,13 @@ class MoEStreamer(WeightStreamer):
         guess = self._guess.pop(m.layer, None)
         stale: list[Key] = []  # read ahead for this layer, not routed to: they land as plain residents
         if guess is not None:
-            guessed, fetched = guess
+            bands, fetched = guess
+            guessed = set(bands)
             self._c["predicted"] += len(guessed)
             self._c["right"] += len(guessed & set(need))
             self._judged.append((len(guessed), len(guessed & set(need))))
+            for e, b in bands.items():
+                self._bands[b].append(int(e in need))
             self._c["routed_pred"] += len(need)
             self._c["wasted"] += m.expert_bytes * len(fetched - set(need))
             stale = [(m.layer, e) for e in sorted(fetched - set(need)) if (m.layer, e) in self._ereads]
@@ -239,27 +254,42 @@ class MoEStreamer(WeightStreamer):
         scores = h @ weight.T
         if bias is not None:
             scores = scores.sigmoid() + bias
-        guessed = set(self._torch.unique(scores.topk(min(nxt.top_k, nxt.num_experts), dim=-1).indices).tolist())
+        k = min(nxt.top_k, nxt.num_experts)
+        top = scores.topk(min(k + 1, nxt.num_experts), dim=-1)
+        # confidence of a guess: its score's margin over the best expert not guessed (largest over the batch);
+        # a router that routes to all its experts leaves none unguessed: the highest band
+        if k < nxt.num_experts:
+            margin = top.values[:, :k] - top.values[:, k:]
+        else:
+            margin = self._torch.full_like(top.values, float("inf"))
+        bands: dict[int, int] = {}
+        for e, mg in zip(top.indices[:, :k].reshape(-1).tolist(), margin.reshape(-1).tolist()):
+            b = sum(1 for edge in CONFIDENCE_BANDS[1:] if mg >= edge)
+            bands[e] = max(b, bands.get(e, 0))
         fetched: set[int] = set()
-        if not self._reading_guesses():
-            self._paused += 1
-            self._guess[nxt.layer] = (guessed, fetched)
-            return
-        hold = keep | {(nxt.layer, e) for e in guessed}
-        for e in sorted(guessed):
-            k = (nxt.layer, e)
-            if k in self.cache or k in self._ereads:
+        self._guess[nxt.layer] = (bands, fetched)
+        hold = keep | {(nxt.layer, e) for e in bands}
+        for e in sorted(bands, key=lambda e: (-bands[e], e)):  # the most confident first
+            key = (nxt.layer, e)
+            if key in self.cache or key in self._ereads:
                 continue
-            if not self._admit(k, nxt.expert_bytes, hold, demand=False):
+            if not self._reading(bands[e]):
+                self._paused += 1
+                continue
+            if not self._admit(key, nxt.expert_bytes, hold, demand=False):
                 break
-            self._read(j, k, prefetched=True)
+            self._read(j, key, prefetched=True)
             fetched.add(e)
-        self._guess[nxt.layer] = (guessed, fetched)
 
-    def _reading_guesses(self) -> bool:
-        """Whether a guess is read now: always with ``predict=True``; with ``"auto"`` while the recent guesses
-        were right often enough (and until :data:`AUTO_WINDOW` layer passes were judged)."""
-        if self.predict is True or len(self._judged) < AUTO_WINDOW:
+    def _reading(self, band: int) -> bool:
+        """Whether a guess of confidence ``band`` is read: always with ``predict=True``; with ``"auto"`` while
+        the recent guesses of that band were right often enough (see the module doc)."""
+        if self.predict is True:
+            return True
+        judged = self._bands[band]
+        if len(judged) >= AUTO_MIN_JUDGED:
+            return sum(judged) >= AUTO_PRECISION * len(judged)
+        if len(self._judged) < AUTO_WINDOW:
             return True
         guessed = sum(g for g, _ in self._judged)
         return guessed == 0 or sum(r for _, r in self._judged) >= AUTO_PRECISION * guessed
@@ -385,4 +415,4 @@ def bind_moe_streamer(layout: Layout, memory: int | str, *, policy: str = "lru",
                        profile=profile if isinstance(profile, ExpertProfile) else None, verify=verify)
 
 
-__all__ = ["AUTO_PRECISION", "AUTO_WINDOW", "MoEStats", "MoEStreamer", "bind_moe_streamer"]
+__all__ = ["AUTO_MIN_JUDGED", "AUTO_PRECISION", "AUTO_WINDOW", "CONFIDENCE_BANDS", "MoEStats", "MoEStreamer", "bind_moe_streamer"]
