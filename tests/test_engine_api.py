@@ -9,8 +9,43 @@ import threading
 import numpy as np
 import pytest
 
-from llmtier.engine import BufferPool, Settings, alloc, as_bytes_view, current_settings, open_engine, settings
+from llmtier.engine import (
+    PAGE,
+    BufferPool,
+    Settings,
+    alloc,
+    as_bytes_view,
+    current_settings,
+    move_pages,
+    open_engine,
+    settings,
+)
 from llmtier.errors import ClosedError, EngineUnavailableError
+
+
+def test_move_pages_moves_data_without_copy_and_leaves_zeros(tmp_path):
+    """mremap of whole pages: the destination holds the source's bytes (and a direct read into it works), the
+    source reads zero and stays usable; unaligned ranges, partial pages and foreign buffers change nothing."""
+    src, dst = alloc(4 * PAGE), alloc(3 * PAGE)
+    src[:] = np.arange(4 * PAGE, dtype=np.uint64).astype(np.uint8)
+    want = src[PAGE:3 * PAGE].copy()
+    assert move_pages(src, PAGE, dst, PAGE, 2 * PAGE)
+    assert np.array_equal(dst[PAGE:3 * PAGE], want) and not dst[:PAGE].any()
+    assert not src[PAGE:3 * PAGE].any() and src[0] == 0 and src[3 * PAGE] == want[0]
+    src[PAGE:3 * PAGE] = 9  # the source range is ordinary memory again
+    assert (src[PAGE:3 * PAGE] == 9).all()
+    p = tmp_path / "f"
+    p.write_bytes(bytes(range(256)) * (2 * PAGE // 256))
+    with open_engine() as eng, eng.open(p) as f:  # a direct read lands in the moved pages
+        f.pread_many([dst[PAGE:3 * PAGE]], [0]).result()
+    assert dst[PAGE:3 * PAGE].tobytes() == p.read_bytes()
+    before = dst.copy()
+    assert not move_pages(src, 1, dst, 0, PAGE)  # unaligned offset
+    assert not move_pages(src, 0, dst, 0, PAGE + 1)  # not whole pages
+    assert not move_pages(src, 3 * PAGE, dst, 0, 2 * PAGE)  # past the end
+    assert np.array_equal(dst, before)
+    with pytest.raises(ValueError, match="alloc"):
+        move_pages(np.zeros(2 * PAGE, dtype=np.uint8), 0, dst, 0, PAGE)
 
 
 def test_alloc_is_page_aligned_and_zeroed():

@@ -63,7 +63,9 @@ def test_experts_stream_exactly(family, policy, predict):
         assert s.predicted > 0 and 0 < s.prediction_recall <= 1 and 0 < s.prediction_precision <= 1
     else:
         assert s.prefetch_bytes == 0 and s.expert_payload_read == s.active_missing_bytes
-    assert s.expert_reads > len(model.llmtier.cache.resident) and s.expert_bytes_released > 0
+    # evicted experts' pages were given back or moved to the experts read in their place
+    assert s.expert_reads > len(model.llmtier.cache.resident)
+    assert s.expert_bytes_released + s.expert_bytes_recycled > 0
 
 
 def assert_evicted_pages_released(streamer):

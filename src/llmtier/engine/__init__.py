@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import EngineUnavailableError
 from .base import Engine, File, IOEvent, IORequest, Observer, add_global_observer, remove_global_observer
-from .buffers import PAGE, BufferPool, alloc, as_bytes_view, discard_pages
+from .buffers import PAGE, BufferPool, alloc, as_bytes_view, discard_pages, move_pages
 from .settings import Settings, current_settings, settings
 from .sync import PosixEngine, ThreadsEngine
 from .uring import UringEngine, load_extension
@@ -55,6 +55,6 @@ def open_engine(name: str = "auto", **overrides: Any) -> Engine:
 
 __all__ = [
     "PAGE", "BACKENDS", "BufferPool", "Engine", "EngineUnavailableError", "File", "IOEvent", "IORequest",
-    "Observer", "Settings", "alloc", "as_bytes_view", "discard_pages", "available_engines", "current_settings", "open_engine",
+    "Observer", "Settings", "alloc", "as_bytes_view", "discard_pages", "move_pages", "available_engines", "current_settings", "open_engine",
     "settings", "add_global_observer", "remove_global_observer",
 ]

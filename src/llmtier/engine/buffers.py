@@ -7,7 +7,11 @@ view of it is dropped.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
+import os
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,12 +55,62 @@ def discard_pages(buf: np.ndarray, start: int, stop: int) -> int:
     return b - a
 
 
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
+_libc: Any = None
+
+
+def _mremap() -> Any:
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.mremap.restype = ctypes.c_void_p
+        lib.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        _libc = lib
+    return _libc
+
+
+def move_pages(src: np.ndarray, src_start: int, dst: np.ndarray, dst_start: int, nbytes: int) -> bool:
+    """Move the physical pages of ``src[src_start:src_start+nbytes]`` to ``dst[dst_start:...]`` (Linux
+    ``mremap``): ``dst`` then holds what ``src`` held, with no page fault and no copy, and ``src``'s range reads
+    as zeros (a fresh anonymous mapping, no memory until touched).  For a cache that evicts one entry to make
+    room for another of the same size in a fixed-place buffer: reading into moved pages skips the faults of
+    fresh ones (about 0.45 s per GiB on the development VM).  Both buffers must come from :func:`alloc`; both
+    ranges page aligned and ``nbytes`` a multiple of the page size.  Returns False, changing nothing, where the
+    move is not possible here (not Linux, unaligned): the caller then reads into fresh pages as before.
+
+    >>> a, b = alloc(2 * PAGE), alloc(2 * PAGE); a[:] = 7
+    >>> move_pages(a, PAGE, b, 0, PAGE), int(b[0]), int(a[PAGE]), int(a[0])
+    (True, 7, 0, 7)
+    """
+    if not sys.platform.startswith("linux") or nbytes <= 0 or nbytes % PAGE:
+        return False
+    _mapping_of(src), _mapping_of(dst)  # both from alloc(): anonymous, private, page aligned
+    if src_start % PAGE or dst_start % PAGE or src_start + nbytes > src.nbytes or dst_start + nbytes > dst.nbytes:
+        return False
+    if src_start + nbytes > round_down(src.nbytes, PAGE) or dst_start + nbytes > round_down(dst.nbytes, PAGE):
+        return False  # the last partial page is shared with nothing, but keep the rule simple: whole pages only
+    lib = _mremap()
+    a, b = src.ctypes.data + src_start, dst.ctypes.data + dst_start
+    got = lib.mremap(a, nbytes, nbytes, _MREMAP_MAYMOVE | _MREMAP_FIXED, b)
+    if got is None or got == ctypes.c_void_p(-1).value or got != b:
+        return False  # nothing moved (ENOMEM: too many mappings, ...): both ranges as they were
+    # the source range is unmapped now: map fresh zero pages there at once
+    prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10  # MAP_FIXED
+    got = lib.mmap(a, nbytes, prot, flags, -1, 0)
+    if got != a:
+        err = ctypes.get_errno()
+        raise OSError(err, f"move_pages: could not map the moved-from range again: {os.strerror(err)}")
+    return True
+
+
 def _mapping_of(buf: np.ndarray) -> mmap.mmap:
     base = buf.base
     while base is not None and not isinstance(base, mmap.mmap):
         base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
     if base is None or buf.ctypes.data != np.frombuffer(base, dtype=np.uint8, count=0).ctypes.data:
-        raise ValueError("discard_pages: the buffer is not the start of an alloc() mapping")
+        raise ValueError("the buffer is not the start of an alloc() mapping")
     return base
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import alloc, discard_pages
+from ..engine import alloc, discard_pages, move_pages
 from ..errors import ChecksumError
 from ..store import dtypes
 from ..store.format import crc32c
@@ -59,6 +59,10 @@ from .experts import (
 from .layout import Layout
 from .stats import WeightStats
 from .weights import WeightStreamer
+
+#: Evicted experts' pages move to the expert read in their place (no page faults) for at most this many moves:
+#: each move may split the buffers' mappings, and the kernel caps a process's mappings (vm.max_map_count)
+MAX_PAGE_MOVES = 8192
 
 #: ``predict="auto"``: guesses are read while this share of the recent guesses was right ...
 AUTO_PRECISION = 0.9
@@ -89,6 +93,7 @@ class MoEStats(WeightStats):
     expert_reads: int = 0  # experts read
     expert_stall_s: float = 0.0
     expert_bytes_released: int = 0  # whole pages of evicted experts given back to the system
+    expert_bytes_recycled: int = 0  # pages of evicted experts moved to the expert read in their place
     prefetch_bytes: int = 0
     prefetch_wasted_bytes: int = 0  # prefetched for a layer that did not route to them
     prefetch_paused: int = 0  # guesses not read: ``predict="auto"`` found recent guesses of their confidence too often wrong
@@ -128,6 +133,8 @@ class MoEStreamer(WeightStreamer):
         self._read_bytes = [m.read_bytes for m in moe]
         self._stall = 0.0
         self._released = 0  # bytes of evicted experts given back to the system
+        self._recycled = 0  # bytes of evicted experts' pages moved to the expert read in their place
+        self._moves = 0
         self._index = {m.layer: i for i, m in enumerate(moe)}
         sizes = {m.layer: m.expert_bytes for m in moe}
         pol = make_policy(policy, profile, eplan.cache_bytes, sizes)
@@ -239,8 +246,8 @@ class MoEStreamer(WeightStreamer):
                 raise ExpertError(f"the expert cache ({self.cache.capacity} bytes) cannot hold the experts one layer "
                                   "routes to at once")
             return False
-        for v in victims:
-            self._evict(v)
+        for n, v in enumerate(victims):
+            self._evict(v, into=key if n == 0 else None)
         self.cache.add(key, nbytes)
         return True
 
@@ -342,12 +349,21 @@ class MoEStreamer(WeightStreamer):
                 raise ChecksumError(f"tensor {src.name!r}: CRC-32C mismatch (the data on disk is damaged)",
                                     path=src.file, field=src.name)
 
-    def _evict(self, key: Key) -> None:
-        """Drop ``key`` from the cache and give its whole pages back to the system."""
+    def _evict(self, key: Key, into: Key | None = None) -> None:
+        """Drop ``key`` from the cache; its whole pages move to ``into`` (the expert about to be read in its place,
+        whose rows then need no page faults) where the rows match in size and alignment, and go back to the
+        system otherwise."""
         if key in self.cache:
             self.cache.remove(key)
         i = self._index[key[0]]
-        for buf, row in zip(self._ebufs[i], self.moe[i].row_bytes):
+        j = self._index[into[0]] if into is not None else None
+        for p, (buf, row) in enumerate(zip(self._ebufs[i], self.moe[i].row_bytes)):
+            if (j is not None and self._moves < MAX_PAGE_MOVES and p < len(self._ebufs[j])
+                    and self.moe[j].row_bytes[p] == row
+                    and move_pages(buf, key[1] * row, self._ebufs[j][p], into[1] * row, row)):
+                self._moves += 1
+                self._recycled += row
+                continue
             self._released += discard_pages(buf, key[1] * row, (key[1] + 1) * row)
 
     # -- public --------------------------------------------------------------------------------------------------------
@@ -371,6 +387,7 @@ class MoEStreamer(WeightStreamer):
                         expert_hit_rate=c["hits"] / routed if routed else 0.0, expert_bytes_read=c["bytes"],
                         expert_payload_read=c["payload"],
                         expert_reads=c["reads"], expert_stall_s=self._stall, expert_bytes_released=self._released,
+                        expert_bytes_recycled=self._recycled,
                         prefetch_bytes=c["prefetch_bytes"],
                         prefetch_wasted_bytes=c["wasted"], prefetch_paused=self._paused, predicted=c["predicted"],
                         predicted_right=c["right"],
