@@ -19,8 +19,12 @@ while the younger ones are still on their way:
 * **the caller's tensors**: a tensor whose address and size are 4 KiB
   aligned is read straight into it.  torch's and numpy's allocators give
   64-byte alignment, which ``O_DIRECT`` refuses, so the others are read into
-  :data:`DEPTH` reusable aligned windows and copied into place when their
-  segment is retired (the copy runs while the next segments are read).
+  ``DEPTH + 1`` reusable aligned windows and copied into place when their
+  segment is retired (the copy runs while the next segments are read).  The
+  engine's io_uring worker completes a group of queued reads together, so the
+  next segment is submitted into the spare window as soon as the oldest has
+  arrived, before that one is copied out (:data:`SPARE`): the engine gets new
+  work the moment it may have run dry.
 
 The CRC-32C of every tensor is computed as its segments are retired, in
 order, off the disk's critical path (the reads of the next segments are in
@@ -41,11 +45,14 @@ from ..engine import alloc, as_bytes_view
 from ..errors import ChecksumError, FormatError
 from ..store import dtypes
 from ..store.format import ALIGN, TensorInfo, align_up, crc32c
+from .staging import ParallelCopy
 
 SEGMENT = 32 << 20  # bytes per engine submission
 DEPTH = 8  # segments in flight: 256 MiB queued at the engine
 ARENA = 64 << 20  # fresh memory is allocated in arenas of up to this size (a bigger tensor: its own)
 PREFAULT = 2  # threads that fault fresh arenas in ahead of the reads
+COPY_THREADS = 1  # threads that copy a segment out of its window (2 measured slower on 2 cores: they compete with the I/O)
+SPARE = True  # one window more than DEPTH: the next segment is submitted before the oldest is copied out
 HUGE = 2 << 20
 _GAP = 1 << 20  # tensors further apart than this never share an arena
 
@@ -126,7 +133,8 @@ class _Arenas:
 
 
 def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, segment: int = SEGMENT,
-                 depth: int = DEPTH, prefault: int = PREFAULT) -> dict[str, np.ndarray]:
+                 depth: int = DEPTH, prefault: int = PREFAULT, copy_threads: int | None = None,
+                 spare: bool | None = None) -> dict[str, np.ndarray]:
     """Read every ``(info, dst)`` of store ``st``.  ``dst``: a CPU, contiguous array or tensor of exactly
     the tensor's size, filled in place; or ``None``: the tensor is read into fresh memory.  Returns the
     fresh tensors' raw bytes (``uint8`` views of page-aligned arenas), by name."""
@@ -170,7 +178,12 @@ def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, 
         segments[-1].append(pc)
         used += size
     depth = max(1, min(depth, len(segments)))
-    windows = [alloc(segment) for _ in range(depth)] if any(pc.mode == "bounce" for pc in pieces) else []
+    copy_threads = COPY_THREADS if copy_threads is None else copy_threads
+    spare = SPARE if spare is None else spare
+    bounce = any(pc.mode == "bounce" for pc in pieces)
+    nwin = depth + 1 if spare else depth
+    windows = [alloc(segment) for _ in range(nwin)] if bounce else []
+    copier = ParallelCopy(copy_threads) if bounce else None
     arenas = _Arenas(sizes, prefault)
     crcs: dict[str, int] = {}
 
@@ -183,7 +196,7 @@ def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, 
             elif pc.mode == "direct":
                 bufs.append(pc.target[pc.off : pc.off + pc.n])
             else:
-                bufs.append(windows[k % depth][pc.pos : pc.pos + align_up(pc.n)])
+                bufs.append(windows[k % nwin][pc.pos : pc.pos + align_up(pc.n)])
         f = st.file(segments[k][0].info.file)
         return f.pread_many(bufs, [pc.info.offset + pc.off for pc in segments[k]],
                             tags=[pc.info.name for pc in segments[k]], exact=False)
@@ -199,8 +212,8 @@ def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, 
             elif pc.mode == "direct":
                 data = pc.target[pc.off : pc.off + pc.n]
             else:
-                data = windows[k % depth][pc.pos : pc.pos + pc.n]
-                np.copyto(pc.target[pc.off : pc.off + pc.n], data)
+                data = windows[k % nwin][pc.pos : pc.pos + pc.n]
+                copier.copy(pc.target[pc.off : pc.off + pc.n], data)
             if verify and pc.info.crc32c is not None:
                 crc = crcs[pc.info.name] = crc32c(data, crcs.get(pc.info.name, 0))
                 if pc.off + pc.n == pc.info.nbytes and crc != pc.info.crc32c:
@@ -217,8 +230,11 @@ def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, 
             # Not fut.result() alone: that lends this thread to the engine, which would run the queued
             # younger segments here, inline, and retire nothing until they are all done.
             concurrent.futures.wait([fut])
-            retire(k, fut.result())
-            if k + depth < len(segments):  # this segment's window is free again
+            got = fut.result()
+            if spare and k + depth < len(segments):  # refill first: the engine may have run dry
+                inflight.append(submit(k + depth))
+            retire(k, got)
+            if not spare and k + depth < len(segments):  # this segment's window is free again
                 inflight.append(submit(k + depth))
     except BaseException:
         for fut in inflight:  # never leave a read writing into memory we give up
@@ -226,6 +242,8 @@ def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, 
         raise
     finally:
         arenas.close()
+        if copier is not None:
+            copier.close()
     out: dict[str, np.ndarray] = {}
     for info, dst in pairs:
         if dst is None:
