@@ -43,7 +43,7 @@ def family(request, tmp_path_factory):
     return request.param, path, want
 
 
-@pytest.mark.parametrize("predict", [False, True])
+@pytest.mark.parametrize("predict", [False, True, "auto"])
 @pytest.mark.parametrize("policy", ["lru", "lfu", "profile"])
 def test_experts_stream_exactly(family, policy, predict):
     name, path, want = family
@@ -61,6 +61,7 @@ def test_experts_stream_exactly(family, policy, predict):
     assert s.expert_bytes_read >= s.expert_payload_read
     if predict:
         assert s.predicted > 0 and 0 < s.prediction_recall <= 1 and 0 < s.prediction_precision <= 1
+        assert s.prefetch_paused == 0 or predict == "auto"
     else:
         assert s.prefetch_bytes == 0 and s.expert_payload_read == s.active_missing_bytes
     # evicted experts' pages were given back or moved to the experts read in their place
