@@ -38,7 +38,7 @@ def _disk(directory: str, total: int, sizes: tuple[int, ...], rounds: int) -> tu
         with open_engine("auto") as eng:
             for _ in range(rounds):
                 for s in sizes:
-                    bufs = [alloc(s) for _ in range(depth)]
+                    bufs = [alloc(s, huge=True) for _ in range(depth)]  # as the streamer's slots
                     for b in bufs:
                         np.frombuffer(b, dtype=np.uint8)[:] = 7
                     n = max(depth, total // s)

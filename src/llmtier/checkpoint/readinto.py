@@ -37,15 +37,13 @@ flight meanwhile).
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import mmap
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..engine import as_bytes_view
+from ..engine import alloc, as_bytes_view
 from ..errors import ChecksumError, FormatError
 from ..store import dtypes
 from ..store.format import ALIGN, TensorInfo, align_up, crc32c
@@ -63,13 +61,11 @@ _GAP = 1 << 20  # tensors further apart than this never share an arena
 
 def alloc_huge(nbytes: int) -> np.ndarray:
     """``nbytes`` of page-aligned, zero-filled memory the kernel may back with 2 MiB pages (with
-    transparent huge pages in ``madvise`` or ``always`` mode; otherwise ordinary pages)."""
+    transparent huge pages in ``madvise`` or ``always`` mode; otherwise ordinary pages), the mapping
+    rounded up to whole 2 MiB so that its tail is a huge page too."""
     if nbytes <= 0:
         return np.empty(0, dtype=np.uint8)
-    m = mmap.mmap(-1, -(-nbytes // HUGE) * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(AttributeError, OSError):  # no madvise or no THP: ordinary pages
-        m.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(m, dtype=np.uint8, count=nbytes)
+    return alloc(-(-nbytes // HUGE) * HUGE, huge=True)[:nbytes]
 
 
 def _address(dst: Any) -> int:

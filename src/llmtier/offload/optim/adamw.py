@@ -131,7 +131,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
             size = self.chunks[-1].offset + self.chunks[-1].nbytes if self.chunks else 0
             if size:
                 self._file.allocate(size)
-            self._pool = BufferPool(3 * 4 * self.chunk_elems, SLOTS)  # [master | exp_avg | exp_avg_sq]
+            self._pool = BufferPool(3 * 4 * self.chunk_elems, SLOTS, huge=True)  # [master | exp_avg | exp_avg_sq]
             self._grad = torch.empty(self.chunk_elems, dtype=torch.float32)
             self._scratch = torch.empty(self.chunk_elems, dtype=torch.float32)
             self._index = [p for ps in groups for p in ps]
