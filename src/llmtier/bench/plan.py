@@ -125,13 +125,13 @@ def model_path(directory: str, kind: str) -> str:
 
 def _memory_for(m: Any, c: Config, base: int, profile: Any = None) -> int:
     """The budget of a configuration: what it needs outside the weights, the weights' share, the KV's share."""
-    from ..plan.planner import SLACK, Workload, _kv_need, least_memory  # noqa: PLC0415
+    from ..plan.planner import SLACK, Workload, _kv_need, _reserve, least_memory  # noqa: PLC0415
     from ..plan.weights import RUN_OVERHEAD  # noqa: PLC0415
 
     if c.train:
         t = m.training(c.batch, c.prompt)
         opt = min(t.offloaded_state_bytes, 44 * m.params) // 2  # half the chunk pipeline a whole state would need
-        reserve = max(RUN_OVERHEAD, getattr(profile, "train_overhead_bytes", 0))
+        reserve = _reserve(profile, train=True, moe=bool(m.expert_bytes))
         return int((base + reserve + t.activations + t.weights + t.gradients + opt) / (1 - SLACK))
     w = Workload(c.batch, c.prompt, c.new_tokens)
     kv = _kv_need(m, w, set(range(len(m.windows))))
@@ -164,8 +164,9 @@ def run_child(job: dict[str, Any], limit: int, timeout: float = 900) -> dict[str
     return res
 
 
-def overheads(directory: str, base: int) -> tuple[int, int]:
-    """(generation, training) overhead: a small model's peak RSS beyond base and the memory model's terms."""
+def overheads(directory: str, base: int) -> tuple[int, int, int]:
+    """(generation, training, MoE training) overhead: a small model's peak RSS beyond base and the memory model's
+    terms (the last: a small Mixtral-shaped model's training step, unlike any row of :data:`CONFIGS`)."""
     from ..plan import model_memory  # noqa: PLC0415
     from ..plan.optim import BYTES_PER_ELEM  # noqa: PLC0415
     from .hfmodels import make_model  # noqa: PLC0415
@@ -182,7 +183,17 @@ def overheads(directory: str, base: int) -> tuple[int, int]:
     t = m.training(1, 32)
     gen = (inf.get("rss_peak") or 0) - base - m.weight_bytes - m.kv_bytes(1, 40) - m.prefill_activation_bytes(1, 32)
     tr = (trn.get("rss_peak") or 0) - base - t.weights - t.gradients - t.activations - job["optim_memory"]
-    return max(0, gen), max(0, tr)
+    mpath = os.path.join(directory, "model-probe-moe")
+    if not os.path.exists(os.path.join(mpath, "config.json")):
+        from .families import make_family_model  # noqa: PLC0415
+
+        make_family_model(mpath, "mixtral", layers=2, vocab_size=1024, hidden_size=128, intermediate_size=256,
+                          num_local_experts=4, num_experts_per_tok=2)
+    mm = model_memory(mpath)
+    mt = mm.training(1, 32)
+    moe = run_child({**job, "kind": "train", "model": mpath}, 8 << 30)
+    mtr = (moe.get("rss_peak") or 0) - base - mt.weights - mt.gradients - mt.activations - job["optim_memory"]
+    return max(0, gen), max(0, tr), max(0, mtr)
 
 
 def base_bytes(directory: str) -> int:

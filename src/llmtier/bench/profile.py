@@ -250,12 +250,12 @@ def measure_profile(directory: str, *, quick: bool = False) -> DeviceProfile:
 
     notes = ["machine shared with other work while measured" if os.cpu_count() and os.cpu_count() <= 4 else ""]
     base = _base_bytes(directory)
-    gen, train = overheads(directory, base)
+    gen, train, moe_train = overheads(directory, base)
     return DeviceProfile(read, write, _dram(), cpu["gemm_flops"], cpu["gemv_bw"], cpu["layer_overhead_s"],
                          cpu["adam_elems_s"], base, _h2d(), torch.get_num_threads(), os.path.abspath(directory),
                          datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), platform.node(),
                          [n for n in notes if n], quick, gen, train, cpu["expert_overhead_s"], cpu["train_flops"],
-                         cpu["matmul_bw"], cpu["step_overhead_s"])
+                         cpu["matmul_bw"], cpu["step_overhead_s"], moe_train)
 
 
 def format_profile(p: DeviceProfile) -> str:
@@ -274,7 +274,8 @@ def format_profile(p: DeviceProfile) -> str:
     lines.append(f"  decoder layer fixed cost {p.layer_overhead_s * 1e3:.3f} ms (+{p.expert_overhead_s * 1e3:.3f} ms per routed "
                  f"expert hit, +{p.step_overhead_s * 1e3:.2f} ms per decode step); AdamW {p.adam_elems_s / 1e6:.0f} M elems/s; "
                  f"process base {p.base_bytes / (1 << 20):.0f} MiB, run overhead {p.run_overhead_bytes / (1 << 20):.0f} MiB "
-                 f"(training {p.train_overhead_bytes / (1 << 20):.0f} MiB)")
+                 f"(training {p.train_overhead_bytes / (1 << 20):.0f} MiB, a MoE model's "
+                 f"{p.moe_train_overhead_bytes / (1 << 20):.0f} MiB)")
     lines.append(f"  pinned host->GPU {p.h2d_bw / g:.2f} GiB/s" if p.h2d_bw else "  pinned host->GPU: no CUDA here")
     return "\n".join(lines)
 

@@ -183,9 +183,12 @@ class Placement:
                 "predicted_s": p.seconds if p else None, "bottleneck": p.bottleneck if p else None}
 
 
-def _overhead(profile: DeviceProfile | None, train: bool = False) -> int:
-    """The run overhead to predict with: the profile's measured one, else the budgeted :data:`RUN_OVERHEAD`."""
+def _overhead(profile: DeviceProfile | None, train: bool = False, moe: bool = False) -> int:
+    """The run overhead to predict with: the profile's measured one (for training a MoE model, its MoE probe's where
+    measured), else the budgeted :data:`RUN_OVERHEAD`."""
     got = (profile.train_overhead_bytes if train else profile.run_overhead_bytes) if profile is not None else 0
+    if train and moe and profile is not None and profile.moe_train_overhead_bytes > 0:
+        got = profile.moe_train_overhead_bytes
     return got if got > 0 else RUN_OVERHEAD
 
 
@@ -235,9 +238,9 @@ def _kv_geometry(m: ModelMemory, batch: int, page: int = KV_PAGE) -> kvplan.Geom
     return kvplan.Geometry(batch, 1, elems // 2, 1, elems - elems // 2, page, None, m.itemsize)
 
 
-def _reserve(profile: DeviceProfile | None, train: bool = False) -> int:
+def _reserve(profile: DeviceProfile | None, train: bool = False, moe: bool = False) -> int:
     """What a budget keeps for the run's overhead: the larger of :data:`RUN_OVERHEAD` and the measured one."""
-    return max(RUN_OVERHEAD, _overhead(profile, train))
+    return max(RUN_OVERHEAD, _overhead(profile, train, moe))
 
 
 def least_memory(m: ModelMemory, w: Workload, base_bytes: int, profile: DeviceProfile | None = None) -> int:
@@ -308,7 +311,7 @@ def plan_training(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfi
     pipeline sized to what is left."""
     base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
     t = m.training(w.batch, w.prompt)
-    reserve = _reserve(profile, train=True)
+    reserve = _reserve(profile, train=True, moe=bool(m.expert_bytes))
     acts = (t.activations_checkpointed if w.checkpointing else t.activations) + reserve
     room = int(memory * (1 - SLACK)) - base - acts - t.weights - t.gradients
     layers = m.layer_bytes
@@ -326,7 +329,8 @@ def plan_training(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfi
                f"streams it in chunks of {chunk} elements through {human(omem)} of DRAM, what is left after weights, "
                "gradients and activations"]
     p = Placement(m, w, memory, base, acts - reserve, t.weights, wplan, 0, [], 0, choose_experts(m, wplan), omem,
-                  chunk, on_ssd, t.gradients, reasons=reasons, overhead_bytes=_overhead(profile, train=True))
+                  chunk, on_ssd, t.gradients, reasons=reasons,
+                  overhead_bytes=_overhead(profile, train=True, moe=bool(m.expert_bytes)))
     if profile is not None:
         p.prediction = predict_step(p, profile)
     return p
@@ -350,7 +354,7 @@ def plan_given(m: ModelMemory, w: Workload, profile: DeviceProfile | None = None
         chunk = optplan.chunk_elems_for(omem, [m.params])
         p = Placement(m, w, 0, base, acts - RUN_OVERHEAD, wmem, wplan, 0, [], 0, choose_experts(m, wplan),
                       optplan.BYTES_PER_ELEM * chunk, chunk, True, t.gradients, reasons=["budgets as given"],
-                      overhead_bytes=_overhead(profile, train=True))
+                      overhead_bytes=_overhead(profile, train=True, moe=bool(m.expert_bytes)))
         p.memory = p.predicted_peak
         if profile is not None:
             p.prediction = predict_step(p, profile)
