@@ -60,9 +60,10 @@ from .layout import Layout
 from .stats import WeightStats
 from .weights import WeightStreamer
 
-#: Evicted experts' pages move to the expert read in their place (no page faults) for at most this many moves:
-#: each move may split the buffers' mappings, and the kernel caps a process's mappings (vm.max_map_count)
-MAX_PAGE_MOVES = 8192
+#: Evicted experts' pages move to the expert read in their place (no page faults) between at most this many distinct
+#: expert rows: a row a move touched becomes a mapping of its own, and the kernel caps a process's mappings
+#: (vm.max_map_count, 65530 by default); rows already split cost nothing more, however often their pages move
+MAX_MOVED_ROWS = 16384
 
 #: ``predict="auto"``: guesses are read while this share of the recent guesses was right ...
 AUTO_PRECISION = 0.9
@@ -134,7 +135,7 @@ class MoEStreamer(WeightStreamer):
         self._stall = 0.0
         self._released = 0  # bytes of evicted experts given back to the system
         self._recycled = 0  # bytes of evicted experts' pages moved to the expert read in their place
-        self._moves = 0
+        self._moved_rows: set[tuple[int, int, int]] = set()  # (layer index, parameter, expert) rows split by moves
         self._index = {m.layer: i for i, m in enumerate(moe)}
         sizes = {m.layer: m.expert_bytes for m in moe}
         pol = make_policy(policy, profile, eplan.cache_bytes, sizes)
@@ -358,10 +359,11 @@ class MoEStreamer(WeightStreamer):
         i = self._index[key[0]]
         j = self._index[into[0]] if into is not None else None
         for p, (buf, row) in enumerate(zip(self._ebufs[i], self.moe[i].row_bytes)):
-            if (j is not None and self._moves < MAX_PAGE_MOVES and p < len(self._ebufs[j])
-                    and self.moe[j].row_bytes[p] == row
+            rows = {(i, p, key[1]), (j, p, into[1])} if j is not None else set()
+            if (j is not None and p < len(self._ebufs[j]) and self.moe[j].row_bytes[p] == row
+                    and len(self._moved_rows | rows) <= MAX_MOVED_ROWS
                     and move_pages(buf, key[1] * row, self._ebufs[j][p], into[1] * row, row)):
-                self._moves += 1
+                self._moved_rows |= rows
                 self._recycled += row
                 continue
             self._released += discard_pages(buf, key[1] * row, (key[1] + 1) * row)

@@ -51,8 +51,8 @@ class DeviceProfile:
     # CPU they run on other kernels than a square GEMM, and their rate, not gemm_flops, sets a decode step's time)
     matmul_bw: dict[int, float] = field(default_factory=dict)
     step_overhead_s: float = 0.0  # a generate() decode step beyond its layers (embedding, head, logits, cache)
-    # a small MoE model's training step beyond the same terms (0: unknown, use train_overhead_bytes): transformers'
-    # expert blocks keep much more through backward than the dense terms count (measured +70-80 MiB on one CPU)
+    # a small MoE model's training step beyond the same terms (0: unknown, use train_overhead_bytes): on a CPU with
+    # bf16 oneDNN kernels the expert products, whose shapes change with every routing, keep far more (+65 MiB measured)
     moe_train_overhead_bytes: int = 0
 
     def weights_s(self, nbytes: float, batch: int) -> float:
