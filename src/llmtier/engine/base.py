@@ -81,10 +81,10 @@ def remove_global_observer(observer: Observer) -> None:
         _global_observers = [o for o in _global_observers if o is not observer]
 
 
-
 def _younger(item: Any, seq: int) -> bool:
     """Whether queue ``item`` (a run of ops of one batch) was submitted after batch ``seq``."""
     return item is not _STOP and bool(item) and item[0].batch.seq > seq
+
 
 class Engine:
     """Moves bytes between host buffers and files. Backends subclass this.

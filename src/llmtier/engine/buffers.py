@@ -7,6 +7,7 @@ view of it is dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
@@ -44,10 +45,8 @@ def alloc(nbytes: int, *, huge: bool = False) -> np.ndarray:
         return np.empty(0, dtype=np.uint8)
     mapping = mmap.mmap(-1, round_up(nbytes, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
+        with contextlib.suppress(OSError):  # no transparent huge pages here: ordinary pages
             mapping.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # no transparent huge pages here: ordinary pages
-            pass
     # The array keeps the mmap alive through its ``base`` chain.
     return np.frombuffer(mapping, dtype=np.uint8, count=nbytes)
 

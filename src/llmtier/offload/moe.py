@@ -359,11 +359,11 @@ class MoEStreamer(WeightStreamer):
         i = self._index[key[0]]
         j = self._index[into[0]] if into is not None else None
         for p, (buf, row) in enumerate(zip(self._ebufs[i], self.moe[i].row_bytes)):
-            rows = {(i, p, key[1]), (j, p, into[1])} if j is not None else set()
+            new = {(i, p, key[1]), (j, p, into[1])} - self._moved_rows if j is not None else set()
             if (j is not None and p < len(self._ebufs[j]) and self.moe[j].row_bytes[p] == row
-                    and len(self._moved_rows | rows) <= MAX_MOVED_ROWS
+                    and len(self._moved_rows) + len(new) <= MAX_MOVED_ROWS
                     and move_pages(buf, key[1] * row, self._ebufs[j][p], into[1] * row, row)):
-                self._moved_rows |= rows
+                self._moved_rows |= new
                 self._recycled += row
                 continue
             self._released += discard_pages(buf, key[1] * row, (key[1] + 1) * row)
