@@ -21,6 +21,7 @@ from llmtier.plan import (  # noqa: E402
     Workload,
     load_profile,
     model_memory,
+    plan_given,
     plan_inference,
     plan_training,
     save_profile,
@@ -269,3 +270,58 @@ def test_expert_split_is_the_planners(tmp_path):
     assert p.experts.split is not None and p.predicted_peak >= p.weights.memory_bytes + p.experts.split.cache_bytes
     with pytest.raises(BudgetError):
         pexperts.split_budget_for_experts(one, 0, [0, 0], [pexperts.ExpertLayer(0, 4, 2, one)])
+
+
+def test_layer_probe_times_the_models_own_layer_and_the_planner_uses_it(tmp_path):
+    from llmtier.bench.layerprobe import MAX_PROBE_BYTES, PROBE_LAYERS, PROBE_PROMPT, probe_layer
+    from llmtier.plan import LayerTiming
+
+    d = make_model(str(tmp_path / "m"), "llama", layers=3, tokenizer=False, hidden_size=128, intermediate_size=256)
+    m = model_memory(d)
+    lt = probe_layer(d, 2, 1000, steps=4)
+    assert lt is not None and lt.layer_s >= 0 and lt.batch == 2 and lt.context == PROBE_PROMPT
+    assert "decoder layer of the model, batch 2" in lt.note
+    assert probe_layer(d, 1, 8, weight_bytes=MAX_PROBE_BYTES // PROBE_LAYERS + 1) is None  # too big to build
+    assert probe_layer(str(tmp_path / "no-such-model"), 1, 8) is None
+    mix = make_family_model(str(tmp_path / "x"), "mixtral", layers=2, vocab_size=256, hidden_size=64,
+                            intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)
+    assert probe_layer(mix, 1, 16, steps=4) is not None  # a MoE layer: router and experts in the timing
+    prof = profile(matmul_bw={1: 4e9, 4: 4e9}, step_overhead_s=1e-3, stream_overlap_loss=0.5)
+    w = Workload(batch=1, prompt=64, new_tokens=16)
+    generic = plan_inference(m, w, 4 << 30, prof)
+    slow = LayerTiming(0.01, 1, 64, "a test layer")
+    timed = plan_inference(m, w, 4 << 30, prof, layer_timing=slow)
+    # the timed layers replace the generic terms: layers x their time, plus the step, the head, the longer context
+    head = prof.weights_s(m.outside_bytes, 1)
+    kv = (m.kv_bytes(1, w.context) - m.kv_bytes(1, 64)) / prof.dram_copy_bw
+    assert timed.prediction.compute_s == pytest.approx(3 * 0.01 + 1e-3 + head + kv)
+    assert generic.prediction.compute_s < timed.prediction.compute_s
+    assert "compute per layer timed on a test layer" in timed.describe()
+    assert "generic rates" in generic.describe()
+    other = plan_inference(m, Workload(batch=4, prompt=64, new_tokens=16), 4 << 30, prof, layer_timing=slow)
+    assert "generic rates" in other.describe()  # timed at another batch: not used
+    # streamed: the larger of compute and reads plus the profile's unhidden share of the smaller
+    least = m.outside_bytes + m.embedding_bytes + 2 * max(m.layer_bytes)
+    streamed = plan_given(m, w, prof, weights_memory=least, layer_timing=slow)
+    assert streamed.weights.streamed
+    pr = streamed.prediction
+    c, io = pr.compute_s, pr.parts["weights_io_s"]
+    assert io > 0 and pr.seconds == pytest.approx(pr.parts["kv_io_s"] + max(c, io) + 0.5 * min(c, io))
+
+
+def test_old_profiles_without_the_new_terms_still_load(tmp_path):
+    d = profile().as_dict()
+    for k in ("stream_overlap_loss", "moe_train_overhead_bytes", "step_overhead_s", "matmul_bw"):
+        d.pop(k)
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    old = load_profile(tmp_path / "old.json")
+    assert old.stream_overlap_loss == 0.0 and old.matmul_bw == {}
+
+
+def test_stream_overlap_probe_measures_a_share(tmp_path):
+    from llmtier.bench.plan import stream_overlap
+
+    prof = profile(read_bw={1 << 20: 1.5e9}, write_bw={1 << 20: 1.5e9}, matmul_bw={1: 1e10}, step_overhead_s=1e-4)
+    loss = stream_overlap(str(tmp_path), prof)
+    assert loss is not None and 0.0 <= loss <= 1.0  # the streamed child ran and its step was held against the model
+    assert (tmp_path / "model-probe-stream" / "config.json").exists()

@@ -64,7 +64,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      args.checkpointing)
         memory = parse_size(args.memory)
         gpu = parse_size(args.gpu_memory) if args.gpu_memory else None
-        p = plan_training(m, w, memory, prof) if args.train else plan_inference(m, w, memory, prof, gpu_memory=gpu)
+        timing = None
+        if prof is not None and not args.train and not args.no_probe:
+            from .bench.layerprobe import probe_layer  # noqa: PLC0415
+
+            timing = probe_layer(args.model, w.batch, w.prompt, weight_bytes=max(m.layer_bytes, default=0))
+        p = plan_training(m, w, memory, prof) if args.train else plan_inference(m, w, memory, prof, gpu_memory=gpu,
+                                                                                 layer_timing=timing)
         print()
         print(p.describe())
         if gpu is not None:
@@ -144,6 +150,9 @@ def add_cli(sub: Any, bench: Any) -> None:
     p.add_argument("--dtype", help="count the weights in this dtype (default: the config's)")
     p.add_argument("--profile", help="device profile JSON (default: the saved one)")
     p.add_argument("--no-profile", action="store_true", help="no time prediction (do not measure a profile)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="predict decode's compute from the profile's generic rates, without timing a few of the "
+                        "model's own decoder layers built from its config (seconds; skipped for layers over 256 MiB)")
     p.add_argument("--dir", help="where to measure a quick profile when none is saved")
     p.add_argument("--json", metavar="PATH", help="write the plan as JSON")
     p.set_defaults(func=cmd_plan)

@@ -196,6 +196,53 @@ def overheads(directory: str, base: int) -> tuple[int, int, int]:
     return max(0, gen), max(0, tr), max(0, mtr)
 
 
+STREAM_PROBE = {"layers": 6, "vocab": 2048, "hidden_size": 640, "intermediate_size": 1792}  # unlike every row's model
+
+
+def stream_overlap(directory: str, profile: Any, slots: int = 3) -> float | None:
+    """How much of a streamed decode step's smaller part (compute or weight reads) does not hide under the larger:
+    a small Llama (:data:`STREAM_PROBE`, unlike every row of :data:`CONFIGS`) streamed through ``slots`` layer buffers
+    in a fresh process; its measured step against the planner's compute (its own layer timed) and reads.  None when the
+    probe could not run (its layer not timed, or the child failed)."""
+    import dataclasses  # noqa: PLC0415
+
+    from ..plan import model_memory, plan_given  # noqa: PLC0415
+    from ..plan.planner import Workload  # noqa: PLC0415
+    from .hfmodels import make_model  # noqa: PLC0415
+    from .layerprobe import probe_layer  # noqa: PLC0415
+
+    path = os.path.join(directory, "model-probe-stream")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        spec = dict(STREAM_PROBE)
+        make_model(path, "llama", layers=spec.pop("layers"), tokenizer=False, **spec)
+    m = model_memory(path)
+    w = Workload(1, 32, 24)
+    timing = probe_layer(path, 1, 32, weight_bytes=max(m.layer_bytes, default=0))
+    wmem = m.outside_bytes + m.embedding_bytes + slots * max(m.layer_bytes)
+    p = plan_given(m, w, dataclasses.replace(profile, stream_overlap_loss=0.0), weights_memory=wmem, layer_timing=timing)
+    if timing is None or p.prediction is None or not p.weights.streamed:
+        return None
+    res = run_child({"kind": "infer", "model": path, "batch": 1, "prompt": 32, "new_tokens": 24, "steps": 0,
+                     "dir": directory, **plan_job(p)}, 8 << 30)
+    if not res.get("ok"):
+        return None
+    step = statistics.median(res["steps_s"][1:])
+    c, io = p.prediction.compute_s, p.prediction.parts["weights_io_s"]
+    return min(1.0, max(0.0, (step - max(c, io)) / max(min(c, io), 1e-9)))
+
+
+def stream_overlap_median(directory: str, profile: Any, rounds: int = 3) -> float:
+    """:func:`stream_overlap` measured ``rounds`` times, the disk's rate re-measured before each (it swings from
+    one moment to the next on a VM, and the loss is a difference against it): the median; 0 when no round ran."""
+    losses = []
+    for _ in range(rounds):
+        profile = refresh_profile(profile, directory)
+        got = stream_overlap(directory, profile)
+        if got is not None:
+            losses.append(got)
+    return statistics.median(losses) if losses else 0.0
+
+
 def base_bytes(directory: str) -> int:
     """The peak RSS of a child that imports what the runs import and stops (the process term of the model)."""
     res = run_child({"kind": "base"}, 8 << 30)
@@ -219,15 +266,18 @@ def refresh_profile(profile: Any, directory: str) -> Any:
 
 
 def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, progress: bool = True,
-                   recalibrate: bool = True) -> dict[str, Any]:
+                   recalibrate: bool = True, overlap_rounds: int = 3) -> dict[str, Any]:
     """Predict, then measure, every configuration; returns the rows and the profile used."""
     from ..plan import model_memory, plan_inference, plan_training  # noqa: PLC0415
     from ..plan.planner import Workload  # noqa: PLC0415
+    from .layerprobe import probe_layer  # noqa: PLC0415
     from .profile import measure_profile  # noqa: PLC0415
 
     os.makedirs(directory, exist_ok=True)
     if profile is None:
         profile = measure_profile(directory, quick=True)
+        if overlap_rounds > 1:  # the quick profile measured it once
+            profile.stream_overlap_loss = stream_overlap_median(directory, profile, overlap_rounds)
     rows: list[Row] = []
     for c in configs:
         if recalibrate:  # the CPU and disk rates right now: the machine is shared, its rates swing run to run
@@ -237,7 +287,10 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
         w = Workload(c.batch, c.prompt, 0 if c.train else c.new_tokens, c.train)
         memory = _memory_for(m, c, profile.base_bytes, profile)
         row = Row(c, memory)
-        p = plan_training(m, w, memory, profile) if c.train else plan_inference(m, w, memory, profile)
+        timing = None if c.train else probe_layer(build_model(directory, c.model), c.batch, c.prompt,
+                                                   weight_bytes=max(m.layer_bytes, default=0))
+        p = plan_training(m, w, memory, profile) if c.train else plan_inference(m, w, memory, profile,
+                                                                                 layer_timing=timing)
         row.predicted_peak, row.plan = p.predicted_peak, p.as_dict()
         row.predicted_s = p.prediction.seconds if p.prediction else 0.0
         row.bottleneck = p.prediction.bottleneck if p.prediction else ""
@@ -376,7 +429,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     directory = args.dir or os.path.join(tempfile.gettempdir(), "llmtier-bench-plan")
     prof = load_profile(args.profile) if args.profile else None
-    res = run_plan_bench(directory, QUICK if args.quick else CONFIGS, prof)
+    res = run_plan_bench(directory, QUICK if args.quick else CONFIGS, prof, overlap_rounds=1 if args.quick else 3)
     print(format_profile(res["profile"]))
     print(format_table(res))
     if args.json:

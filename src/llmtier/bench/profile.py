@@ -246,16 +246,18 @@ def measure_profile(directory: str, *, quick: bool = False) -> DeviceProfile:
 
     read, write = _disk(directory, (64 << 20) if quick else (256 << 20), SIZES, 1 if quick else 3)
     cpu = _cpu(quick)
-    from .plan import overheads  # noqa: PLC0415
+    from .plan import overheads, stream_overlap_median  # noqa: PLC0415
 
     notes = ["machine shared with other work while measured" if os.cpu_count() and os.cpu_count() <= 4 else ""]
     base = _base_bytes(directory)
     gen, train, moe_train = overheads(directory, base)
-    return DeviceProfile(read, write, _dram(), cpu["gemm_flops"], cpu["gemv_bw"], cpu["layer_overhead_s"],
+    prof = DeviceProfile(read, write, _dram(), cpu["gemm_flops"], cpu["gemv_bw"], cpu["layer_overhead_s"],
                          cpu["adam_elems_s"], base, _h2d(), torch.get_num_threads(), os.path.abspath(directory),
                          datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), platform.node(),
                          [n for n in notes if n], quick, gen, train, cpu["expert_overhead_s"], cpu["train_flops"],
                          cpu["matmul_bw"], cpu["step_overhead_s"], moe_train)
+    prof.stream_overlap_loss = stream_overlap_median(directory, prof, 1 if quick else 3)
+    return prof
 
 
 def format_profile(p: DeviceProfile) -> str:
@@ -276,6 +278,8 @@ def format_profile(p: DeviceProfile) -> str:
                  f"process base {p.base_bytes / (1 << 20):.0f} MiB, run overhead {p.run_overhead_bytes / (1 << 20):.0f} MiB "
                  f"(training {p.train_overhead_bytes / (1 << 20):.0f} MiB, a MoE model's "
                  f"{p.moe_train_overhead_bytes / (1 << 20):.0f} MiB)")
+    lines.append(f"  streamed decode: {p.stream_overlap_loss:.0%} of the smaller of compute and weight reads does not hide "
+                 "under the other")
     lines.append(f"  pinned host->GPU {p.h2d_bw / g:.2f} GiB/s" if p.h2d_bw else "  pinned host->GPU: no CUDA here")
     return "\n".join(lines)
 

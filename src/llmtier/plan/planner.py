@@ -22,7 +22,7 @@ from . import kv as kvplan
 from . import optim as optplan
 from .experts import ExpertLayer, ExpertPlan, split_budget_for_experts
 from .memory import ModelMemory
-from .profile import DeviceProfile
+from .profile import DeviceProfile, LayerTiming
 from .weights import RUN_OVERHEAD, Plan, make_plan, plan_layers
 
 KV_PAGE = kvplan.DEFAULT_PAGE_TOKENS
@@ -114,6 +114,7 @@ class Placement:
     gpu_memory: int | None = None
     overhead_bytes: int = RUN_OVERHEAD  # predicted: what a run adds beyond the model's terms (the profile's measure)
     kv_page: int = KV_PAGE  # tokens per KV page
+    layer_timing: LayerTiming | None = None  # a decoder layer of this model timed at this workload (decode's compute)
 
     @property
     def kv(self) -> KVPlan | None:
@@ -170,6 +171,10 @@ class Placement:
             unit = "step" if w.train else "token"
             lines.append(f"predicted: {p.seconds * 1e3:.1f} ms per {unit} (compute {p.compute_s * 1e3:.1f} ms, "
                          f"I/O {p.io_s * 1e3:.1f} ms): bound by {p.bottleneck}")
+            if not w.train:
+                lt = self.layer_timing
+                lines.append(f"compute per layer timed on {lt.note}" if lt is not None and lt.batch == w.batch else
+                             "compute per layer from the profile's generic rates (no layer of this model timed)")
         lines += [f"why: {r}" for r in self.reasons]
         return "\n".join(lines)
 
@@ -253,12 +258,15 @@ def least_memory(m: ModelMemory, w: Workload, base_bytes: int, profile: DevicePr
 
 
 def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfile | None = None, *,
-                   base_bytes: int | None = None, gpu_memory: int | None = None, experts: str | None = None) -> Placement:
+                   base_bytes: int | None = None, gpu_memory: int | None = None, experts: str | None = None,
+                   layer_timing: LayerTiming | None = None) -> Placement:
     """Place ``m`` for generating ``w`` within ``memory`` bytes (the whole process).
 
     The result's parts are what the runtimes take: ``.weights`` -> ``stream_model(path, plan=...)``, ``.kv`` ->
     ``TieredCache(config, plan=...)``.  ``experts`` (a policy name, a MoE model): the weights' budget is split
-    between the dense part and an expert cache (``.experts.split``), as ``stream_model(experts=...)`` streams."""
+    between the dense part and an expert cache (``.experts.split``), as ``stream_model(experts=...)`` streams.
+    ``layer_timing``: one of the model's decoder layers timed at this workload (``bench.layerprobe.probe_layer``), the
+    compute term of the predicted time; without it the profile's generic rates."""
     base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
     reserve = _reserve(profile)
     acts = m.prefill_activation_bytes(w.batch, w.prompt) + reserve
@@ -298,7 +306,8 @@ def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProf
         spilled = kvplan.choose_spills(max(w.context - 1, 1), 1, m.windows, everything, order, geo, KV_PREFETCH, kv_mem)
         kv_bytes = _kv_need(m, w, everything - set(spilled))
     p = Placement(m, w, memory, base, acts - reserve, wmem, wplan, kv_mem, spilled, kv_bytes,
-                  ex or choose_experts(m, wplan), reasons=reasons, gpu_memory=gpu_memory, overhead_bytes=_overhead(profile))
+                  ex or choose_experts(m, wplan), reasons=reasons, gpu_memory=gpu_memory, overhead_bytes=_overhead(profile),
+                  layer_timing=layer_timing)
     if profile is not None:
         p.prediction = predict_decode(p, profile)
     return p
@@ -338,7 +347,7 @@ def plan_training(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfi
 
 def plan_given(m: ModelMemory, w: Workload, profile: DeviceProfile | None = None, *, weights_memory: int | None = None,
                kv_memory: int | None = None, optim_memory: int | None = None, base_bytes: int | None = None,
-               kv_page: int = KV_PAGE) -> Placement:
+               kv_page: int = KV_PAGE, layer_timing: LayerTiming | None = None) -> Placement:
     """The placement the runtimes make from budgets a user gave them directly (``llmtier run --memory``,
     ``llmtier train``'s optimizer budget), with its predicted memory and time: nothing is split here, each runtime
     decides with the planner's rules as it will at run time."""
@@ -369,7 +378,7 @@ def plan_given(m: ModelMemory, w: Workload, profile: DeviceProfile | None = None
     kv_bytes = _kv_need(m, w, everything - set(spilled), kv_page)
     p = Placement(m, w, 0, base, acts - RUN_OVERHEAD, wmem, wplan, kv_memory if kv_memory is not None else 0, spilled,
                   kv_bytes, choose_experts(m, wplan), reasons=["budgets as given"], overhead_bytes=_overhead(profile),
-                  kv_page=kv_page)
+                  kv_page=kv_page, layer_timing=layer_timing)
     p.memory = p.predicted_peak
     if profile is not None:
         p.prediction = predict_decode(p, profile)
@@ -377,10 +386,9 @@ def plan_given(m: ModelMemory, w: Workload, profile: DeviceProfile | None = None
 
 
 # -- time ----------------------------------------------------------------------------------------------------------
-def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
-    """Seconds per decode token: compute (the layers' fixed cost, the weights passing through the CPU) against
-    reads (streamed layers, spilled KV), overlapped."""
-    m, w = p.model, p.workload
+def _generic_compute(m: ModelMemory, w: Workload, prof: DeviceProfile) -> float:
+    """A decode step's compute from the profile's generic rates: the layers' fixed cost (a tiny model's), the active
+    weights at the measured skinny-product rate, the routed experts' dispatch, the attention's reads of the past."""
     active = m.weight_bytes - m.embedding_bytes
     if m.expert_bytes and m.experts_per_token:  # only the routed experts' weights are multiplied
         per_expert = m.expert_bytes / max(1, sum(lay.experts for lay in m.layers))
@@ -390,7 +398,21 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
     hits = sum(min(lay.experts, max(1, m.experts_per_token) * w.batch) for lay in m.layers if lay.experts)
     compute = len(m.layers) * prof.layer_overhead_s + hits * prof.expert_overhead_s + prof.step_overhead_s
     compute += prof.weights_s(active, w.batch) if prof.matmul_bw else max(active / prof.gemv_bw, flops / prof.gemm_flops)
-    compute += m.kv_bytes(w.batch, w.context) / prof.dram_copy_bw  # attention reads the past once
+    return compute + m.kv_bytes(w.batch, w.context) / prof.dram_copy_bw  # attention reads the past once
+
+
+def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
+    """Seconds per decode token: compute (the layers' fixed cost, the weights passing through the CPU) against
+    reads (streamed layers, spilled KV), overlapped.  With ``p.layer_timing`` the layers' compute is the measured
+    layer's (its weights, attention and dispatch at this batch) plus the head and the attention reads beyond the
+    probe's context."""
+    m, w = p.model, p.workload
+    lt = p.layer_timing
+    if lt is not None and lt.batch == w.batch:
+        compute = len(m.layers) * lt.layer_s + prof.step_overhead_s + prof.weights_s(m.outside_bytes, w.batch)
+        compute += max(0, m.kv_bytes(w.batch, w.context) - m.kv_bytes(w.batch, lt.context)) / prof.dram_copy_bw
+    else:
+        compute = _generic_compute(m, w, prof)
     wp = p.weights
     # the streamer's reads reach the disk as the engine's pieces (1 MiB), many in flight
     io_w = wp.disk_bytes_per_pass / prof.read_at(min(READ_PIECE, max(1, wp.slot_bytes))) if wp.streamed else 0.0
@@ -401,10 +423,11 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
         past = sum(kvplan.staging_tokens(w.context, wins[i], p.kv_page) for i in p.kv_spilled) * geo.token_bytes
         io_kv = past / prof.read_at(geo.slot_bytes)
     io = io_w + io_kv
-    # measured on the idle 2-core VM (bench plan): the weights' read-ahead (up to 8 slots deep, I/O threads at a
-    # higher priority) runs under the compute, so a streamed step costs the larger of the two; the spilled KV is read
-    # a layer or two ahead of attention and the two share the disk: its reads add to either
-    total = io_kv + max(compute, io_w)
+    # the weights' read-ahead (up to 8 slots deep, I/O threads at a higher priority) runs under the compute, so a
+    # streamed step costs the larger of the two plus the share of the smaller that does not hide (the profile's
+    # measured stream_overlap_loss); the spilled KV is read a layer or two ahead of attention and the two share the
+    # disk: its reads add to either
+    total = io_kv + max(compute, io_w) + prof.stream_overlap_loss * min(compute, io_w)
     neck = "compute (CPU)" if compute >= io else ("disk reads of streamed weights" if io_w >= io_kv else "disk reads of spilled KV")
     return Prediction(total, compute, io, neck, {"weights_io_s": io_w, "kv_io_s": io_kv})
 

@@ -54,6 +54,10 @@ class DeviceProfile:
     # a small MoE model's training step beyond the same terms (0: unknown, use train_overhead_bytes): on a CPU with
     # bf16 oneDNN kernels the expert products, whose shapes change with every routing, keep far more (+65 MiB measured)
     moe_train_overhead_bytes: int = 0
+    # the share of the smaller of a streamed decode step's compute and weight reads that does not hide under the other
+    # (0: perfect overlap, 1: none): measured on a small streamed model (``bench.plan.stream_overlap``); on a 2-core
+    # VM the I/O threads, page pinning and completions take the CPU the layers would use
+    stream_overlap_loss: float = 0.0
 
     def weights_s(self, nbytes: float, batch: int) -> float:
         """Seconds to multiply ``batch`` rows by ``nbytes`` of bf16 weights: the time per weight byte measured at
@@ -117,6 +121,18 @@ class DeviceProfile:
             raise ProfileError(f"not a device profile: {e}") from e
 
 
+@dataclass(frozen=True)
+class LayerTiming:
+    """Seconds one decoder layer of a given model adds to a decode step of ``batch`` sequences after ``context``
+    tokens, measured on that model's own architecture (:func:`llmtier.bench.layerprobe.probe_layer`): the planner's
+    compute term for decode, where a generic profile's rates miss the kernels a layer's shapes get."""
+
+    layer_s: float
+    batch: int
+    context: int
+    note: str = ""
+
+
 def default_path() -> str:
     """Where the profile is kept: ``$LLMTIER_PROFILE``, else ``~/.cache/llmtier/device-profile.json``."""
     return os.environ.get("LLMTIER_PROFILE") or os.path.join(
@@ -147,4 +163,4 @@ def load_profile(path: str | os.PathLike[str] | None = None) -> DeviceProfile | 
         raise ProfileError(f"{p}: {e}") from e
 
 
-__all__ = ["DeviceProfile", "ProfileError", "default_path", "load_profile", "save_profile"]
+__all__ = ["DeviceProfile", "LayerTiming", "ProfileError", "default_path", "load_profile", "save_profile"]
