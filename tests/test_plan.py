@@ -325,3 +325,14 @@ def test_stream_overlap_probe_measures_a_share(tmp_path):
     loss = stream_overlap(str(tmp_path), prof)
     assert loss is not None and 0.0 <= loss <= 1.0  # the streamed child ran and its step was held against the model
     assert (tmp_path / "model-probe-stream" / "config.json").exists()
+
+
+def test_prefill_square_term_follows_the_attention_implementation(tmp_path):
+    d = make_model(str(tmp_path / "m"), "llama", layers=2, tokenizer=False, hidden_size=128, intermediate_size=256)
+    sdpa = model_memory(d)
+    eager = model_memory(transformers.AutoConfig.from_pretrained(d, attn_implementation="eager"))
+    assert sdpa.attn_implementation == "sdpa" and eager.attn_implementation == "eager"
+    b, t = 2, 1024
+    # eager keeps every head's scores and probabilities; SDPA's blocked kernel keeps at most a boolean mask
+    assert eager.prefill_activation_bytes(b, t) - sdpa.prefill_activation_bytes(b, t) == \
+        2 * b * sdpa.heads * t * t * sdpa.itemsize - b * t * t

@@ -82,6 +82,7 @@ class ModelMemory:
     from_checkpoint: bool = False
     experts_per_token: int = 0
     notes: list[str] = field(default_factory=list)
+    attn_implementation: str = "sdpa"  # the config's (transformers picks SDPA when none is set)
 
     @property
     def weight_bytes(self) -> int:
@@ -112,13 +113,19 @@ class ModelMemory:
 
     def prefill_activation_bytes(self, batch: int, tokens: int) -> int:
         """Peak of live activations in a prefill of ``batch`` x ``tokens`` (one layer at a time): the residual
-        stream, its normed copy, the MLP's (or the experts') intermediate, the attention scores and probabilities
-        (the CPU's SDPA materializes them), and the logits of the last position in fp32 (generate keeps only those)."""
+        stream, its normed copy, the MLP's (or the experts') intermediate, the attention's square term, and the
+        logits of the last position in fp32 (generate keeps only those).  The square term: with ``eager`` attention
+        the scores and probabilities of every head; with SDPA (transformers' default) at most a boolean mask of
+        ``tokens``² per sequence -- the CPU's SDPA runs a blocked (flash) kernel and keeps no scores (measured:
+        a prefill of 1 x 2048 tokens grew the RSS less than one of 4 x 512, docs/BENCHMARKS.md)."""
         bt = batch * tokens
         inter = self.intermediate * (2 if self.experts_per_token == 0 else 2 * max(1, self.experts_per_token))
         per_layer = bt * (3 * self.hidden + inter) * self.itemsize
-        scores = 2 * batch * self.heads * tokens * tokens * self.itemsize  # attention scores and probabilities (CPU SDPA)
-        return per_layer + scores + batch * self.vocab * 4
+        if self.attn_implementation == "eager":
+            square = 2 * batch * self.heads * tokens * tokens * self.itemsize  # scores and probabilities
+        else:
+            square = batch * tokens * tokens  # a boolean mask where one is built (padding, sliding windows)
+        return per_layer + square + batch * self.vocab * 4
 
     def training(self, batch: int, seq: int) -> TrainingMemory:
         """The training state for one step of ``batch`` x ``seq`` tokens."""
@@ -324,7 +331,8 @@ def model_memory(model: str | os.PathLike[str] | dict[str, Any] | Any, *, dtype:
         notes.append("weight bytes as stored in the checkpoint")
     return ModelMemory(str(getattr(config, "model_type", "?")), name, itemsize, params, outside, emb_bytes, layers,
                        text.hidden_size, int(inter), text.vocab_size, getattr(text, "num_attention_heads", 1) or 1,
-                       tied, ckpt is not None, experts_per_tok, notes)
+                       tied, ckpt is not None, experts_per_tok, notes,
+                       str(getattr(config, "_attn_implementation", None) or "sdpa"))
 
 
 __all__ = ["DTYPE_BYTES", "LayerMemory", "ModelConfigError", "ModelMemory", "TrainingMemory", "load_config",
