@@ -45,9 +45,8 @@ def _build(cfg: Any, layers: int) -> Any:
     c = copy.deepcopy(cfg)
     c.num_hidden_layers = layers
     c.vocab_size = PROBE_VOCAB
-    for attr in ("first_k_dense_replace",):  # DeepSeek-style: keep the probe's layers MoE when the model's mostly are
-        if getattr(c, attr, None):
-            setattr(c, attr, 0)
+    if getattr(c, "first_k_dense_replace", None):  # DeepSeek-style: the probe's layers MoE, as the model's mostly are
+        c.first_k_dense_replace = 0
     if getattr(c, "layer_types", None):
         c.layer_types = list(c.layer_types)[:layers]
     with torch.device("meta"):

@@ -232,11 +232,13 @@ def stream_overlap(directory: str, profile: Any, slots: int = 3) -> float | None
 
 
 def stream_overlap_median(directory: str, profile: Any, rounds: int = 3) -> float:
-    """:func:`stream_overlap` measured ``rounds`` times, the disk's rate re-measured before each (it swings from
-    one moment to the next on a VM, and the loss is a difference against it): the median; 0 when no round ran."""
+    """:func:`stream_overlap` measured ``rounds`` times, the disk's rate re-measured before each but the first (it
+    swings from one moment to the next on a VM, and the loss is a difference against it; ``profile`` was just
+    measured): the median; 0 when no round ran."""
     losses = []
-    for _ in range(rounds):
-        profile = refresh_profile(profile, directory)
+    for r in range(rounds):
+        if r:
+            profile = refresh_profile(profile, directory)
         got = stream_overlap(directory, profile)
         if got is not None:
             losses.append(got)
@@ -275,9 +277,7 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
 
     os.makedirs(directory, exist_ok=True)
     if profile is None:
-        profile = measure_profile(directory, quick=True)
-        if overlap_rounds > 1:  # the quick profile measured it once
-            profile.stream_overlap_loss = stream_overlap_median(directory, profile, overlap_rounds)
+        profile = measure_profile(directory, quick=True, overlap_rounds=overlap_rounds)
     rows: list[Row] = []
     for c in configs:
         if recalibrate:  # the CPU and disk rates right now: the machine is shared, its rates swing run to run

@@ -240,8 +240,9 @@ def _h2d() -> float | None:
     return 4 * src.numel() / (time.perf_counter() - t0)
 
 
-def measure_profile(directory: str, *, quick: bool = False) -> DeviceProfile:
-    """Measure this machine (see the module doc); ``quick``: 64 MiB per disk size, one round (seconds)."""
+def measure_profile(directory: str, *, quick: bool = False, overlap_rounds: int | None = None) -> DeviceProfile:
+    """Measure this machine (see the module doc); ``quick``: 64 MiB per disk size, one round (seconds).
+    ``overlap_rounds``: streamed-decode probes whose median is the overlap loss (default 1 quick, else 3)."""
     import torch  # noqa: PLC0415
 
     read, write = _disk(directory, (64 << 20) if quick else (256 << 20), SIZES, 1 if quick else 3)
@@ -256,7 +257,7 @@ def measure_profile(directory: str, *, quick: bool = False) -> DeviceProfile:
                          datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), platform.node(),
                          [n for n in notes if n], quick, gen, train, cpu["expert_overhead_s"], cpu["train_flops"],
                          cpu["matmul_bw"], cpu["step_overhead_s"], moe_train)
-    prof.stream_overlap_loss = stream_overlap_median(directory, prof, 1 if quick else 3)
+    prof.stream_overlap_loss = stream_overlap_median(directory, prof, overlap_rounds or (1 if quick else 3))
     return prof
 
 

@@ -23,8 +23,8 @@ while the younger ones are still on their way:
   segment is retired (the copy runs while the next segments are read).  The
   engine's io_uring worker completes a group of queued reads together, so the
   next segment is submitted into the spare window as soon as the oldest has
-  arrived, before that one is copied out (:data:`SPARE`): the engine gets new
-  work the moment it may have run dry.  The windows are huge-page memory too:
+  arrived, before that one is copied out: the engine gets new work the moment
+  it may have run dry.  The windows are huge-page memory too:
   a direct read pins its buffer's pages, and pinning 4 KiB pages cost the
   development VM a third of the load's time (``into=`` of 3.53 GiB: 2.3-3.0 s
   into 4 KiB-page windows, 1.5-1.6 s into 2 MiB-page ones, in the same
@@ -54,7 +54,6 @@ DEPTH = 8  # segments in flight: 256 MiB queued at the engine
 ARENA = 64 << 20  # fresh memory is allocated in arenas of up to this size (a bigger tensor: its own)
 PREFAULT = 2  # threads that fault fresh arenas in ahead of the reads
 COPY_THREADS = 1  # threads that copy a segment out of its window (2 measured slower on 2 cores: they compete with the I/O)
-SPARE = True  # one window more than DEPTH: the next segment is submitted before the oldest is copied out
 HUGE = 2 << 20
 _GAP = 1 << 20  # tensors further apart than this never share an arena
 
@@ -133,8 +132,7 @@ class _Arenas:
 
 
 def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, segment: int = SEGMENT,
-                 depth: int = DEPTH, prefault: int = PREFAULT, copy_threads: int | None = None,
-                 spare: bool | None = None) -> dict[str, np.ndarray]:
+                 depth: int = DEPTH, prefault: int = PREFAULT, copy_threads: int = COPY_THREADS) -> dict[str, np.ndarray]:
     """Read every ``(info, dst)`` of store ``st``.  ``dst``: a CPU, contiguous array or tensor of exactly
     the tensor's size, filled in place; or ``None``: the tensor is read into fresh memory.  Returns the
     fresh tensors' raw bytes (``uint8`` views of page-aligned arenas), by name."""
@@ -178,10 +176,8 @@ def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, 
         segments[-1].append(pc)
         used += size
     depth = max(1, min(depth, len(segments)))
-    copy_threads = COPY_THREADS if copy_threads is None else copy_threads
-    spare = SPARE if spare is None else spare
     bounce = any(pc.mode == "bounce" for pc in pieces)
-    nwin = depth + 1 if spare else depth
+    nwin = depth + 1  # a spare: the next segment is submitted before the oldest is copied out
     windows = [alloc_huge(segment) for _ in range(nwin)] if bounce else []
     copier = ParallelCopy(copy_threads) if bounce else None
     arenas = _Arenas(sizes, prefault)
@@ -231,11 +227,9 @@ def read_tensors(st: Any, pairs: list[tuple[TensorInfo, Any]], *, verify: bool, 
             # younger segments here, inline, and retire nothing until they are all done.
             concurrent.futures.wait([fut])
             got = fut.result()
-            if spare and k + depth < len(segments):  # refill first: the engine may have run dry
+            if k + depth < len(segments):  # refill into the spare window first: the engine may have run dry
                 inflight.append(submit(k + depth))
             retire(k, got)
-            if not spare and k + depth < len(segments):  # this segment's window is free again
-                inflight.append(submit(k + depth))
     except BaseException:
         for fut in inflight:  # never leave a read writing into memory we give up
             concurrent.futures.wait([fut])
