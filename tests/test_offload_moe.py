@@ -54,7 +54,8 @@ def test_experts_stream_exactly(family, policy, predict):
     assert torch.equal(got.sequences, want.sequences), f"{name}: tokens differ"
     for step, (a, b) in enumerate(zip(got.logits, want.logits)):
         assert torch.equal(a, b), f"{name} {policy}: logits differ at step {step}"
-    assert s.policy == policy and s.expert_misses > 0 and s.tokens == 2 * 7 + 2 * 5
+    assert s.policy == policy and s.expert_misses > 0 and s.tokens == 2 * 7 + 2 * 5 and s.expert_layout == "slots"
+    assert s.expert_overlap, model.llmtier.place.why_not_overlap
     assert s.expert_cache_used <= s.expert_cache_bytes
     # every byte read is a routed expert that was missing, a wrong guess, or a streamed dense layer
     assert s.total_bytes_read - s.expert_bytes_read + s.expert_payload_read == s.analytic_bytes + s.prefetch_wasted_bytes
@@ -64,21 +65,73 @@ def test_experts_stream_exactly(family, policy, predict):
         assert s.prefetch_paused == 0 or predict == "auto"
     else:
         assert s.prefetch_bytes == 0 and s.expert_payload_read == s.active_missing_bytes
-    # evicted experts' pages were given back or moved to the experts read in their place
+    # evicted experts' slots went to the experts read in their place
     assert s.expert_reads > len(model.llmtier.cache.resident)
     assert s.expert_bytes_released + s.expert_bytes_recycled > 0
 
 
 def assert_evicted_pages_released(streamer):
-    """Every whole page of an expert outside the cache was given back (reads zero, as fresh pages do)."""
+    """Slots: the resident experts and only they hold a slot each, within the cache's bytes.  Rows: every whole
+    page of an expert outside the cache was given back (reads zero, as fresh pages do)."""
     from llmtier.engine.buffers import PAGE
 
+    place = streamer.place
+    if place.kind == "slots":
+        assert set(place.slot) == set(streamer.cache.resident)
+        assert len(set(place.slot.values())) == len(place.slot) <= place.nslots
+        assert place.nslots * streamer.moe[0].expert_bytes <= streamer.cache.capacity
+        for i, m in enumerate(streamer.moe):
+            assert place.maps[i].tolist() == [place.slot.get((m.layer, e), -1) for e in range(m.num_experts)]
+        return
     for i, m in enumerate(streamer.moe):
-        for buf, row in zip(streamer._ebufs[i], m.row_bytes):
+        for buf, row in zip(place.bufs[i], m.row_bytes):
             for e in range(m.num_experts):
                 a, b = -(-(e * row) // PAGE) * PAGE, (e + 1) * row // PAGE * PAGE
                 if (m.layer, e) not in streamer.cache and b > a:
                     assert not buf[a:b].any(), f"layer {m.layer} expert {e}: evicted, yet its pages hold data"
+
+
+def with_experts_implementation(path, impl):
+    """The checkpoint's config.json asks transformers for ``impl`` (the in-memory model and ours both follow it)."""
+    import json
+    import os
+
+    cfg = os.path.join(path, "config.json")
+    with open(cfg) as f:
+        doc = json.load(f)
+    doc["experts_implementation"] = impl
+    with open(cfg, "w") as f:
+        json.dump(doc, f)
+    return path
+
+
+@pytest.mark.parametrize("predict", [False, "auto"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_expert_rows_stream_exactly(name, predict, tmp_path):
+    """transformers' ``eager`` experts add expert outputs in expert order, so the slot pool (which renumbers
+    experts) would not be exact: the experts stay at their own rows, and the output is still bit for bit."""
+    path = with_experts_implementation(make_family_model(str(tmp_path / name), name), "eager")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    want = generate(ref)
+    with stream_model(path, "70%", experts="lru", predict=predict) as model:
+        got = generate(model)
+        s = model.llmtier.stats()
+        assert_evicted_pages_released(model.llmtier)
+    assert s.expert_layout == "rows" and s.expert_misses > 0
+    assert s.expert_bytes_released + s.expert_bytes_recycled > 0
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
+def test_expert_slots_refuse_a_changed_implementation(tmp_path):
+    path = make_family_model(str(tmp_path / "q"), "qwen3_moe")
+    with stream_model(path, "70%", experts="lru", predict=False) as model:
+        assert model.llmtier.stats().expert_layout == "slots"
+        model.config._experts_implementation = "eager"
+        with pytest.raises(ExpertError, match="became 'eager'"):
+            generate(model)
+    # closed: the experts modules have their own forward back
+    assert all("forward" not in m.__dict__ for m in model.modules())
 
 
 def test_tight_budget_streams_dense_layers(family):

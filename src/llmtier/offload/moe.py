@@ -3,17 +3,15 @@ read on demand, the next layer's experts predicted and prefetched.
 
 The dense part of every layer (attention, router, shared experts, norms)
 streams or stays resident as in :mod:`llmtier.offload.weights`; the routed
-experts do not stream with their layer.  Each fused expert parameter
-(``[E, ...]``) is bound once, for the model's life, to a buffer of its full
-size in anonymous memory that holds pages only where experts were read: an
-expert in the cache is its rows there, an expert evicted gives its pages back
-(``MADV_DONTNEED``).  A forward pre-hook on the experts module sees the
-router's choice (``top_k_index``) before any expert computes; the missing
-experts are read, each extent of each expert straight to its place in the
-fused buffer, and the experts compute only after they arrived.  The experts
-that run have their true weights; the rows of the others are never read by
-transformers' expert loops (``eager`` and ``grouped_mm`` touch only routed
-experts), so the output is the in-memory model's, bit for bit.
+experts do not stream with their layer.  The resident experts lie in a pool of
+expert-sized slots shared by the MoE layers, or at their own rows of sparse
+full-size buffers where slots would not be exact (:mod:`llmtier.offload.expert_place`).
+A forward pre-hook on the experts module sees the router's choice
+(``top_k_index``) before any expert computes; the missing experts are read,
+each extent of each expert straight to its place, and the experts compute
+only after they arrived.  The experts that run have their true weights and
+transformers' own expert forward computes them, so the output is the
+in-memory model's, bit for bit.
 
 Prediction: the next MoE layer's router applied to this layer's expert
 input guesses the next layer's experts; their reads start before this
@@ -37,13 +35,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from ..engine import alloc, discard_pages, move_pages
 from ..errors import ChecksumError
-from ..store import dtypes
 from ..store.format import crc32c
 from ..units import resolve_size
+from .expert_place import ExpertRows, ExpertSlots, slots_apply
 from .experts import (
     ExpertCache,
     ExpertError,
@@ -59,11 +54,6 @@ from .experts import (
 from .layout import Layout
 from .stats import WeightStats
 from .weights import WeightStreamer
-
-#: Evicted experts' pages move to the expert read in their place (no page faults) between at most this many distinct
-#: expert rows: a row a move touched becomes a mapping of its own, and the kernel caps a process's mappings
-#: (vm.max_map_count, 65530 by default); rows already split cost nothing more, however often their pages move
-MAX_MOVED_ROWS = 16384
 
 #: ``predict="auto"``: guesses are read while this share of the recent guesses was right ...
 AUTO_PRECISION = 0.9
@@ -93,8 +83,10 @@ class MoEStats(WeightStats):
     expert_payload_read: int = 0  # the experts' own bytes in those reads
     expert_reads: int = 0  # experts read
     expert_stall_s: float = 0.0
+    expert_layout: str = ""  # "slots" (a shared pool of expert-sized slots) or "rows" (expert_place)
+    expert_overlap: bool = False  # resident experts computed while the missing ones of their layer are read
     expert_bytes_released: int = 0  # whole pages of evicted experts given back to the system
-    expert_bytes_recycled: int = 0  # pages of evicted experts moved to the expert read in their place
+    expert_bytes_recycled: int = 0  # memory of evicted experts reused by the expert read in their place
     prefetch_bytes: int = 0
     prefetch_wasted_bytes: int = 0  # prefetched for a layer that did not route to them
     prefetch_paused: int = 0  # guesses not read: ``predict="auto"`` found recent guesses of their confidence too often wrong
@@ -114,16 +106,19 @@ class MoEStreamer(WeightStreamer):
     """A :class:`WeightStreamer` of the dense part and the expert cache of the routed experts."""
 
     def __init__(self, layout: Layout, eplan: ExpertPlan, moe: list[MoELayer], dense_groups: list, *, policy: str,
-                 predict: bool | str, profile: ExpertProfile | None, verify: str, tag: str = "weights") -> None:
+                 predict: bool | str, profile: ExpertProfile | None, verify: str, tag: str = "weights",
+                 slots: bool | None = None) -> None:
         if predict not in (True, False, "auto"):
             raise ExpertError(f"predict must be True, False or 'auto', not {predict!r}")
+        if slots is None:
+            slots = slots_apply(moe) is None
         self.moe = moe
         self.expert_plan = eplan
         self.predict = predict
         self._judged: deque[tuple[int, int]] = deque(maxlen=AUTO_WINDOW)  # (guessed, right) of recent layer passes
         self._bands = [deque(maxlen=AUTO_BAND_WINDOW) for _ in CONFIDENCE_BANDS]  # right (1) or not, per band
         self._paused = 0
-        self._ebufs: list[list[np.ndarray]] = []
+        self.place: ExpertRows | ExpertSlots | None = None
         self._ereads: dict[Key, list] = {}  # expert reads in flight
         self._routers: dict[int, tuple[Any, Any]] = {}
         self._guess: dict[int, tuple[dict[int, int], set[int]]] = {}  # layer -> ({guessed: band}, prefetched)
@@ -133,9 +128,6 @@ class MoEStreamer(WeightStreamer):
                                  "predicted", "right", "routed_pred", "tokens", "missing_bytes", "payload"), 0)
         self._read_bytes = [m.read_bytes for m in moe]
         self._stall = 0.0
-        self._released = 0  # bytes of evicted experts given back to the system
-        self._recycled = 0  # bytes of evicted experts' pages moved to the expert read in their place
-        self._moved_rows: set[tuple[int, int, int]] = set()  # (layer index, parameter, expert) rows split by moves
         self._index = {m.layer: i for i, m in enumerate(moe)}
         sizes = {m.layer: m.expert_bytes for m in moe}
         pol = make_policy(policy, profile, eplan.cache_bytes, sizes)
@@ -143,7 +135,7 @@ class MoEStreamer(WeightStreamer):
         super().__init__(layout.source, layout.model, dense_groups, layout.outside, eplan.dense,
                          layers_prefix=layout.layers_prefix, verify=verify, tag=tag, embedding=layout.embedding)
         try:
-            self._bind_experts()
+            self._bind_experts(slots)
             if predict:
                 self._load_routers()
         except BaseException:
@@ -151,22 +143,13 @@ class MoEStreamer(WeightStreamer):
             raise
 
     # -- set-up --------------------------------------------------------------------------------------------------------
-    def _bind_experts(self) -> None:
-        torch = self._torch
+    def _bind_experts(self, slots: bool) -> None:
+        self.place = (ExpertSlots(self._torch, self.moe, self.cache.capacity) if slots
+                      else ExpertRows(self._torch, self.moe))
+        self.place.bind(self._placeholders, self._hooks)
+        if isinstance(self.place, ExpertSlots):
+            self.place.wait, self.place.pending, self.place.wait_all = self._wait_expert, self._pending, self._wait_layer
         for i, m in enumerate(self.moe):
-            bufs = []
-            for b, t in m.params:
-                dt = dtypes.torch_dtype(t.dtype)
-                if dt != b.dtype:
-                    raise ExpertError(f"{t.name} is {dt} in the checkpoint and the model computes in {b.dtype}: expert "
-                                      "streaming reads experts in place, without a cast (leave dtype= unset)")
-                buf = alloc(t.nbytes)
-                bufs.append(buf)
-                x = torch.from_numpy(buf).view(dt).reshape(b.shape)
-                for module, attr, _ in b.places:
-                    self._placeholders.setdefault((id(module), attr), module._parameters[attr])
-                    module._parameters[attr] = torch.nn.Parameter(x, requires_grad=x.is_floating_point())
-            self._ebufs.append(bufs)
             self._hooks.append(m.module.register_forward_pre_hook(
                 lambda mod, args, kwargs, i=i: self._experts_before(i, mod, args, kwargs), with_kwargs=True))
 
@@ -192,7 +175,6 @@ class MoEStreamer(WeightStreamer):
             self._c["tokens"] += int(top.shape[0]) if top.dim() > 1 else 1
         keys = [(m.layer, e) for e in need]
         guess = self._guess.pop(m.layer, None)
-        stale: list[Key] = []  # read ahead for this layer, not routed to: they land as plain residents
         if guess is not None:
             bands, fetched = guess
             guessed = set(bands)
@@ -203,7 +185,6 @@ class MoEStreamer(WeightStreamer):
                 self._bands[b].append(int(e in need))
             self._c["routed_pred"] += len(need)
             self._c["wasted"] += m.expert_bytes * len(fetched - set(need))
-            stale = [(m.layer, e) for e in sorted(fetched - set(need)) if (m.layer, e) in self._ereads]
         keep = set(keys)
         missing = []
         for k in keys:
@@ -220,18 +201,33 @@ class MoEStreamer(WeightStreamer):
             self._read(i, k, prefetched=False)
         if self.predict and i + 1 < len(self.moe):
             self._prefetch(i + 1, hidden, keep)
-        t0 = time.perf_counter()
-        for k in stale:
-            if k in self._ereads:
-                self._finish(k)
-        for k in keys:
-            if k in self._ereads:
-                self._finish(k)
-        self._stall += time.perf_counter() - t0
+        if not (isinstance(self.place, ExpertSlots) and self.place.overlap is not False):
+            self._wait_layer(i)  # else the experts' forward waits for each expert when its turn comes
         counts = self._counts[m.layer]
         for k in keys:
             self.cache.policy.touch(k)
             counts[k[1]] += 1
+
+    def _wait_expert(self, layer: int, e: int) -> None:
+        """Wait for the read of expert ``e`` of ``layer`` if one is in flight."""
+        if (layer, e) in self._ereads:
+            t0 = time.perf_counter()
+            self._finish((layer, e))
+            self._stall += time.perf_counter() - t0
+
+    def _wait_layer(self, i: int) -> None:
+        """Wait for every read in flight for MoE layer ``i``: its routed experts and the guesses it did not route
+        to (those land as plain residents)."""
+        layer = self.moe[i].layer
+        for k in [k for k in self._ereads if k[0] == layer]:
+            self._wait_expert(*k)
+
+    def _pending(self, layer: int, e: int) -> int:
+        """0 for an expert not being read; else its place in the order the reads were submitted, from 1."""
+        for n, k in enumerate(self._ereads, 1):
+            if k == (layer, e):
+                return n
+        return 0
 
     def _admit(self, key: Key, nbytes: int, keep: set[Key], *, demand: bool) -> bool:
         """Make room for ``key`` (evicting others by the policy) and reserve it; False when a prefetch finds no room."""
@@ -250,6 +246,7 @@ class MoEStreamer(WeightStreamer):
         for n, v in enumerate(victims):
             self._evict(v, into=key if n == 0 else None)
         self.cache.add(key, nbytes)
+        self.place.place(key)
         return True
 
     def _prefetch(self, j: int, hidden: Any, keep: set[Key]) -> None:
@@ -306,11 +303,12 @@ class MoEStreamer(WeightStreamer):
     def _read(self, i: int, key: Key, *, prefetched: bool) -> None:
         m = self.moe[i]
         e = key[1]
-        bufs = self._ebufs[i]
         by_file: dict[str, tuple[list, list]] = {}
+        rows = m.row_bytes
         for x in m.extents[e]:
             views, offs = by_file.setdefault(x.file, ([], []))
-            views.append(bufs[x.param][x.dst:x.dst + x.nbytes])
+            at = x.dst - e * rows[x.param]
+            views.append(self.place.row(i, x.param, e)[at:at + x.nbytes])
             offs.append(x.offset)
         tag = f"{self.tag}:{m.name}.{e}"
         futs = [self.source.file(f).pread_many(v, o, tags=[tag] * len(v)) for f, (v, o) in by_file.items()]
@@ -341,32 +339,22 @@ class MoEStreamer(WeightStreamer):
             raise
 
     def _check(self, i: int, e: int) -> None:
-        bufs = self._ebufs[i]
+        rows = self.moe[i].row_bytes
         for src, spans in self.moe[i].checks[e] if self.moe[i].checks else []:
             crc = 0
             for pi, dst, n in spans:
-                crc = crc32c(bufs[pi][dst:dst + n], crc)
+                at = dst - e * rows[pi]
+                crc = crc32c(self.place.row(i, pi, e)[at:at + n], crc)
             if crc != src.crc32c:
                 raise ChecksumError(f"tensor {src.name!r}: CRC-32C mismatch (the data on disk is damaged)",
                                     path=src.file, field=src.name)
 
     def _evict(self, key: Key, into: Key | None = None) -> None:
-        """Drop ``key`` from the cache; its whole pages move to ``into`` (the expert about to be read in its place,
-        whose rows then need no page faults) where the rows match in size and alignment, and go back to the
-        system otherwise."""
+        """Drop ``key`` from the cache; its memory goes to ``into`` (the expert about to be read in its place)
+        where the layout can (:mod:`~llmtier.offload.expert_place`)."""
         if key in self.cache:
             self.cache.remove(key)
-        i = self._index[key[0]]
-        j = self._index[into[0]] if into is not None else None
-        for p, (buf, row) in enumerate(zip(self._ebufs[i], self.moe[i].row_bytes)):
-            new = {(i, p, key[1]), (j, p, into[1])} - self._moved_rows if j is not None else set()
-            if (j is not None and p < len(self._ebufs[j]) and self.moe[j].row_bytes[p] == row
-                    and len(self._moved_rows) + len(new) <= MAX_MOVED_ROWS
-                    and move_pages(buf, key[1] * row, self._ebufs[j][p], into[1] * row, row)):
-                self._moved_rows |= new
-                self._recycled += row
-                continue
-            self._released += discard_pages(buf, key[1] * row, (key[1] + 1) * row)
+        self.place.evict(key, into)
 
     # -- public --------------------------------------------------------------------------------------------------------
     def expert_counts(self) -> dict[int, list[int]]:
@@ -388,8 +376,11 @@ class MoEStreamer(WeightStreamer):
                         expert_hits=c["hits"], expert_misses=c["misses"], prefetch_hits=c["prefetch_hits"],
                         expert_hit_rate=c["hits"] / routed if routed else 0.0, expert_bytes_read=c["bytes"],
                         expert_payload_read=c["payload"],
-                        expert_reads=c["reads"], expert_stall_s=self._stall, expert_bytes_released=self._released,
-                        expert_bytes_recycled=self._recycled,
+                        expert_reads=c["reads"], expert_stall_s=self._stall,
+                        expert_layout=self.place.kind if self.place else "",
+                        expert_overlap=bool(getattr(self.place, "overlap", False)),
+                        expert_bytes_released=self.place.released if self.place else 0,
+                        expert_bytes_recycled=self.place.recycled if self.place else 0,
                         prefetch_bytes=c["prefetch_bytes"],
                         prefetch_wasted_bytes=c["wasted"], prefetch_paused=self._paused, predicted=c["predicted"],
                         predicted_right=c["right"],
@@ -411,16 +402,19 @@ class MoEStreamer(WeightStreamer):
                     except Exception:  # noqa: BLE001 - discarded reads: only their end matters
                         pass
         super().close()
-        self._ebufs = []
+        if getattr(self, "place", None) is not None:
+            self.place.close()
 
 
 def bind_moe_streamer(layout: Layout, memory: int | str, *, policy: str = "lru", predict: bool | str = "auto",
                       profile: ExpertProfile | str | None = None, prefetch: int | None = None,
-                      verify: str = "first") -> MoEStreamer:
+                      verify: str = "first", slots: bool | None = None) -> MoEStreamer:
     """The expert-granular streamer of ``layout`` within ``memory`` bytes (see the module doc).
 
     ``profile``: an :class:`ExpertProfile` or a path to one (default for the
-    ``profile`` policy: the one saved beside the model)."""
+    ``profile`` policy: the one saved beside the model).  ``slots``: resident
+    experts in a shared slot pool (True) or at their own rows (False); default:
+    slots where they are exact (:func:`~llmtier.offload.expert_place.slots_apply`)."""
     budget = resolve_size(memory, whole=layout.total_bytes, what="the weights")
     moe, dense = find_experts(layout)
     if policy == "profile" and not isinstance(profile, ExpertProfile):
@@ -431,7 +425,7 @@ def bind_moe_streamer(layout: Layout, memory: int | str, *, policy: str = "lru",
                                      moe, prefetch)
     eplan.dense.reason += "\n" + eplan.reason
     return MoEStreamer(layout, eplan, moe, dense, policy=policy, predict=predict,
-                       profile=profile if isinstance(profile, ExpertProfile) else None, verify=verify)
+                       profile=profile if isinstance(profile, ExpertProfile) else None, verify=verify, slots=slots)
 
 
 __all__ = ["AUTO_MIN_JUDGED", "AUTO_PRECISION", "AUTO_WINDOW", "CONFIDENCE_BANDS", "MoEStats", "MoEStreamer", "bind_moe_streamer"]
