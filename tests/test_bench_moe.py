@@ -31,9 +31,10 @@ def test_skew_makes_popularity_uneven(tmp_path):
 
 @pytest.mark.slow
 def test_bench_moe_quick(tmp_path):
-    res = run_moe_bench(MoEBenchConfig.quick_config(str(tmp_path)), progress=False)
+    res = run_moe_bench(MoEBenchConfig.quick_config(str(tmp_path), passes=2), progress=False)
     rows = {r["system"]: r for r in res["tables"][0]["rows"]}
     assert all(r["ok"] for r in rows.values()), rows
+    assert all(len(raw["runs"]) == 2 for raw in res["tables"][0]["raw"].values())  # one round in each of two passes
     assert all(r["tokens_match"] for s, r in rows.items() if s != "memory")
     assert rows["experts-lru"]["hit_rate"] is not None and rows["layers"]["bytes_per_token"] > 0
     assert "experts-profile" in format_report(res)
