@@ -142,6 +142,21 @@ def test_async_snapshot_staging_bound_and_errors(tmp_path: Path) -> None:
     assert equal(ck.load(tmp_path)["x"], torch.ones(2))
 
 
+def test_reserve_faults_the_pool_in_before_the_first_save(tmp_path: Path) -> None:
+    chunk = 1 << 20
+    state = {"a": torch.randn(3 << 18), "b": torch.randn(1 << 18)}  # 4 MiB
+    with Checkpointer(tmp_path, chunk_bytes=chunk) as c:
+        assert c.staging_bytes == 0
+        assert c.reserve(state) == 4 * chunk == c.staging_bytes
+        info = c.save_async(state, step=1).wait()
+        assert c.staging_bytes == 4 * chunk and info.staging_bytes >= c.staging_bytes  # no chunk added
+        assert equal(c.load(), state)
+    with Checkpointer(tmp_path / "capped", chunk_bytes=chunk, staging_bytes=2 * chunk) as c:
+        assert c.reserve(16 * chunk) == 2 * chunk  # never past the bound
+        with pytest.raises(CheckpointError):
+            c.reserve(-1)
+
+
 def test_lazy_tensor_streams_pieces(tmp_path: Path) -> None:
     full = torch.randn(1000, 33)
     raw = full.view(-1).view(torch.uint8)

@@ -202,6 +202,22 @@ class Checkpointer:
         self._pending = handle
         return handle
 
+    def reserve(self, state: Any) -> int:
+        """Allocate and fault in the staging pool for states like ``state`` (or for ``state`` bytes) now,
+        before the training loop, so that the first :meth:`save_async` stalls only for its copy: otherwise
+        that first call also faults the pool in (2.6 s for 2 GiB on the development VM, where the kernel
+        compacts memory for its huge pages, against 0.15 s for the copy).  Returns the pool's bytes."""
+        if isinstance(state, int):
+            total = state
+        else:
+            _, leaves = encode(state)
+            total = sum(_spec(x.value)[0].itemsize * int(np.prod(_spec(x.value)[1], dtype=object)) for x in leaves)
+        if total < 0:
+            raise CheckpointError(f"reserve: {total} bytes")
+        pool = self._staging_pool(total)
+        pool.reserve(total)
+        return pool.allocated
+
     def wait(self) -> CheckpointInfo | None:
         """Wait for the pending asynchronous save, if any; raises its error."""
         pending, self._pending = self._pending, None
