@@ -106,7 +106,7 @@ class ExpertRows:
         self.recycled = 0  # bytes of evicted experts' pages moved to the expert read in their place
         self._moved: set[tuple[int, int, int]] = set()  # (layer index, parameter, expert) rows split by moves
 
-    def bind(self, placeholders: dict, hooks: list) -> None:
+    def bind(self, placeholders: dict) -> None:
         """Point the experts modules' parameters at the buffers (their old values saved in ``placeholders``)."""
         torch = self.torch
         for m, bufs in zip(self.moe, self.bufs):
@@ -182,7 +182,7 @@ class ExpertSlots:
         self.pending: Any = lambda layer, e: 0
         self.wait_all: Any = lambda i: None
 
-    def bind(self, placeholders: dict, hooks: list) -> None:
+    def bind(self, placeholders: dict) -> None:
         """Stand-ins for the fused parameters (one element each, the right shape and dtype) and the experts
         modules' forward replaced by transformers' own on the pool."""
         torch = self.torch

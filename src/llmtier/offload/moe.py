@@ -146,7 +146,7 @@ class MoEStreamer(WeightStreamer):
     def _bind_experts(self, slots: bool) -> None:
         self.place = (ExpertSlots(self._torch, self.moe, self.cache.capacity) if slots
                       else ExpertRows(self._torch, self.moe))
-        self.place.bind(self._placeholders, self._hooks)
+        self.place.bind(self._placeholders)
         if isinstance(self.place, ExpertSlots):
             self.place.wait, self.place.pending, self.place.wait_all = self._wait_expert, self._pending, self._wait_layer
         for i, m in enumerate(self.moe):
