@@ -123,6 +123,21 @@ def test_expert_rows_stream_exactly(name, predict, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
 
 
+def test_batched_mm_experts_stream_exactly_in_slots(tmp_path):
+    """``batched_mm`` computes each (token, expert) pair apart and sums the top-k in the router's order: slots
+    are exact with it too (transformers' own forward on the pool, each layer waiting for its experts first)."""
+    path = with_experts_implementation(make_family_model(str(tmp_path / "q"), "qwen3_moe"), "batched_mm")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    want = generate(ref)
+    with stream_model(path, "70%", experts="lru", predict=True) as model:
+        got = generate(model)
+        s = model.llmtier.stats()
+        assert_evicted_pages_released(model.llmtier)
+    assert s.expert_layout == "slots" and not s.expert_overlap and s.expert_misses > 0
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
 def test_expert_slots_refuse_a_changed_implementation(tmp_path):
     path = make_family_model(str(tmp_path / "q"), "qwen3_moe")
     with stream_model(path, "70%", experts="lru", predict=False) as model:
