@@ -105,37 +105,36 @@ def with_experts_implementation(path, impl):
     return path
 
 
-@pytest.mark.parametrize("predict", [False, "auto"])
-@pytest.mark.parametrize("name", FAMILIES)
-def test_expert_rows_stream_exactly(name, predict, tmp_path):
-    """transformers' ``eager`` experts add expert outputs in expert order, so the slot pool (which renumbers
-    experts) would not be exact: the experts stay at their own rows, and the output is still bit for bit."""
-    path = with_experts_implementation(make_family_model(str(tmp_path / name), name), "eager")
+def stream_with_implementation(path, impl, predict):
+    """Stream the model at ``path`` with transformers' ``impl`` experts; bitwise against the in-memory model
+    with the same implementation; returns the streamer's stats."""
+    with_experts_implementation(path, impl)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     want = generate(ref)
     with stream_model(path, "70%", experts="lru", predict=predict) as model:
         got = generate(model)
         s = model.llmtier.stats()
         assert_evicted_pages_released(model.llmtier)
-    assert s.expert_layout == "rows" and s.expert_misses > 0
-    assert s.expert_bytes_released + s.expert_bytes_recycled > 0
     assert torch.equal(got.sequences, want.sequences)
     assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+    assert s.expert_misses > 0
+    return s
+
+
+@pytest.mark.parametrize("predict", [False, "auto"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_expert_rows_stream_exactly(name, predict, tmp_path):
+    """transformers' ``eager`` experts add expert outputs in expert order, so the slot pool (which renumbers
+    experts) would not be exact: the experts stay at their own rows, and the output is still bit for bit."""
+    s = stream_with_implementation(make_family_model(str(tmp_path / name), name), "eager", predict)
+    assert s.expert_layout == "rows" and s.expert_bytes_released + s.expert_bytes_recycled > 0
 
 
 def test_batched_mm_experts_stream_exactly_in_slots(tmp_path):
     """``batched_mm`` computes each (token, expert) pair apart and sums the top-k in the router's order: slots
     are exact with it too (transformers' own forward on the pool, each layer waiting for its experts first)."""
-    path = with_experts_implementation(make_family_model(str(tmp_path / "q"), "qwen3_moe"), "batched_mm")
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    want = generate(ref)
-    with stream_model(path, "70%", experts="lru", predict=True) as model:
-        got = generate(model)
-        s = model.llmtier.stats()
-        assert_evicted_pages_released(model.llmtier)
-    assert s.expert_layout == "slots" and not s.expert_overlap and s.expert_misses > 0
-    assert torch.equal(got.sequences, want.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+    s = stream_with_implementation(make_family_model(str(tmp_path / "q"), "qwen3_moe"), "batched_mm", True)
+    assert s.expert_layout == "slots" and not s.expert_overlap
 
 
 def test_expert_slots_refuse_a_changed_implementation(tmp_path):
