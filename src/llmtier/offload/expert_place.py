@@ -244,7 +244,7 @@ class ExpertSlots:
         up, down = self.by_name["gate_up_proj" if module.has_gate else "up_proj"], self.by_name["down_proj"]
         up_b = self.by_name.get("gate_up_proj_bias" if module.has_gate else "up_proj_bias") if module.has_bias else None
         down_b = self.by_name.get("down_proj_bias") if module.has_bias else None
-        out = torch.empty(x.shape[0], dim, dtype=x.dtype, device=x.device)
+        out = torch.empty(x.shape[0], dim, dtype=down.dtype, device=x.device)  # as transformers: the weights' dtype
         groups, start = [], 0
         for e, c in zip(ids.tolist(), counts.tolist()):
             groups.append((e, start, start + c))
