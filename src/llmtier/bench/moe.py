@@ -64,8 +64,8 @@ class MoEBenchConfig:
     budgets: tuple[float, ...] = (0.5, 0.25)
     batches: tuple[int, ...] = (1, 4)
     systems: tuple[str, ...] = SYSTEMS
-    rounds: int = 5
-    passes: int = 1  # each system runs this many times in turn (rounds each): slow drifts of the VM hit all alike
+    rounds: int = 3  # per pass
+    passes: int = 2  # each system runs this many times in turn (rounds each): slow drifts of the VM hit all alike
     prompt_len: int = 16
     new_tokens: int = 8
     alpha: float = 1.5
@@ -75,7 +75,7 @@ class MoEBenchConfig:
 
     @classmethod
     def quick_config(cls, directory: str | None = None, **kw: Any) -> MoEBenchConfig:
-        base = {"models": ("mixtral",), "routings": ("skew",), "budgets": (0.5,), "batches": (1,), "rounds": 1,
+        base = {"models": ("mixtral",), "routings": ("skew",), "budgets": (0.5,), "batches": (1,), "rounds": 1, "passes": 1,
                 "new_tokens": 4, "systems": ("memory", "layers", "experts-lru", "experts-profile"), "quick": True,
                 "overhead": 2 << 30}
         return cls(**({"directory": directory} if directory else {}), **{**base, **kw})
@@ -422,8 +422,8 @@ def add_cli(bench: Any) -> None:
     p.add_argument("--budgets", help="comma list of shares of the weights, e.g. 0.5,0.25")
     p.add_argument("--batches", help="comma list, e.g. 1,4")
     p.add_argument("--systems", help=f"comma list of {','.join(SYSTEMS)}")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--passes", type=int, help="run every system this many times in turn (default 1), rounds each")
+    p.add_argument("--rounds", type=int, help="counted rounds per pass (default 3, after a warm-up)")
+    p.add_argument("--passes", type=int, help="run every system this many times in turn (default 2), rounds each")
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--no-progress", action="store_true")
