@@ -339,7 +339,7 @@ def run_moe_bench(cfg: MoEBenchConfig, progress: bool = True) -> dict[str, Any]:
         notes.append(f"no memory cgroup ({why}): runs are NOT capped")
     tables = []
     cells = [(m, r, f, b) for m in cfg.models for r in cfg.routings for f in cfg.budgets for b in cfg.batches]
-    bar = tqdm(total=len(cells) * len(cfg.systems), desc="bench moe", disable=not progress)
+    bar = tqdm(total=len(cells) * len(cfg.systems) * max(1, cfg.passes), desc="bench moe", disable=not progress)
     for model_type in cfg.models:
         for routing in cfg.routings:
             path = ensure_model(cfg.directory, model_type, routing, cfg, progress)
@@ -362,7 +362,7 @@ def run_moe_bench(cfg: MoEBenchConfig, progress: bool = True) -> dict[str, Any]:
                                 job["model"] = store
                             limit = None if system == "memory" or not capped else budget + cfg.overhead
                             results[system] = _merge(results.get(system), _child(job, limit))
-                            bar.update(1 if npass + 1 == max(1, cfg.passes) else 0)
+                            bar.update(1)
                     ref = results.get("memory")
                     rows = [_row(s, results[s], ref if s != "memory" else None, fio_bw) for s in cfg.systems]
                     layers = next((r for r in rows if r["system"] == "layers" and r.get("ok")), None)

@@ -77,6 +77,15 @@ def _spec(value: Any) -> tuple[dtypes.DType, tuple[int, ...]]:
     return dtypes.of(value), tuple(int(d) for d in value.shape)
 
 
+def _state_bytes(leaves: list[Leaf]) -> int:
+    """The bytes of the tensor values among ``leaves`` (what a snapshot copies)."""
+    total = 0
+    for x in leaves:
+        dt, shape = _spec(x.value)
+        total += dt.itemsize * int(np.prod(shape, dtype=object))
+    return total
+
+
 class Checkpointer:
     """Checkpoints of one training run in ``directory``.
 
@@ -158,7 +167,7 @@ class Checkpointer:
             self._bg_ranks = Ranks(self._group, separate=True)
         try:
             tree, leaves = encode(state)
-            total = sum(_spec(x.value)[0].itemsize * int(np.prod(_spec(x.value)[1], dtype=object)) for x in leaves)
+            total = _state_bytes(leaves)
             step_dir = self._prepare(step, metadata)
         except BaseException as exc:
             self._commit(self._bg_ranks, step, step_dir, exc, 0, metadata)
@@ -211,7 +220,7 @@ class Checkpointer:
             total = state
         else:
             _, leaves = encode(state)
-            total = sum(_spec(x.value)[0].itemsize * int(np.prod(_spec(x.value)[1], dtype=object)) for x in leaves)
+            total = _state_bytes(leaves)
         if total < 0:
             raise CheckpointError(f"reserve: {total} bytes")
         pool = self._staging_pool(total)

@@ -128,7 +128,6 @@ class MoEStreamer(WeightStreamer):
                                  "predicted", "right", "routed_pred", "tokens", "missing_bytes", "payload"), 0)
         self._read_bytes = [m.read_bytes for m in moe]
         self._stall = 0.0
-        self._index = {m.layer: i for i, m in enumerate(moe)}
         sizes = {m.layer: m.expert_bytes for m in moe}
         pol = make_policy(policy, profile, eplan.cache_bytes, sizes)
         self.cache = ExpertCache(eplan.cache_bytes, pol, layer_quotas(eplan.cache_bytes, moe))
