@@ -346,3 +346,31 @@ def test_auto_prediction_reads_guesses_only_while_they_are_right(routing, tmp_pa
         assert auto.expert_payload_read <= 1.1 * auto.active_missing_bytes
     with pytest.raises(ExpertError, match="predict must be"):
         stream_model(tmp_path / "m", "40%", experts="lru", predict="sometimes")
+
+
+def test_auto_prediction_samples_its_guesses_while_no_band_reads(tmp_path):
+    """``predict="auto"`` with every confidence band judged wrong: only one MoE layer pass in ``AUTO_SAMPLE``
+    guesses (the others skip the router product), nothing is read ahead, and the tokens stay exact."""
+    from llmtier.bench.families import family_config
+    from llmtier.bench.moe import QUICK
+    from llmtier.offload.moe import AUTO_SAMPLE, AUTO_WINDOW
+
+    shape = dict(QUICK["mixtral"])
+    config = family_config("mixtral", layers=shape.pop("layers"), **shape)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    ref.save_pretrained(tmp_path / "m")
+    ids = torch.randint(1, 500, (1, 6), generator=torch.Generator().manual_seed(3))
+    want = generate(ref, ids)
+    with stream_model(tmp_path / "m", "40%", experts="lru", predict="auto") as model:
+        s = model.llmtier
+        for band in s._bands:  # as after a long run of wrong guesses
+            band.extend([0] * band.maxlen)
+        s._judged.extend([(2, 0)] * AUTO_WINDOW)
+        got = generate(model, ids)
+        st = s.stats()
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+    passes = st.unguessed_passes + st.predicted // config.num_experts_per_tok  # batch 1 after the prompt
+    assert st.unguessed_passes >= (AUTO_SAMPLE - 1) * (passes // AUTO_SAMPLE) - AUTO_SAMPLE
+    assert st.predicted > 0 and st.prefetch_bytes == 0 and st.prefetch_paused > 0

@@ -84,14 +84,6 @@ def _plain(module: Any, params: dict[str, Any]) -> bool:
     return "down_proj" in params and ("gate_up_proj" if module.has_gate else "up_proj") in params
 
 
-def _linear(x: Any, weight: Any, transposed: bool, bias: Any) -> Any:
-    """One group of transformers' ``_grouped_linear``: ``x @ weight`` (``[in, out]``) or ``x @ weight.T``."""
-    out = x.to(weight.dtype) @ (weight if transposed else weight.transpose(-2, -1))
-    if bias is not None:
-        out.add_(bias)
-    return out
-
-
 class ExpertRows:
     """Experts at their own rows of full-size sparse buffers (see the module doc)."""
 
@@ -172,7 +164,8 @@ class ExpertSlots:
         self.recycled = 0  # bytes of slots an evicted expert left to the one read next
         self._used: set[int] = set()  # slots that ever held an expert
         self._modules: list[Any] = []
-        self.by_name: dict[str, Any] = {}
+        self.by_name: dict[str, Any] = {}  # fused parameter name -> its pool [slot, ...]
+        self.by_name_t: dict[str, Any] = {}  # ... as [slot, in, out] (transposed where the module is not)
         #: compute resident experts while missing ones are read: None until the first call checked it is exact
         self.overlap: bool | None = overlap
         self.why_not_overlap = "" if overlap is not False else "overlap=False"
@@ -195,6 +188,7 @@ class ExpertSlots:
                     module._parameters[attr] = stub
                     params[attr] = pool
                     self.by_name[attr] = pool
+                    self.by_name_t[attr] = pool if m.module.is_transposed or pool.dim() < 3 else pool.transpose(-2, -1)
             mod = m.module
             proxy = copy.copy(mod)  # a new __dict__ sharing everything but the parameters and the expert count
             proxy._parameters = params
@@ -241,21 +235,32 @@ class ExpertSlots:
         x = hidden[perm // k]
         w = weights.reshape(-1)[perm]
         ids, counts = torch.unique_consecutive(ids_g, return_counts=True)
-        up, down = self.by_name["gate_up_proj" if module.has_gate else "up_proj"], self.by_name["down_proj"]
-        up_b = self.by_name.get("gate_up_proj_bias" if module.has_gate else "up_proj_bias") if module.has_bias else None
+        up_name = "gate_up_proj" if module.has_gate else "up_proj"
+        up_t, down_t = self.by_name_t[up_name], self.by_name_t["down_proj"]  # [slot, in, out] views
+        up_b = self.by_name.get(up_name + "_bias") if module.has_bias else None
         down_b = self.by_name.get("down_proj_bias") if module.has_bias else None
-        out = torch.empty(x.shape[0], dim, dtype=down.dtype, device=x.device)  # as transformers: the weights' dtype
+        dtype = down_t.dtype
+        out = torch.empty(x.shape[0], dim, dtype=dtype, device=x.device)  # as transformers: the weights' dtype
+        x = x.to(up_t.dtype)
+        gate = module._apply_gate if module.has_gate else module.act_fn
+        layer, slot, pending = m.layer, self.slot, self.pending
         groups, start = [], 0
         for e, c in zip(ids.tolist(), counts.tolist()):
-            groups.append((e, start, start + c))
+            groups.append((pending(layer, e), e, start, start + c))  # resident first, then in the order read
             start += c
-        groups.sort(key=lambda g: self.pending(m.layer, g[0]))  # resident first, then in the order read
-        for e, a, b in groups:
-            self.wait(m.layer, e)
-            s = self.slot[(m.layer, e)]
-            h = _linear(x[a:b], up[s], module.is_transposed, up_b[s] if up_b is not None else None)
-            h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-            out[a:b] = _linear(h, down[s], module.is_transposed, down_b[s] if down_b is not None else None)
+        groups.sort()
+        for p, e, a, b in groups:
+            if p:
+                self.wait(layer, e)
+            s = slot[(layer, e)]
+            h = torch.mm(x[a:b], up_t[s])
+            if up_b is not None:
+                h.add_(up_b[s])
+            h = gate(h).to(dtype)
+            if down_b is None:
+                torch.mm(h, down_t[s], out=out[a:b])
+            else:
+                out[a:b] = torch.mm(h, down_t[s]).add_(down_b[s])
         self.wait_all(i)  # reads of guesses for this layer that it did not route to: they land as residents
         weighted = out * w.unsqueeze(-1)
         inv = torch.empty_like(perm)

@@ -335,6 +335,7 @@ class ExpertCache:
         self.policy = policy
         self.quota = dict(quota or {})
         self.resident: dict[Key, int] = {}
+        self.by_layer: dict[int, dict[Key, int]] = {}  # the resident experts of each layer, in order of arrival
         self.count: dict[int, int] = {}
         self.used = 0
 
@@ -343,28 +344,38 @@ class ExpertCache:
 
     def add(self, key: Key, nbytes: int) -> None:
         self.resident[key] = nbytes
+        self.by_layer.setdefault(key[0], {})[key] = nbytes
         self.count[key[0]] = self.count.get(key[0], 0) + 1
         self.used += nbytes
 
     def remove(self, key: Key) -> None:
         self.used -= self.resident.pop(key)
+        del self.by_layer[key[0]][key]
         self.count[key[0]] -= 1
         self.policy.forget(key)
 
     def victims(self, nbytes: int, keep: set[Key], layer: int | None = None) -> list[Key] | None:
         """The experts to drop so that ``nbytes`` more fit (for ``layer``), never one of ``keep``;
-        None when that is not possible."""
+        None when that is not possible.  Each victim comes from the first non-empty pool of: the experts of
+        layers above their quota, those of ``layer``, all (the policy chooses within the pool)."""
         free = self.capacity - self.used
+        if free >= nbytes:
+            return []
         out: list[Key] = []
         left = dict(self.count)
-        cands = [k for k in self.resident if k not in keep]
+        taken: set[Key] = set()
+
+        def pool(layers: Any) -> list[Key]:
+            return [k for lay in layers for k in self.by_layer.get(lay, ()) if k not in keep and k not in taken]
+
         while free < nbytes:
+            cands = (pool([lay for lay in self.by_layer if left[lay] > self.quota.get(lay, 0)])
+                     or (pool([layer]) if layer is not None else [])
+                     or pool(list(self.by_layer)))
             if not cands:
                 return None
-            over = [k for k in cands if left[k[0]] > self.quota.get(k[0], 0)]
-            pool = over or [k for k in cands if k[0] == layer] or cands
-            v = self.policy.victim(pool)
-            cands.remove(v)
+            v = self.policy.victim(cands)
+            taken.add(v)
             out.append(v)
             left[v[0]] -= 1
             free += self.resident[v]

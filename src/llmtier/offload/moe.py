@@ -25,12 +25,15 @@ have been at least :data:`AUTO_PRECISION` right (until a band has
 :data:`AUTO_MIN_JUDGED` judged guesses, the last :data:`AUTO_WINDOW` layer
 passes' guesses as a whole decide).  On a model whose next-layer guess is
 poor, every wrong guess would be a whole expert read for nothing; its
-confident guesses are still worth reading.
+confident guesses are still worth reading.  While no band is read, only one
+layer pass in :data:`AUTO_SAMPLE` guesses (to keep judging): the router
+product and its bookkeeping are then not paid on every layer.
 """
 from __future__ import annotations
 
 import os
 import time
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +68,9 @@ CONFIDENCE_BANDS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 #: A band decides alone once this many of its guesses were judged (the last AUTO_BAND_WINDOW count)
 AUTO_MIN_JUDGED = 16
 AUTO_BAND_WINDOW = 64
+#: ``predict="auto"`` while no band's guesses are read: one MoE layer pass in this many still guesses, so that
+#: the guesses keep being judged (guessing costs a router product and its bookkeeping per layer)
+AUTO_SAMPLE = 8
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class MoEStats(WeightStats):
     prefetch_bytes: int = 0
     prefetch_wasted_bytes: int = 0  # prefetched for a layer that did not route to them
     prefetch_paused: int = 0  # guesses not read: ``predict="auto"`` found recent guesses of their confidence too often wrong
+    unguessed_passes: int = 0  # MoE layer passes that did not guess: ``predict="auto"`` read no band (AUTO_SAMPLE)
     predicted: int = 0  # experts guessed
     predicted_right: int = 0  # guessed and routed to
     routed_with_prediction: int = 0  # routed experts of the layers that had a guess
@@ -118,6 +125,8 @@ class MoEStreamer(WeightStreamer):
         self._judged: deque[tuple[int, int]] = deque(maxlen=AUTO_WINDOW)  # (guessed, right) of recent layer passes
         self._bands = [deque(maxlen=AUTO_BAND_WINDOW) for _ in CONFIDENCE_BANDS]  # right (1) or not, per band
         self._paused = 0
+        self._sample = 0  # layer passes since the last guess while no band reads (``predict="auto"``)
+        self._unguessed = 0  # layer passes that did not guess for that reason
         self.place: ExpertRows | ExpertSlots | None = None
         self._ereads: dict[Key, list] = {}  # expert reads in flight
         self._routers: dict[int, tuple[Any, Any]] = {}
@@ -198,7 +207,7 @@ class MoEStreamer(WeightStreamer):
         for k in missing:
             self._admit(k, m.expert_bytes, keep, demand=True)
             self._read(i, k, prefetched=False)
-        if self.predict and i + 1 < len(self.moe):
+        if self.predict and i + 1 < len(self.moe) and self._guessing():
             self._prefetch(i + 1, hidden, keep)
         if not (isinstance(self.place, ExpertSlots) and self.place.overlap is not False):
             self._wait_layer(i)  # else the experts' forward waits for each expert when its turn comes
@@ -268,7 +277,7 @@ class MoEStreamer(WeightStreamer):
             margin = self._torch.full_like(top.values, float("inf"))
         bands: dict[int, int] = {}
         for e, mg in zip(top.indices[:, :k].reshape(-1).tolist(), margin.reshape(-1).tolist()):
-            b = sum(1 for edge in CONFIDENCE_BANDS[1:] if mg >= edge)
+            b = bisect_right(CONFIDENCE_BANDS, mg, lo=1) - 1 if mg == mg else 0  # the edges above 0 it reaches
             bands[e] = max(b, bands.get(e, 0))
         fetched: set[int] = set()
         self._guess[nxt.layer] = (bands, fetched)
@@ -284,6 +293,19 @@ class MoEStreamer(WeightStreamer):
                 break
             self._read(j, key, prefetched=True)
             fetched.add(e)
+
+    def _guessing(self) -> bool:
+        """Whether this layer pass guesses the next layer's experts: always with ``predict=True``; with ``"auto"``
+        while some band's guesses are read, else one pass in :data:`AUTO_SAMPLE`."""
+        if self.predict is True or any(self._reading(b) for b in range(len(CONFIDENCE_BANDS))):
+            self._sample = 0
+            return True
+        self._sample += 1
+        if self._sample >= AUTO_SAMPLE:
+            self._sample = 0
+            return True
+        self._unguessed += 1
+        return False
 
     def _reading(self, band: int) -> bool:
         """Whether a guess of confidence ``band`` is read: always with ``predict=True``; with ``"auto"`` while
@@ -381,7 +403,8 @@ class MoEStreamer(WeightStreamer):
                         expert_bytes_released=self.place.released if self.place else 0,
                         expert_bytes_recycled=self.place.recycled if self.place else 0,
                         prefetch_bytes=c["prefetch_bytes"],
-                        prefetch_wasted_bytes=c["wasted"], prefetch_paused=self._paused, predicted=c["predicted"],
+                        prefetch_wasted_bytes=c["wasted"], prefetch_paused=self._paused, unguessed_passes=self._unguessed,
+                        predicted=c["predicted"],
                         predicted_right=c["right"],
                         routed_with_prediction=c["routed_pred"],
                         prediction_recall=c["right"] / c["routed_pred"] if c["routed_pred"] else 0.0,
@@ -427,4 +450,5 @@ def bind_moe_streamer(layout: Layout, memory: int | str, *, policy: str = "lru",
                        profile=profile if isinstance(profile, ExpertProfile) else None, verify=verify, slots=slots)
 
 
-__all__ = ["AUTO_MIN_JUDGED", "AUTO_PRECISION", "AUTO_WINDOW", "CONFIDENCE_BANDS", "MoEStats", "MoEStreamer", "bind_moe_streamer"]
+__all__ = ["AUTO_MIN_JUDGED", "AUTO_PRECISION", "AUTO_SAMPLE", "AUTO_WINDOW", "CONFIDENCE_BANDS", "MoEStats", "MoEStreamer",
+           "bind_moe_streamer"]
