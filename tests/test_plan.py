@@ -336,3 +336,48 @@ def test_prefill_square_term_follows_the_attention_implementation(tmp_path):
     # eager keeps every head's scores and probabilities; SDPA's blocked kernel keeps at most a boolean mask
     assert eager.prefill_activation_bytes(b, t) - sdpa.prefill_activation_bytes(b, t) == \
         2 * b * sdpa.heads * t * t * sdpa.itemsize - b * t * t
+
+
+def test_training_memory_probe_and_the_planner_taking_it(tmp_path):
+    """A MoE model's training memory measured on its first layers (two real training children) is what the plan
+    counts for its activations and overhead, and what its budget leaves room for."""
+    from llmtier.bench.layerprobe import probe_train_memory
+
+    d = str(tmp_path / "m")
+    make_family_model(d, "mixtral", layers=3, vocab_size=512, hidden_size=64, intermediate_size=128,
+                      num_local_experts=4, num_experts_per_tok=2)
+    m = model_memory(d)
+    assert m.expert_bytes > 0
+    kept = probe_train_memory(d, 1, 16, str(tmp_path), steps=2, repeats=1)
+    assert kept is not None and kept > 0
+    assert probe_train_memory(str(tmp_path / "missing"), 1, 16, str(tmp_path)) is None
+    prof = profile()
+    w = Workload(batch=1, prompt=16, train=True)
+    t = m.training(1, 16)
+    memory = int((prof.base_bytes + 2 * kept + t.weights + t.gradients + (8 << 20)) / 0.97)
+    p = plan_training(m, w, memory, prof, kept_bytes=kept)
+    assert p.activation_bytes == kept and p.overhead_bytes == 0
+    assert p.predicted_peak == prof.base_bytes + kept + t.weights + t.gradients + p.optim_memory
+    assert p.predicted_peak <= memory and "measured on the model's own layers" in p.describe()
+
+
+def test_moe_run_overhead_probe_and_the_planner_taking_it(tmp_path):
+    """A MoE model's run overhead measured on its first layers (two real generation children, from stores) is what
+    the plan reserves and predicts beyond the memory model's terms."""
+    from llmtier.bench.layerprobe import probe_infer_memory
+
+    d = str(tmp_path / "m")
+    make_family_model(d, "mixtral", layers=3, vocab_size=512, hidden_size=64, intermediate_size=128,
+                      num_local_experts=4, num_experts_per_tok=2)
+    m = model_memory(d)
+    over = probe_infer_memory(d, 1, 8, 4, str(tmp_path), repeats=1)
+    assert over is not None and over > 0
+    assert probe_infer_memory(str(tmp_path / "missing"), 1, 8, 4, str(tmp_path)) is None
+    prof = profile()
+    w = Workload(batch=1, prompt=8, new_tokens=4)
+    memory = 1 << 30
+    p = plan_inference(m, w, memory, prof, overhead_bytes=over)
+    generic = plan_inference(m, w, memory, prof)
+    assert p.overhead_bytes == over and generic.overhead_bytes != over
+    assert p.predicted_peak - generic.predicted_peak == over - generic.overhead_bytes
+    assert "measured on the model's own first layers" in p.describe()

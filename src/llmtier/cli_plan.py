@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from typing import Any
 
 from .errors import LLMTierError
@@ -69,8 +71,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
             from .bench.layerprobe import probe_layer  # noqa: PLC0415
 
             timing = probe_layer(args.model, w.batch, w.prompt, weight_bytes=max(m.layer_bytes, default=0))
-        p = plan_training(m, w, memory, prof) if args.train else plan_inference(m, w, memory, prof, gpu_memory=gpu,
-                                                                                 layer_timing=timing)
+        kept = None
+        if args.train and m.expert_bytes and not (args.no_probe or args.checkpointing) and os.path.isdir(args.model) \
+                and os.path.exists(os.path.join(args.model, "config.json")):
+            from .bench.layerprobe import CREEP_STEPS, probe_train_memory  # noqa: PLC0415
+
+            print(f"a MoE model: measuring what its training steps keep ({CREEP_STEPS} steps of its first layer, "
+                  "then of its first two, each in a fresh process) ...", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="llmtier-probe-", dir=args.dir) as tmp:
+                kept = probe_train_memory(args.model, w.batch, w.prompt, tmp)
+        over = None
+        if not args.train and m.expert_bytes and not args.no_probe and os.path.isdir(args.model) \
+                and os.path.exists(os.path.join(args.model, "config.json")):
+            from .bench.layerprobe import probe_infer_memory  # noqa: PLC0415
+
+            print("a MoE model: measuring its run overhead (its first layer, then its first two, generating in fresh "
+                  "processes) ...", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="llmtier-probe-", dir=args.dir) as tmp:
+                over = probe_infer_memory(args.model, w.batch, w.prompt, w.new_tokens, tmp)
+        p = plan_training(m, w, memory, prof, kept_bytes=kept) if args.train else plan_inference(
+            m, w, memory, prof, gpu_memory=gpu, layer_timing=timing, overhead_bytes=over)
         print()
         print(p.describe())
         if gpu is not None:
@@ -152,7 +172,10 @@ def add_cli(sub: Any, bench: Any) -> None:
     p.add_argument("--no-profile", action="store_true", help="no time prediction (do not measure a profile)")
     p.add_argument("--no-probe", action="store_true",
                    help="predict decode's compute from the profile's generic rates, without timing a few of the "
-                        "model's own decoder layers built from its config (seconds; skipped for layers over 256 MiB)")
+                        "model's own decoder layers built from its config (seconds; skipped for layers over 256 MiB); "
+                        "for a MoE model also take its run overhead (generation) or its training memory (--train) "
+                        "from the formula and the profile instead of running its first layers in fresh processes "
+                        "(seconds; with --train 200 steps each, tens of seconds)")
     p.add_argument("--dir", help="where to measure a quick profile when none is saved")
     p.add_argument("--json", metavar="PATH", help="write the plan as JSON")
     p.set_defaults(func=cmd_plan)

@@ -28,6 +28,23 @@ MAX_PROBE_BYTES = 1 << 30  # the probe's decoder layers are not built beyond thi
 PROBE_LAYERS = 4  # against one: the difference of 3 layers (of 1, a MoE layer's swings with its routing)
 PROBE_VOCAB = 256
 PROBE_PROMPT = 256  # a longer prompt is probed at this length (attention's extra reads are the planner's KV term)
+#: training steps of a memory probe (:func:`probe_train_memory`).  On the development VM a Mixtral-shaped model's
+#: RSS growth beyond its weights at 200 steps was 90% (one layer) and 98% (four layers) of its growth at 300 steps
+CREEP_STEPS = 200
+#: fresh processes per memory probe, the largest peak kept: on the development VM one of five probes of the same
+#: MoE model came out 20% below the others (the difference of two layers' figures multiplies such a miss)
+PROBE_REPEATS = 2
+
+
+def _peak(run_child: Any, job: dict[str, Any], repeats: int) -> int | None:
+    """The largest peak RSS of ``repeats`` runs of ``job`` in fresh processes; None when one failed."""
+    peaks = []
+    for _ in range(max(1, repeats)):
+        res = run_child(job, 8 << 30)
+        if not res.get("ok"):
+            return None
+        peaks.append(int(res["rss_peak"]))
+    return max(peaks)
 
 
 def _config(model: Any) -> Any:
@@ -38,13 +55,16 @@ def _config(model: Any) -> Any:
     return AutoConfig.from_pretrained(model)
 
 
-def _build(cfg: Any, layers: int) -> Any:
+def _build(cfg: Any, layers: int, vocab: int | None = PROBE_VOCAB) -> Any:
+    """The model of ``cfg`` with ``layers`` decoder layers (and a ``vocab``-entry vocabulary; None: its own), random
+    weights."""
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     c = copy.deepcopy(cfg)
     c.num_hidden_layers = layers
-    c.vocab_size = PROBE_VOCAB
+    if vocab is not None:
+        c.vocab_size = vocab
     if getattr(c, "first_k_dense_replace", None):  # DeepSeek-style: the probe's layers MoE, as the model's mostly are
         c.first_k_dense_replace = 0
     if getattr(c, "layer_types", None):
@@ -105,4 +125,92 @@ def probe_layer(model: Any, batch: int, context: int, *, steps: int = 24, weight
                                               f"{prompt} tokens of context: {layer_s * 1e3:.3f} ms")
 
 
-__all__ = ["MAX_PROBE_BYTES", "PROBE_LAYERS", "LayerTiming", "probe_layer"]
+def probe_infer_memory(model: str, batch: int, prompt: int, new_tokens: int, directory: str, *,
+                       repeats: int = PROBE_REPEATS) -> int | None:
+    """What generating ``new_tokens`` after ``prompt`` tokens in ``batch`` sequences keeps beyond the process, the
+    weights, the KV cache and the prefill term: the run overhead of *this* model at *this* workload.  For MoE
+    models: on a CPU with oneDNN's bf16 kernels they keep 25-45 MiB more than the profile's probe (a small dense
+    model) measures, for the kernels built for each shape their expert products take (docs/BENCHMARKS.md).  Measured
+    on the model's first layer and first two, built from its config with random weights and read from llmtier
+    stores in ``directory`` (made once), resident, each in a fresh process (``repeats`` times, the largest peak
+    kept); the full model's is the one-layer figure plus the per-layer difference for the others.  None when a
+    probe failed or two layers would exceed :data:`MAX_PROBE_BYTES`."""
+    import hashlib  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    from ..plan import model_memory  # noqa: PLC0415
+    from .moe import ensure_store  # noqa: PLC0415
+    from .plan import base_bytes, run_child  # noqa: PLC0415
+
+    try:
+        m = model_memory(model)
+        cfg = _config(model)
+    except Exception:  # noqa: BLE001 - a model the memory model cannot read is not probed
+        return None
+    layers = len(m.layers)
+    if layers == 0 or 2 * max(m.layer_bytes) > MAX_PROBE_BYTES:
+        return None
+    tag = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    base = base_bytes(directory)
+    kept = []
+    for n in (1, 2) if layers > 1 else (1,):
+        path = os.path.join(directory, f"probe-infer-{tag}-{n}")
+        try:
+            if not os.path.exists(os.path.join(path, "config.json")):
+                _build(cfg, n, vocab=None).save_pretrained(path)
+            store = ensure_store(path)
+            mn = model_memory(store)
+        except (ValueError, KeyError, TypeError, AttributeError, OSError, ImportError):
+            return None
+        job = {"kind": "infer", "model": store, "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "steps": 0,
+               "weights_memory": 1 << 50, "kv_memory": 0, "kv_spill": False, "dir": directory}
+        peak = _peak(run_child, job, repeats)
+        if peak is None:
+            return None
+        kept.append(peak - base - mn.weight_bytes - mn.kv_bytes(batch, prompt + new_tokens)
+                    - mn.prefill_activation_bytes(batch, prompt))
+    if kept[0] <= 0:  # below the process and the model's own terms: a measurement gone wrong, not an overhead
+        return None
+    per_layer = kept[1] - kept[0] if len(kept) > 1 else 0
+    return kept[0] + (layers - 1) * max(0, per_layer)
+
+
+def probe_train_memory(model: str, batch: int, seq: int, directory: str, *, steps: int = CREEP_STEPS,
+                       repeats: int = PROBE_REPEATS) -> int | None:
+    """What ``steps`` training steps of ``model`` (a checkpoint directory) at ``batch`` x ``seq`` keep beyond the
+    process, its weights, gradients and optimizer buffers: activations, the allocator's and the kernels' workspaces.
+    For MoE models: on a CPU with oneDNN's bf16 kernels their training memory climbs for a hundred or more steps
+    (the expert products change shape with every routing and oneDNN keeps what it built for each shape) to several
+    times what the activation formula counts (docs/BENCHMARKS.md, ``bench plan``), so the probe runs long enough
+    to see most of that climb.  Measured as the planner's runs train (``OffloadedAdamW``, a small chunk budget),
+    each in a fresh process (``repeats`` times, the largest peak kept): with the model's first layer, and with its
+    first two; the full model's is the one-layer figure plus the per-layer difference for the others.  None when a
+    probe failed or two layers would exceed :data:`MAX_PROBE_BYTES`."""
+    from ..plan import model_memory  # noqa: PLC0415
+    from ..plan.optim import BYTES_PER_ELEM  # noqa: PLC0415
+    from .plan import base_bytes, run_child  # noqa: PLC0415
+
+    try:
+        m = model_memory(model)
+    except Exception:  # noqa: BLE001 - a model the memory model cannot read is not probed
+        return None
+    layers = len(m.layers)
+    if layers == 0 or 2 * 2 * max(m.layer_bytes) > MAX_PROBE_BYTES:  # weights and gradients of two layers
+        return None
+    optim = BYTES_PER_ELEM * 65536
+    base = base_bytes(directory)
+    kept = []
+    for n in (1, 2) if layers > 1 else (1,):
+        peak = _peak(run_child, {"kind": "train", "model": model, "batch": batch, "prompt": seq, "steps": steps,
+                                 "layers": n, "dir": directory, "optim_memory": optim}, repeats)
+        if peak is None:
+            return None
+        held = m.outside_bytes + m.embedding_bytes + sum(m.layer_bytes[:n])  # weights; gradients as many bytes
+        kept.append(peak - base - 2 * held - optim)
+    per_layer = kept[1] - kept[0] if len(kept) > 1 else 0
+    return max(0, kept[0] + (layers - 1) * max(0, per_layer))
+
+
+__all__ = ["CREEP_STEPS", "MAX_PROBE_BYTES", "PROBE_LAYERS", "PROBE_REPEATS", "LayerTiming", "probe_infer_memory",
+           "probe_layer", "probe_train_memory"]

@@ -63,7 +63,9 @@ CONFIGS: list[Config] = [
     Config("moe stream 30% b4", "moe", 4, 64, weights=0.3),
     Config("dense train b2x128", "dense-train", 2, 128, train=True),
     Config("dense train b4x128", "dense-train", 4, 128, train=True),
-    Config("moe train b2x128", "moe-train", 2, 128, train=True),
+    # measured after as many steps as the planner's memory probe runs: a MoE model's training memory climbs
+    # for ~150 steps on CPUs with oneDNN's bf16 kernels (bench.layerprobe.probe_train_memory)
+    Config("moe train b2x128", "moe-train", 2, 128, train=True, steps=200),
 ]
 QUICK = [CONFIGS[1], CONFIGS[7]]
 
@@ -123,19 +125,23 @@ def model_path(directory: str, kind: str) -> str:
     return ensure_store(path)
 
 
-def _memory_for(m: Any, c: Config, base: int, profile: Any = None) -> int:
-    """The budget of a configuration: what it needs outside the weights, the weights' share, the KV's share."""
+def _memory_for(m: Any, c: Config, base: int, profile: Any = None, kept: int | None = None,
+                overhead: int | None = None) -> int:
+    """The budget of a configuration: what it needs outside the weights, the weights' share, the KV's share
+    (training: ``kept``, the measured activations and overhead, where probed; generation: ``overhead``, the
+    measured run overhead, where probed)."""
     from ..plan.planner import SLACK, Workload, _kv_need, _reserve, least_memory  # noqa: PLC0415
     from ..plan.weights import RUN_OVERHEAD  # noqa: PLC0415
 
     if c.train:
         t = m.training(c.batch, c.prompt)
         opt = min(t.offloaded_state_bytes, 44 * m.params) // 2  # half the chunk pipeline a whole state would need
-        reserve = _reserve(profile, train=True, moe=bool(m.expert_bytes))
-        return int((base + reserve + t.activations + t.weights + t.gradients + opt) / (1 - SLACK))
+        acts = t.activations + _reserve(profile, train=True, moe=bool(m.expert_bytes)) if kept is None else kept + kept // 10
+        return int((base + acts + t.weights + t.gradients + opt) / (1 - SLACK))
     w = Workload(c.batch, c.prompt, c.new_tokens)
     kv = _kv_need(m, w, set(range(len(m.windows))))
-    acts = m.prefill_activation_bytes(c.batch, c.prompt) + max(RUN_OVERHEAD, getattr(profile, "run_overhead_bytes", 0))
+    over = getattr(profile, "run_overhead_bytes", 0) if overhead is None else overhead
+    acts = m.prefill_activation_bytes(c.batch, c.prompt) + max(RUN_OVERHEAD, over)
     want = int((base + acts + kv * c.kv_share + m.weight_bytes * c.weights) / (1 - SLACK))
     return max(want, least_memory(m, w, base, profile) + (4 << 20))
 
@@ -272,7 +278,7 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
     """Predict, then measure, every configuration; returns the rows and the profile used."""
     from ..plan import model_memory, plan_inference, plan_training  # noqa: PLC0415
     from ..plan.planner import Workload  # noqa: PLC0415
-    from .layerprobe import probe_layer  # noqa: PLC0415
+    from .layerprobe import probe_infer_memory, probe_layer, probe_train_memory  # noqa: PLC0415
     from .profile import measure_profile  # noqa: PLC0415
 
     os.makedirs(directory, exist_ok=True)
@@ -285,20 +291,29 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
         path = build_model(directory, c.model) if c.train else model_path(directory, c.model)
         m = model_memory(path)
         w = Workload(c.batch, c.prompt, 0 if c.train else c.new_tokens, c.train)
-        memory = _memory_for(m, c, profile.base_bytes, profile)
+        # MoE training: what its steps keep measured on its own first layers (the activation formula and the
+        # profile's small probe miss the climb of oneDNN's per-shape kernels); dense training: the formula
+        kept = probe_train_memory(path, c.batch, c.prompt, directory, steps=c.steps) \
+            if c.train and m.expert_bytes else None
+        # MoE generation: its run overhead measured on its own first layers (oneDNN's per-shape kernels again)
+        over = probe_infer_memory(build_model(directory, c.model), c.batch, c.prompt, c.new_tokens, directory) \
+            if not c.train and m.expert_bytes else None
+        memory = _memory_for(m, c, profile.base_bytes, profile, kept, over)
         row = Row(c, memory)
         timing = None if c.train else probe_layer(build_model(directory, c.model), c.batch, c.prompt,
                                                    weight_bytes=max(m.layer_bytes, default=0))
-        p = plan_training(m, w, memory, profile) if c.train else plan_inference(m, w, memory, profile,
-                                                                                 layer_timing=timing)
+        p = plan_training(m, w, memory, profile, kept_bytes=kept) if c.train else plan_inference(
+            m, w, memory, profile, layer_timing=timing, overhead_bytes=over)
         row.predicted_peak, row.plan = p.predicted_peak, p.as_dict()
         row.predicted_s = p.prediction.seconds if p.prediction else 0.0
         row.bottleneck = p.prediction.bottleneck if p.prediction else ""
         job = {"kind": "train" if c.train else "infer", "model": path, "batch": c.batch, "prompt": c.prompt,
                "new_tokens": c.new_tokens, "steps": c.steps, "dir": directory, **plan_job(p)}
         if progress:
+            probed = (f", measured on its first layers: training keeps {human(kept)}" if kept is not None else
+                      f", measured on its first layers: run overhead {human(over)}" if over is not None else "")
             print(f"[bench plan] {c.name}: budget {human(memory)}, predicted peak {human(row.predicted_peak)}, "
-                  f"{row.predicted_s * 1e3:.1f} ms", file=sys.stderr, flush=True)
+                  f"{row.predicted_s * 1e3:.1f} ms{probed}", file=sys.stderr, flush=True)
         res = run_child(job, memory)
         row.ok = bool(res.get("ok"))
         row.measured_peak, row.cgroup_peak = res.get("rss_peak"), res.get("cgroup_peak")
@@ -368,6 +383,10 @@ def _train(job: dict[str, Any]) -> list[float]:
     from ..offload.optim import OffloadedAdamW  # noqa: PLC0415
 
     config = AutoConfig.from_pretrained(job["model"])
+    if job.get("layers"):  # a probe of the model's first layers (bench.layerprobe.probe_train_memory)
+        config.num_hidden_layers = int(job["layers"])
+        if getattr(config, "layer_types", None):
+            config.layer_types = list(config.layer_types)[:config.num_hidden_layers]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # random init: no checkpoint pages
     model.train()
     state = tempfile.mkdtemp(prefix="optim-", dir=job["dir"])

@@ -259,16 +259,18 @@ def least_memory(m: ModelMemory, w: Workload, base_bytes: int, profile: DevicePr
 
 def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfile | None = None, *,
                    base_bytes: int | None = None, gpu_memory: int | None = None, experts: str | None = None,
-                   layer_timing: LayerTiming | None = None) -> Placement:
+                   layer_timing: LayerTiming | None = None, overhead_bytes: int | None = None) -> Placement:
     """Place ``m`` for generating ``w`` within ``memory`` bytes (the whole process).
 
     The result's parts are what the runtimes take: ``.weights`` -> ``stream_model(path, plan=...)``, ``.kv`` ->
     ``TieredCache(config, plan=...)``.  ``experts`` (a policy name, a MoE model): the weights' budget is split
     between the dense part and an expert cache (``.experts.split``), as ``stream_model(experts=...)`` streams.
     ``layer_timing``: one of the model's decoder layers timed at this workload (``bench.layerprobe.probe_layer``), the
-    compute term of the predicted time; without it the profile's generic rates."""
+    compute term of the predicted time; without it the profile's generic rates.  ``overhead_bytes``: what a run of
+    this model at this workload keeps beyond the memory model's terms, measured (``bench.layerprobe.probe_infer_memory``,
+    for MoE models); without it the profile's run overhead."""
     base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
-    reserve = _reserve(profile)
+    reserve = _reserve(profile) if overhead_bytes is None else max(RUN_OVERHEAD, overhead_bytes)
     acts = m.prefill_activation_bytes(w.batch, w.prompt) + reserve
     room = int(memory * (1 - SLACK)) - base - acts
     nkv = len(m.windows)
@@ -306,22 +308,29 @@ def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProf
         spilled = kvplan.choose_spills(max(w.context - 1, 1), 1, m.windows, everything, order, geo, KV_PREFETCH, kv_mem)
         kv_bytes = _kv_need(m, w, everything - set(spilled))
     p = Placement(m, w, memory, base, acts - reserve, wmem, wplan, kv_mem, spilled, kv_bytes,
-                  ex or choose_experts(m, wplan), reasons=reasons, gpu_memory=gpu_memory, overhead_bytes=_overhead(profile),
+                  ex or choose_experts(m, wplan), reasons=reasons, gpu_memory=gpu_memory,
+                  overhead_bytes=_overhead(profile) if overhead_bytes is None else overhead_bytes,
                   layer_timing=layer_timing)
+    if overhead_bytes is not None:
+        reasons.append(f"run overhead {human(overhead_bytes)}, measured on the model's own first layers")
     if profile is not None:
         p.prediction = predict_decode(p, profile)
     return p
 
 
 def plan_training(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfile | None = None, *,
-                  base_bytes: int | None = None) -> Placement:
+                  base_bytes: int | None = None, kept_bytes: int | None = None) -> Placement:
     """Place ``m`` for training steps of ``w.batch`` x ``w.prompt`` tokens within ``memory`` bytes: weights,
     gradients and activations in DRAM, the AdamW state in DRAM when it fits, else on SSD through a chunk
-    pipeline sized to what is left."""
+    pipeline sized to what is left.  ``kept_bytes``: what a step of this model keeps beyond the process, weights,
+    gradients and optimizer buffers, measured (``bench.layerprobe.probe_train_memory``); it replaces the
+    activation formula and the profile's run overhead, and the budget keeps a tenth more of it free."""
     base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
     t = m.training(w.batch, w.prompt)
     reserve = _reserve(profile, train=True, moe=bool(m.expert_bytes))
     acts = (t.activations_checkpointed if w.checkpointing else t.activations) + reserve
+    if kept_bytes is not None:
+        acts = kept_bytes + kept_bytes // 10
     room = int(memory * (1 - SLACK)) - base - acts - t.weights - t.gradients
     layers = m.layer_bytes
     wplan = make_plan(t.weights, m.outside_bytes + m.embedding_bytes, layers, max(layers, default=0))
@@ -337,9 +346,11 @@ def plan_training(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfi
     reasons = [f"the AdamW state ({human(t.offloaded_state_bytes)}, fp32 moments + master) lives on SSD; each step "
                f"streams it in chunks of {chunk} elements through {human(omem)} of DRAM, what is left after weights, "
                "gradients and activations"]
-    p = Placement(m, w, memory, base, acts - reserve, t.weights, wplan, 0, [], 0, choose_experts(m, wplan), omem,
-                  chunk, on_ssd, t.gradients, reasons=reasons,
-                  overhead_bytes=_overhead(profile, train=True, moe=bool(m.expert_bytes)))
+    if kept_bytes is not None:
+        reasons.append(f"activations and run overhead: {human(kept_bytes)}, measured on the model's own layers")
+    p = Placement(m, w, memory, base, kept_bytes if kept_bytes is not None else acts - reserve, t.weights, wplan, 0, [],
+                  0, choose_experts(m, wplan), omem, chunk, on_ssd, t.gradients, reasons=reasons,
+                  overhead_bytes=0 if kept_bytes is not None else _overhead(profile, train=True, moe=bool(m.expert_bytes)))
     if profile is not None:
         p.prediction = predict_step(p, profile)
     return p
