@@ -344,16 +344,18 @@ def test_training_memory_probe_and_the_planner_taking_it(tmp_path):
     from llmtier.bench.layerprobe import probe_train_memory
 
     d = str(tmp_path / "m")
-    make_family_model(d, "mixtral", layers=3, vocab_size=512, hidden_size=64, intermediate_size=128,
+    # large enough that what the runs keep (tens of MiB) is well above how the RSS of a process swings (a few MiB
+    # with transparent huge pages), small enough for seconds
+    make_family_model(d, "mixtral", layers=3, vocab_size=4096, hidden_size=256, intermediate_size=512,
                       num_local_experts=4, num_experts_per_tok=2)
     m = model_memory(d)
     assert m.expert_bytes > 0
-    kept = probe_train_memory(d, 1, 16, str(tmp_path), steps=2, repeats=1)
+    kept = probe_train_memory(d, 2, 64, str(tmp_path), steps=2, repeats=1)
     assert kept is not None and kept > 0
     assert probe_train_memory(str(tmp_path / "missing"), 1, 16, str(tmp_path)) is None
     prof = profile()
-    w = Workload(batch=1, prompt=16, train=True)
-    t = m.training(1, 16)
+    w = Workload(batch=2, prompt=64, train=True)
+    t = m.training(2, 64)
     memory = int((prof.base_bytes + 2 * kept + t.weights + t.gradients + (8 << 20)) / 0.97)
     p = plan_training(m, w, memory, prof, kept_bytes=kept)
     assert p.activation_bytes == kept and p.overhead_bytes == 0
@@ -367,14 +369,16 @@ def test_moe_run_overhead_probe_and_the_planner_taking_it(tmp_path):
     from llmtier.bench.layerprobe import probe_infer_memory
 
     d = str(tmp_path / "m")
-    make_family_model(d, "mixtral", layers=3, vocab_size=512, hidden_size=64, intermediate_size=128,
+    # large enough that what the runs keep (tens of MiB) is well above how the RSS of a process swings (a few MiB
+    # with transparent huge pages), small enough for seconds
+    make_family_model(d, "mixtral", layers=3, vocab_size=4096, hidden_size=256, intermediate_size=512,
                       num_local_experts=4, num_experts_per_tok=2)
     m = model_memory(d)
-    over = probe_infer_memory(d, 1, 8, 4, str(tmp_path), repeats=1)
+    over = probe_infer_memory(d, 2, 32, 4, str(tmp_path), repeats=1)
     assert over is not None and over > 0
     assert probe_infer_memory(str(tmp_path / "missing"), 1, 8, 4, str(tmp_path)) is None
     prof = profile()
-    w = Workload(batch=1, prompt=8, new_tokens=4)
+    w = Workload(batch=2, prompt=32, new_tokens=4)
     memory = 1 << 30
     p = plan_inference(m, w, memory, prof, overhead_bytes=over)
     generic = plan_inference(m, w, memory, prof)

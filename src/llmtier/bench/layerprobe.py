@@ -36,14 +36,16 @@ CREEP_STEPS = 200
 PROBE_REPEATS = 2
 
 
-def _peak(run_child: Any, job: dict[str, Any], repeats: int) -> int | None:
-    """The largest peak RSS of ``repeats`` runs of ``job`` in fresh processes; None when one failed."""
+def _peak(run_child: Any, job: dict[str, Any], repeats: int, base: int) -> int | None:
+    """The largest peak RSS of ``repeats`` runs of ``job`` in fresh processes, as ``base`` (the process after its
+    imports) plus the job's own peak growth where the child measured it; None when one failed."""
     peaks = []
     for _ in range(max(1, repeats)):
         res = run_child(job, 8 << 30)
         if not res.get("ok"):
             return None
-        peaks.append(int(res["rss_peak"]))
+        own = res.get("rss_job_peak"), res.get("rss_start")
+        peaks.append(base + own[0] - own[1] if None not in own else int(res["rss_peak"]))
     return max(peaks)
 
 
@@ -165,7 +167,7 @@ def probe_infer_memory(model: str, batch: int, prompt: int, new_tokens: int, dir
             return None
         job = {"kind": "infer", "model": store, "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "steps": 0,
                "weights_memory": 1 << 50, "kv_memory": 0, "kv_spill": False, "dir": directory}
-        peak = _peak(run_child, job, repeats)
+        peak = _peak(run_child, job, repeats, base)
         if peak is None:
             return None
         kept.append(peak - base - mn.weight_bytes - mn.kv_bytes(batch, prompt + new_tokens)
@@ -203,13 +205,15 @@ def probe_train_memory(model: str, batch: int, seq: int, directory: str, *, step
     kept = []
     for n in (1, 2) if layers > 1 else (1,):
         peak = _peak(run_child, {"kind": "train", "model": model, "batch": batch, "prompt": seq, "steps": steps,
-                                 "layers": n, "dir": directory, "optim_memory": optim}, repeats)
+                                 "layers": n, "dir": directory, "optim_memory": optim}, repeats, base)
         if peak is None:
             return None
         held = m.outside_bytes + m.embedding_bytes + sum(m.layer_bytes[:n])  # weights; gradients as many bytes
         kept.append(peak - base - 2 * held - optim)
+    if kept[0] <= 0:  # below the process and the model's own terms: a measurement gone wrong, not a figure
+        return None
     per_layer = kept[1] - kept[0] if len(kept) > 1 else 0
-    return max(0, kept[0] + (layers - 1) * max(0, per_layer))
+    return kept[0] + (layers - 1) * max(0, per_layer)
 
 
 __all__ = ["CREEP_STEPS", "MAX_PROBE_BYTES", "PROBE_LAYERS", "PROBE_REPEATS", "LayerTiming", "probe_infer_memory",

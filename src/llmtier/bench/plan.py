@@ -345,9 +345,37 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
     if job["kind"] == "base":
 
         return {"rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "steps_s": [0.0]}
+    start = _job_start()
     torch.manual_seed(0)
     steps = _train(job) if job["kind"] == "train" else _infer(job)
-    return {"steps_s": steps, "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out = {"steps_s": steps, "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if start is not None:
+        out["rss_start"], out["rss_job_peak"] = start, _status_bytes("VmHWM")
+    return out
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes, or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _job_start() -> int | None:
+    """Reset this process's peak RSS (``clear_refs`` 5, Linux) and return its RSS now: the job's own peak is then
+    ``VmHWM`` minus this, whatever importing cost (a fresh checkout compiles its modules on their first import, and
+    that peak can exceed a small job's).  None where the peak cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
 
 
 def _infer(job: dict[str, Any]) -> list[float]:
