@@ -71,24 +71,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             from .bench.layerprobe import probe_layer  # noqa: PLC0415
 
             timing = probe_layer(args.model, w.batch, w.prompt, weight_bytes=max(m.layer_bytes, default=0))
-        kept = None
-        if args.train and m.expert_bytes and not (args.no_probe or args.checkpointing) and os.path.isdir(args.model) \
-                and os.path.exists(os.path.join(args.model, "config.json")):
-            from .bench.layerprobe import CREEP_STEPS, probe_train_memory  # noqa: PLC0415
+        from .bench.layerprobe import CREEP_STEPS, probe_infer_memory, probe_train_memory  # noqa: PLC0415
 
-            print(f"a MoE model: measuring what its training steps keep ({CREEP_STEPS} steps of its first layer, "
-                  "then of its first two, each in a fresh process) ...", file=sys.stderr, flush=True)
-            with tempfile.TemporaryDirectory(prefix="llmtier-probe-", dir=args.dir) as tmp:
-                kept = probe_train_memory(args.model, w.batch, w.prompt, tmp)
-        over = None
-        if not args.train and m.expert_bytes and not args.no_probe and os.path.isdir(args.model) \
-                and os.path.exists(os.path.join(args.model, "config.json")):
-            from .bench.layerprobe import probe_infer_memory  # noqa: PLC0415
-
-            print("a MoE model: measuring its run overhead (its first layer, then its first two, generating in fresh "
-                  "processes) ...", file=sys.stderr, flush=True)
-            with tempfile.TemporaryDirectory(prefix="llmtier-probe-", dir=args.dir) as tmp:
-                over = probe_infer_memory(args.model, w.batch, w.prompt, w.new_tokens, tmp)
+        kept = _moe_probe(args, m, f"what its training steps keep ({CREEP_STEPS} steps of its first layer, then of its "
+                          "first two)", lambda d: probe_train_memory(args.model, w.batch, w.prompt, d)) \
+            if args.train and not args.checkpointing else None
+        over = None if args.train else _moe_probe(
+            args, m, "its run overhead (its first layer, then its first two, generating)",
+            lambda d: probe_infer_memory(args.model, w.batch, w.prompt, w.new_tokens, d))
         p = plan_training(m, w, memory, prof, kept_bytes=kept) if args.train else plan_inference(
             m, w, memory, prof, gpu_memory=gpu, layer_timing=timing, overhead_bytes=over)
         print()
@@ -102,6 +92,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
             json.dump({"params": m.params, "weight_bytes": m.weight_bytes, "kv_token_bytes": m.kv_token_bytes,
                        "plan": out}, f, indent=1, default=str)
     return 0
+
+
+def _moe_probe(args: argparse.Namespace, m: Any, what: str, probe: Any) -> int | None:
+    """``probe(scratch directory)``: a MoE model's memory measured on its own first layers in fresh processes
+    (``bench.layerprobe``); None for a dense model, with ``--no-probe``, or without a config to build from."""
+    if not m.expert_bytes or args.no_probe or not os.path.exists(os.path.join(args.model, "config.json")):
+        return None
+    print(f"a MoE model: measuring {what}, in fresh processes ...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="llmtier-probe-", dir=args.dir) as tmp:
+        return probe(tmp)
 
 
 def saved_profile() -> Any:

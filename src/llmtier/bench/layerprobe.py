@@ -36,17 +36,21 @@ CREEP_STEPS = 200
 PROBE_REPEATS = 2
 
 
-def _peak(run_child: Any, job: dict[str, Any], repeats: int, base: int) -> int | None:
-    """The largest peak RSS of ``repeats`` runs of ``job`` in fresh processes, as ``base`` (the process after its
-    imports) plus the job's own peak growth where the child measured it; None when one failed."""
-    peaks = []
+def _growth(job: dict[str, Any], repeats: int) -> int | None:
+    """The largest peak RSS growth of ``repeats`` runs of ``job`` in fresh processes (``bench.plan``'s children),
+    beyond the process after its imports: as the child measured it (its peak reset after the imports), else its peak
+    against a process that only imports (measured once); None when a run failed."""
+    from .plan import base_bytes, run_child  # noqa: PLC0415
+
+    grown, base = [], None
     for _ in range(max(1, repeats)):
         res = run_child(job, 8 << 30)
         if not res.get("ok"):
             return None
-        own = res.get("rss_job_peak"), res.get("rss_start")
-        peaks.append(base + own[0] - own[1] if None not in own else int(res["rss_peak"]))
-    return max(peaks)
+        if res.get("rss_job_growth") is None and base is None:
+            base = base_bytes(job["dir"])
+        grown.append(res["rss_job_growth"] if res.get("rss_job_growth") is not None else res["rss_peak"] - base)
+    return max(grown)
 
 
 def _config(model: Any) -> Any:
@@ -143,7 +147,6 @@ def probe_infer_memory(model: str, batch: int, prompt: int, new_tokens: int, dir
 
     from ..plan import model_memory  # noqa: PLC0415
     from .moe import ensure_store  # noqa: PLC0415
-    from .plan import base_bytes, run_child  # noqa: PLC0415
 
     try:
         m = model_memory(model)
@@ -154,7 +157,6 @@ def probe_infer_memory(model: str, batch: int, prompt: int, new_tokens: int, dir
     if layers == 0 or 2 * max(m.layer_bytes) > MAX_PROBE_BYTES:
         return None
     tag = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
-    base = base_bytes(directory)
     kept = []
     for n in (1, 2) if layers > 1 else (1,):
         path = os.path.join(directory, f"probe-infer-{tag}-{n}")
@@ -167,10 +169,10 @@ def probe_infer_memory(model: str, batch: int, prompt: int, new_tokens: int, dir
             return None
         job = {"kind": "infer", "model": store, "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "steps": 0,
                "weights_memory": 1 << 50, "kv_memory": 0, "kv_spill": False, "dir": directory}
-        peak = _peak(run_child, job, repeats, base)
-        if peak is None:
+        grown = _growth(job, repeats)
+        if grown is None:
             return None
-        kept.append(peak - base - mn.weight_bytes - mn.kv_bytes(batch, prompt + new_tokens)
+        kept.append(grown - mn.weight_bytes - mn.kv_bytes(batch, prompt + new_tokens)
                     - mn.prefill_activation_bytes(batch, prompt))
     if kept[0] <= 0:  # below the process and the model's own terms: a measurement gone wrong, not an overhead
         return None
@@ -191,7 +193,6 @@ def probe_train_memory(model: str, batch: int, seq: int, directory: str, *, step
     probe failed or two layers would exceed :data:`MAX_PROBE_BYTES`."""
     from ..plan import model_memory  # noqa: PLC0415
     from ..plan.optim import BYTES_PER_ELEM  # noqa: PLC0415
-    from .plan import base_bytes, run_child  # noqa: PLC0415
 
     try:
         m = model_memory(model)
@@ -201,15 +202,14 @@ def probe_train_memory(model: str, batch: int, seq: int, directory: str, *, step
     if layers == 0 or 2 * 2 * max(m.layer_bytes) > MAX_PROBE_BYTES:  # weights and gradients of two layers
         return None
     optim = BYTES_PER_ELEM * 65536
-    base = base_bytes(directory)
     kept = []
     for n in (1, 2) if layers > 1 else (1,):
-        peak = _peak(run_child, {"kind": "train", "model": model, "batch": batch, "prompt": seq, "steps": steps,
-                                 "layers": n, "dir": directory, "optim_memory": optim}, repeats, base)
-        if peak is None:
+        grown = _growth({"kind": "train", "model": model, "batch": batch, "prompt": seq, "steps": steps,
+                         "layers": n, "dir": directory, "optim_memory": optim}, repeats)
+        if grown is None:
             return None
         held = m.outside_bytes + m.embedding_bytes + sum(m.layer_bytes[:n])  # weights; gradients as many bytes
-        kept.append(peak - base - 2 * held - optim)
+        kept.append(grown - 2 * held - optim)
     if kept[0] <= 0:  # below the process and the model's own terms: a measurement gone wrong, not a figure
         return None
     per_layer = kept[1] - kept[0] if len(kept) > 1 else 0

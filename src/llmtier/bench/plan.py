@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..units import human
+from .system import reset_peak_rss, status_bytes
 
 MODELS: dict[str, dict[str, Any]] = {
     "dense": {"builder": "hf", "arch": "llama", "layers": 8, "vocab": 8192, "hidden_size": 512, "intermediate_size": 1536},
@@ -345,37 +346,14 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
     if job["kind"] == "base":
 
         return {"rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "steps_s": [0.0]}
-    start = _job_start()
+    # the job's own peak growth, whatever importing cost (a process measured apart may differ by its huge pages)
+    start = status_bytes("VmRSS") if reset_peak_rss() else 0
     torch.manual_seed(0)
     steps = _train(job) if job["kind"] == "train" else _infer(job)
     out = {"steps_s": steps, "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if start is not None:
-        out["rss_start"], out["rss_job_peak"] = start, _status_bytes("VmHWM")
+    if start:
+        out["rss_job_growth"] = status_bytes("VmHWM") - start
     return out
-
-
-def _status_bytes(field: str) -> int | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes, or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _job_start() -> int | None:
-    """Reset this process's peak RSS (``clear_refs`` 5, Linux) and return its RSS now: the job's own peak is then
-    ``VmHWM`` minus this, whatever importing cost (a fresh checkout compiles its modules on their first import, and
-    that peak can exceed a small job's).  None where the peak cannot be reset."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return _status_bytes("VmRSS")
 
 
 def _infer(job: dict[str, Any]) -> list[float]:

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import LLMTierError
 from .fio import fio_available, run_fio
-from .system import drop_page_cache
+from .system import drop_page_cache, status_bytes
 
 if TYPE_CHECKING:
     import argparse
@@ -632,18 +632,6 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
                               f"{proc.stderr[-2000:]}") from None
 
 
-def _status(field_name: str) -> int:
-    """A ``kB`` line of ``/proc/self/status`` (VmRSS, VmHWM) in bytes; 0 where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # no procfs (not Linux): the RSS columns read 0
-        return 0
-    return 0
-
-
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -654,7 +642,7 @@ def _peak() -> dict[str, int]:
     reported too but is no measure here: Linux carries the parent's RSS at
     fork/exec into it (a child of a 500 MiB parent starts at ru_maxrss 500 MiB)."""
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_rss": _status("VmHWM") or maxrss, "ru_maxrss": maxrss}
+    return {"peak_rss": status_bytes("VmHWM") or maxrss, "ru_maxrss": maxrss}
 
 
 def _digest(tensors: dict[str, Any]) -> str:
@@ -714,7 +702,7 @@ def _load(loader: str, paths: dict[str, Any]) -> dict[str, Any]:
             buf = alloc(t.nbytes)
             buf[::4096] = 0
             resident[t.name] = torch.from_numpy(buf).view(torch_dtype(t.dtype)).reshape(t.shape)
-    base = _status("VmRSS")
+    base = status_bytes("VmRSS")
     c0, t0 = _cpu(), time.perf_counter()
     if loader in ("llmtier", "llmtier-noverify", "llmtier-resident", "llmtier-hf"):
         with open_store(paths["hf_dir" if loader == "llmtier-hf" else "store"],
@@ -750,7 +738,7 @@ def _child_main() -> None:
     elif op == "convert":
         from ..store.convert import convert  # noqa: PLC0415
 
-        base = _status("VmRSS")
+        base = status_bytes("VmRSS")
         r = convert(job["src"], job["dst"], progress=False)
         res = {"tensors": r.tensors, "bytes_read": r.bytes_read, "bytes_written": r.bytes_written,
                "seconds": r.seconds, "baseline_rss": base, **_peak()}

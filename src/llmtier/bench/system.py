@@ -25,6 +25,29 @@ def drop_page_cache() -> tuple[bool, str]:
     return True, "page cache dropped before each buffered run"
 
 
+def status_bytes(field: str) -> int:
+    """A ``kB`` line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; 0 where there is none (no procfs)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``; ``clear_refs`` 5, Linux 4.0+), so that ``VmHWM`` afterwards is the
+    peak of what follows; False where it cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Timing:
     """Wall and CPU (user+system, all threads of this process) seconds."""

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..units import human
+from .system import status_bytes
 
 OVERHEAD = 1 << 30  # interpreter, torch, numpy and their libraries (their page cache is charged by the cgroup)
 
@@ -73,14 +74,6 @@ class TrainBenchConfig:
 
 
 # -- optimizer ---------------------------------------------------------------------------------------------------
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def optim_child(job: dict[str, Any]) -> dict[str, Any]:
     """One optimizer run (in the child process): step times, bytes, memory."""
     import resource  # noqa: PLC0415
@@ -98,7 +91,7 @@ def optim_child(job: dict[str, Any]) -> dict[str, Any]:
         p.grad = torch.empty(p.shape, dtype=torch.bfloat16).normal_(0.0, 1e-3)
     n = sum(p.numel() for p in params)
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # the first optimizer imports ~70 MiB of torch modules
-    base = _rss()
+    base = status_bytes("VmRSS")
     out: dict[str, Any] = {"params": n, "baseline_rss": base}
     if job["system"] == "memory":
         masters = [p.detach().float() for p in params]
