@@ -385,3 +385,49 @@ def test_moe_run_overhead_probe_and_the_planner_taking_it(tmp_path):
     assert p.overhead_bytes == over and generic.overhead_bytes != over
     assert p.predicted_peak - generic.predicted_peak == over - generic.overhead_bytes
     assert "measured on the model's own first layers" in p.describe()
+
+
+def test_training_activations_take_the_profiles_measured_scale(tmp_path):
+    from llmtier.plan.planner import training_activations
+
+    d = make_model(str(tmp_path / "m"), "llama", layers=2, tokenizer=False)
+    m = model_memory(d)
+    w = Workload(batch=2, prompt=32, train=True)
+    formula = m.training(2, 32).activations
+    assert training_activations(m, w) == formula  # no profile: the formula
+    assert training_activations(m, w, profile(train_activation_scale=0.8)) == int(formula * 0.8)
+    for odd in (0.0, 0.2, 3.0):  # unmeasured, or a probe outside 0.5-1.5: the formula
+        assert training_activations(m, w, profile(train_activation_scale=odd)) == formula
+    ck = Workload(batch=2, prompt=32, train=True, checkpointing=True)
+    assert training_activations(m, ck, profile(train_activation_scale=0.8)) == int(m.training(2, 32).activations_checkpointed * 0.8)
+    mem = 1 << 30
+    full, scaled = plan_training(m, w, mem, profile()), plan_training(m, w, mem, profile(train_activation_scale=0.8))
+    assert full.predicted_peak - scaled.predicted_peak == formula - int(formula * 0.8)
+
+
+def test_activation_scale_probe_measures_a_ratio(tmp_path):
+    from llmtier.bench.plan import activation_scale
+
+    s = activation_scale(str(tmp_path), repeats=1)  # two real training children: the difference of their peaks
+    assert 0.3 < s < 2.0
+    assert (tmp_path / "model-probe-acts" / "config.json").exists()
+
+
+def test_streamed_moe_layers_are_read_at_their_experts_request_size(tmp_path):
+    from llmtier.plan.planner import READ_PIECE, _streamed_read_s
+
+    d = make_family_model(str(tmp_path / "moe"), "mixtral", layers=5, vocab_size=512, hidden_size=64,
+                          intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)
+    m = model_memory(d)
+    piece = m.layers[0].expert_bytes // 4 // 3  # one expert's projection: 64 x 128 bf16
+    assert piece == 64 * 128 * 2 < READ_PIECE
+    prof = profile(read_bw={piece: 2e8, READ_PIECE: 1e9}, write_bw={READ_PIECE: 1e9})
+    least = m.outside_bytes + m.embedding_bytes + 2 * max(m.layer_bytes)
+    p = plan_given(m, Workload(1, 16, 4), prof, weights_memory=least)
+    wp = p.weights
+    assert wp.from_disk
+    want = sum(m.layers[i].expert_bytes / 2e8 + (wp.layer_bytes[i] - m.layers[i].expert_bytes) / prof.read_at(
+        min(READ_PIECE, wp.slot_bytes)) for i in wp.from_disk)
+    assert _streamed_read_s(m, wp, prof) == pytest.approx(want)
+    assert p.prediction.parts["weights_io_s"] == pytest.approx(want)
+    assert want > wp.disk_bytes_per_pass / 1e9  # slower than the engine's 1 MiB pieces would read

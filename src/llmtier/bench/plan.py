@@ -131,13 +131,14 @@ def _memory_for(m: Any, c: Config, base: int, profile: Any = None, kept: int | N
     """The budget of a configuration: what it needs outside the weights, the weights' share, the KV's share
     (training: ``kept``, the measured activations and overhead, where probed; generation: ``overhead``, the
     measured run overhead, where probed)."""
-    from ..plan.planner import SLACK, Workload, _kv_need, _reserve, least_memory  # noqa: PLC0415
+    from ..plan.planner import SLACK, Workload, _kv_need, _reserve, least_memory, training_activations  # noqa: PLC0415
     from ..plan.weights import RUN_OVERHEAD  # noqa: PLC0415
 
     if c.train:
         t = m.training(c.batch, c.prompt)
         opt = min(t.offloaded_state_bytes, 44 * m.params) // 2  # half the chunk pipeline a whole state would need
-        acts = t.activations + _reserve(profile, train=True, moe=bool(m.expert_bytes)) if kept is None else kept + kept // 10
+        acts = training_activations(m, Workload(c.batch, c.prompt, 0, True), profile) \
+            + _reserve(profile, train=True, moe=bool(m.expert_bytes)) if kept is None else kept + kept // 10
         return int((base + acts + t.weights + t.gradients + opt) / (1 - SLACK))
     w = Workload(c.batch, c.prompt, c.new_tokens)
     kv = _kv_need(m, w, set(range(len(m.windows))))
@@ -201,6 +202,40 @@ def overheads(directory: str, base: int) -> tuple[int, int, int]:
     moe = run_child({**job, "kind": "train", "model": mpath}, 8 << 30)
     mtr = (moe.get("rss_peak") or 0) - base - mt.weights - mt.gradients - mt.activations - job["optim_memory"]
     return max(0, gen), max(0, tr), max(0, mtr)
+
+
+CHILDREN = 3  # fresh processes per configuration: this VM's speed swings from one minute to the next
+
+ACTS_PROBE = {"layers": 2, "vocab": 3072, "hidden_size": 384, "intermediate_size": 1024}  # unlike every row's model
+ACTS_BATCHES, ACTS_SEQ, ACTS_STEPS = (1, 5), 96, 6
+
+
+def activation_scale(directory: str, repeats: int = 2) -> float:
+    """What a dense training step saves for backward on this machine over the memory model's formula: a small Llama
+    (:data:`ACTS_PROBE`) trained :data:`ACTS_STEPS` steps at two batch sizes, each in a fresh process; the difference
+    of the two peaks (everything else is the same in both) against the formula's difference.  The largest of
+    ``repeats`` (a budget is safer too large than too small); 0 when no probe ran."""
+    from ..plan import model_memory  # noqa: PLC0415
+    from ..plan.optim import BYTES_PER_ELEM  # noqa: PLC0415
+    from .hfmodels import make_model  # noqa: PLC0415
+
+    path = os.path.join(directory, "model-probe-acts")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        spec = dict(ACTS_PROBE)
+        make_model(path, "llama", layers=spec.pop("layers"), tokenizer=False, **spec)
+    m = model_memory(path)
+    lo, hi = ACTS_BATCHES
+    formula = m.training(hi, ACTS_SEQ).activations - m.training(lo, ACTS_SEQ).activations
+    got = []
+    for _ in range(repeats):
+        peaks = []
+        for b in (lo, hi):
+            res = run_child({"kind": "train", "model": path, "batch": b, "prompt": ACTS_SEQ, "new_tokens": 0,
+                             "steps": ACTS_STEPS, "dir": directory, "optim_memory": BYTES_PER_ELEM * 65536}, 8 << 30)
+            peaks.append(res.get("rss_job_growth") if res.get("ok") else None)
+        if None not in peaks and formula > 0:
+            got.append((peaks[1] - peaks[0]) / formula)
+    return max(got) if got else 0.0
 
 
 STREAM_PROBE = {"layers": 6, "vocab": 2048, "hidden_size": 640, "intermediate_size": 1792}  # unlike every row's model
@@ -275,8 +310,9 @@ def refresh_profile(profile: Any, directory: str) -> Any:
 
 
 def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, progress: bool = True,
-                   recalibrate: bool = True, overlap_rounds: int = 3) -> dict[str, Any]:
-    """Predict, then measure, every configuration; returns the rows and the profile used."""
+                   recalibrate: bool = True, overlap_rounds: int = 3, children: int = CHILDREN) -> dict[str, Any]:
+    """Predict, then measure, every configuration (``children`` fresh processes each: the median of their median
+    steps, the largest peak); returns the rows and the profile used."""
     from ..plan import model_memory, plan_inference, plan_training  # noqa: PLC0415
     from ..plan.planner import Workload  # noqa: PLC0415
     from .layerprobe import probe_infer_memory, probe_layer, probe_train_memory  # noqa: PLC0415
@@ -315,15 +351,21 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
                       f", measured on its first layers: run overhead {human(over)}" if over is not None else "")
             print(f"[bench plan] {c.name}: budget {human(memory)}, predicted peak {human(row.predicted_peak)}, "
                   f"{row.predicted_s * 1e3:.1f} ms{probed}", file=sys.stderr, flush=True)
-        res = run_child(job, memory)
-        row.ok = bool(res.get("ok"))
-        row.measured_peak, row.cgroup_peak = res.get("rss_peak"), res.get("cgroup_peak")
+        runs = [run_child(job, memory) for _ in range(max(1, children))]
+        row.ok = all(r.get("ok") for r in runs)
+        row.measured_peak = max((r.get("rss_peak") or 0 for r in runs), default=0)
+        row.cgroup_peak = max((r.get("cgroup_peak") or 0 for r in runs), default=0) or None
         if row.ok:
-            steps = res["steps_s"][1:] if len(res["steps_s"]) > 2 else res["steps_s"]
-            row.measured_s = statistics.median(steps)
-            row.spread_s = (min(steps), max(steps))
+            meds, every = [], []
+            for r in runs:
+                steps = r["steps_s"][1:] if len(r["steps_s"]) > 2 else r["steps_s"]
+                meds.append(statistics.median(steps))
+                every += steps
+            row.measured_s = statistics.median(meds)
+            row.spread_s = (min(every), max(every))
         else:
-            row.error = f"{res.get('error')}: {res.get('stderr', '')[-300:]}"
+            bad = next(r for r in runs if not r.get("ok"))
+            row.error = f"{bad.get('error')}: {bad.get('stderr', '')[-300:]}"
         rows.append(row)
         if progress:
             print(f"[bench plan]   measured peak RSS {human(row.measured_peak or 0)}, "
@@ -444,6 +486,7 @@ def add_cli(bench: Any) -> None:
     b.add_argument("--dir", help="directory on the disk (models, spill files, optimizer state)")
     b.add_argument("--quick", action="store_true", help="two configurations (a test-sized run)")
     b.add_argument("--profile", help="device profile JSON (default: measure a quick one in this run)")
+    b.add_argument("--children", type=int, help=f"fresh processes per configuration (default {CHILDREN}; --quick: 1)")
     b.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     b.set_defaults(func=cli_main)
 
@@ -454,7 +497,9 @@ def cli_main(args: argparse.Namespace) -> int:
 
     directory = args.dir or os.path.join(tempfile.gettempdir(), "llmtier-bench-plan")
     prof = load_profile(args.profile) if args.profile else None
-    res = run_plan_bench(directory, QUICK if args.quick else CONFIGS, prof, overlap_rounds=1 if args.quick else 3)
+    children = args.children if args.children else (1 if args.quick else CHILDREN)
+    res = run_plan_bench(directory, QUICK if args.quick else CONFIGS, prof, overlap_rounds=1 if args.quick else 3,
+                         children=children)
     print(format_profile(res["profile"]))
     print(format_table(res))
     if args.json:

@@ -247,7 +247,7 @@ def measure_profile(directory: str, *, quick: bool = False, overlap_rounds: int 
 
     read, write = _disk(directory, (64 << 20) if quick else (256 << 20), SIZES, 1 if quick else 3)
     cpu = _cpu(quick)
-    from .plan import overheads, stream_overlap_median  # noqa: PLC0415
+    from .plan import activation_scale, overheads, stream_overlap_median  # noqa: PLC0415
 
     notes = ["machine shared with other work while measured" if os.cpu_count() and os.cpu_count() <= 4 else ""]
     base = _base_bytes(directory)
@@ -258,6 +258,7 @@ def measure_profile(directory: str, *, quick: bool = False, overlap_rounds: int 
                          [n for n in notes if n], quick, gen, train, cpu["expert_overhead_s"], cpu["train_flops"],
                          cpu["matmul_bw"], cpu["step_overhead_s"], moe_train)
     prof.stream_overlap_loss = stream_overlap_median(directory, prof, overlap_rounds or (1 if quick else 3))
+    prof.train_activation_scale = activation_scale(directory, 2 if quick else 3)
     return prof
 
 
@@ -281,6 +282,8 @@ def format_profile(p: DeviceProfile) -> str:
                  f"{p.moe_train_overhead_bytes / (1 << 20):.0f} MiB)")
     lines.append(f"  streamed decode: {p.stream_overlap_loss:.0%} of the smaller of compute and weight reads does not hide "
                  "under the other")
+    if p.train_activation_scale:
+        lines.append(f"  training activations: {p.train_activation_scale:.2f} x the memory model's formula (measured)")
     lines.append(f"  pinned host->GPU {p.h2d_bw / g:.2f} GiB/s" if p.h2d_bw else "  pinned host->GPU: no CUDA here")
     return "\n".join(lines)
 

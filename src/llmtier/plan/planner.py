@@ -243,6 +243,16 @@ def _kv_geometry(m: ModelMemory, batch: int, page: int = KV_PAGE) -> kvplan.Geom
     return kvplan.Geometry(batch, 1, elems // 2, 1, elems - elems // 2, page, None, m.itemsize)
 
 
+def training_activations(m: ModelMemory, w: Workload, profile: DeviceProfile | None = None) -> int:
+    """What a training step of ``w`` saves for backward: the memory model's formula (with or without checkpointing),
+    times the profile's measured :attr:`~llmtier.plan.profile.DeviceProfile.train_activation_scale` where it has one
+    (within 0.5-1.5: a probe outside that range is taken for a failed one)."""
+    t = m.training(w.batch, w.prompt)
+    acts = t.activations_checkpointed if w.checkpointing else t.activations
+    scale = profile.train_activation_scale if profile is not None else 0.0
+    return int(acts * scale) if 0.5 <= scale <= 1.5 else acts
+
+
 def _reserve(profile: DeviceProfile | None, train: bool = False, moe: bool = False) -> int:
     """What a budget keeps for the run's overhead: the larger of :data:`RUN_OVERHEAD` and the measured one."""
     return max(RUN_OVERHEAD, _overhead(profile, train, moe))
@@ -328,7 +338,7 @@ def plan_training(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfi
     base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
     t = m.training(w.batch, w.prompt)
     reserve = _reserve(profile, train=True, moe=bool(m.expert_bytes))
-    acts = (t.activations_checkpointed if w.checkpointing else t.activations) + reserve
+    acts = training_activations(m, w, profile) + reserve
     if kept_bytes is not None:
         acts = kept_bytes + kept_bytes // 10
     room = int(memory * (1 - SLACK)) - base - acts - t.weights - t.gradients
@@ -412,6 +422,24 @@ def _generic_compute(m: ModelMemory, w: Workload, prof: DeviceProfile) -> float:
     return compute + m.kv_bytes(w.batch, w.context) / prof.dram_copy_bw  # attention reads the past once
 
 
+def _streamed_read_s(m: ModelMemory, wp: Plan, prof: DeviceProfile) -> float:
+    """Seconds to read a pass's streamed layers from the disk.  The streamer's reads reach the disk as the engine's
+    pieces (1 MiB), many in flight; a MoE layer's routed experts come as smaller reads where each expert's projection
+    is smaller than that: checkpoints store every expert's projections apart (three per expert), and each goes to its
+    place in the fused parameter as a read of its own."""
+    sizes = wp.host_layer_bytes or wp.layer_bytes
+    piece = min(READ_PIECE, max(1, wp.slot_bytes))
+    total = 0.0
+    for i in wp.from_disk:
+        n = sizes[i]
+        lay = m.layers[i] if i < len(m.layers) else None
+        if lay is not None and lay.experts and 0 < lay.expert_bytes <= n:
+            total += lay.expert_bytes / prof.read_at(min(piece, max(1, lay.expert_bytes // lay.experts // 3)))
+            n -= lay.expert_bytes
+        total += n / prof.read_at(piece)
+    return total
+
+
 def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
     """Seconds per decode token: compute (the layers' fixed cost, the weights passing through the CPU) against
     reads (streamed layers, spilled KV), overlapped.  With ``p.layer_timing`` the layers' compute is the measured
@@ -425,8 +453,7 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
     else:
         compute = _generic_compute(m, w, prof)
     wp = p.weights
-    # the streamer's reads reach the disk as the engine's pieces (1 MiB), many in flight
-    io_w = wp.disk_bytes_per_pass / prof.read_at(min(READ_PIECE, max(1, wp.slot_bytes))) if wp.streamed else 0.0
+    io_w = _streamed_read_s(m, wp, prof) if wp.streamed else 0.0
     io_kv = 0.0
     if p.kv_spilled:
         geo = _kv_geometry(m, w.batch, p.kv_page)

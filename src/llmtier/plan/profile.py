@@ -58,6 +58,10 @@ class DeviceProfile:
     # (0: perfect overlap, 1: none): measured on a small streamed model (``bench.plan.stream_overlap``); on a 2-core
     # VM the I/O threads, page pinning and completions take the CPU the layers would use
     stream_overlap_loss: float = 0.0
+    # what a dense training step saves for backward per token, measured on a small model (two batch sizes, the
+    # difference of their peaks), over the memory model's formula for it (0: not measured, take the formula as it
+    # is): the formula counts transformers' fp32 upcasts, which some CPUs' bf16 kernels do not keep
+    train_activation_scale: float = 0.0
 
     def weights_s(self, nbytes: float, batch: int) -> float:
         """Seconds to multiply ``batch`` rows by ``nbytes`` of bf16 weights: the time per weight byte measured at
