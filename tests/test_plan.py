@@ -431,3 +431,14 @@ def test_streamed_moe_layers_are_read_at_their_experts_request_size(tmp_path):
     assert _streamed_read_s(m, wp, prof) == pytest.approx(want)
     assert p.prediction.parts["weights_io_s"] == pytest.approx(want)
     assert want > wp.disk_bytes_per_pass / 1e9  # slower than the engine's 1 MiB pieces would read
+
+
+def test_bench_plan_predicts_at_the_median_of_its_childrens_rates():
+    from llmtier.bench.plan import RATES, median_profile
+
+    ps = [profile(read_bw={1 << 20: r}, gemm_flops=g, matmul_bw={1: g / 10}, train_flops=g / 2)
+          for r, g in ((1e9, 5e10), (3e9, 1e10), (2e9, 9e10))]
+    mp = median_profile(ps)
+    assert mp.read_bw == {1 << 20: 2e9} and mp.gemm_flops == 5e10 and mp.matmul_bw == {1: 5e9}
+    assert mp.train_flops == 2.5e10 and mp.base_bytes == ps[0].base_bytes
+    assert set(RATES) <= set(DeviceProfile.__dataclass_fields__)

@@ -73,12 +73,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             timing = probe_layer(args.model, w.batch, w.prompt, weight_bytes=max(m.layer_bytes, default=0))
         from .bench.layerprobe import CREEP_STEPS, probe_infer_memory, probe_train_memory  # noqa: PLC0415
 
-        kept = _moe_probe(args, m, f"what its training steps keep ({CREEP_STEPS} steps of its first layer, then of its "
-                          "first two)", lambda d: probe_train_memory(args.model, w.batch, w.prompt, d)) \
-            if args.train and not args.checkpointing else None
-        over = None if args.train else _moe_probe(
-            args, m, "its run overhead (its first layer, then its first two, generating)",
-            lambda d: probe_infer_memory(args.model, w.batch, w.prompt, w.new_tokens, d))
+        kept = _probe(args, m, f"what its training steps keep ({CREEP_STEPS} steps of its first layer, then of its "
+                      "first two)", lambda d: probe_train_memory(args.model, w.batch, w.prompt, d)) \
+            if args.train and not args.checkpointing and m.expert_bytes else None
+        over = None if args.train else _probe(
+            args, m, "its run overhead (its first layer, then its first two, generating)" if m.expert_bytes else
+            "its run overhead (its first layer, generating)",
+            lambda d: probe_infer_memory(args.model, w.batch, w.prompt, w.new_tokens, d, per_layer=bool(m.expert_bytes)))
         p = plan_training(m, w, memory, prof, kept_bytes=kept) if args.train else plan_inference(
             m, w, memory, prof, gpu_memory=gpu, layer_timing=timing, overhead_bytes=over)
         print()
@@ -94,12 +95,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _moe_probe(args: argparse.Namespace, m: Any, what: str, probe: Any) -> int | None:
-    """``probe(scratch directory)``: a MoE model's memory measured on its own first layers in fresh processes
-    (``bench.layerprobe``); None for a dense model, with ``--no-probe``, or without a config to build from."""
-    if not m.expert_bytes or args.no_probe or not os.path.exists(os.path.join(args.model, "config.json")):
+def _probe(args: argparse.Namespace, m: Any, what: str, probe: Any) -> int | None:
+    """``probe(scratch directory)``: the model's memory measured on its own first layers in fresh processes
+    (``bench.layerprobe``); None with ``--no-probe`` or without a config to build from."""
+    if args.no_probe or not os.path.exists(os.path.join(args.model, "config.json")):
         return None
-    print(f"a MoE model: measuring {what}, in fresh processes ...", file=sys.stderr, flush=True)
+    print(f"measuring {what}, in fresh processes ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="llmtier-probe-", dir=args.dir) as tmp:
         return probe(tmp)
 
@@ -173,9 +174,9 @@ def add_cli(sub: Any, bench: Any) -> None:
     p.add_argument("--no-probe", action="store_true",
                    help="predict decode's compute from the profile's generic rates, without timing a few of the "
                         "model's own decoder layers built from its config (seconds; skipped for layers over 256 MiB); "
-                        "for a MoE model also take its run overhead (generation) or its training memory (--train) "
-                        "from the formula and the profile instead of running its first layers in fresh processes "
-                        "(seconds; with --train 200 steps each, tens of seconds)")
+                        "and take the run overhead (generation; any model) or the training memory (--train; a MoE model) "
+                        "from the formula and the profile instead of running the model's first layers in fresh "
+                        "processes (seconds; with --train 200 steps each, tens of seconds)")
     p.add_argument("--dir", help="where to measure a quick profile when none is saved")
     p.add_argument("--json", metavar="PATH", help="write the plan as JSON")
     p.set_defaults(func=cmd_plan)

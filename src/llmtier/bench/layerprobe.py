@@ -132,15 +132,18 @@ def probe_layer(model: Any, batch: int, context: int, *, steps: int = 24, weight
 
 
 def probe_infer_memory(model: str, batch: int, prompt: int, new_tokens: int, directory: str, *,
-                       repeats: int = PROBE_REPEATS) -> int | None:
+                       repeats: int = PROBE_REPEATS, per_layer: bool = True) -> int | None:
     """What generating ``new_tokens`` after ``prompt`` tokens in ``batch`` sequences keeps beyond the process, the
     weights, the KV cache and the prefill term: the run overhead of *this* model at *this* workload.  For MoE
     models: on a CPU with oneDNN's bf16 kernels they keep 25-45 MiB more than the profile's probe (a small dense
-    model) measures, for the kernels built for each shape their expert products take (docs/BENCHMARKS.md).  Measured
-    on the model's first layer and first two, built from its config with random weights and read from llmtier
-    stores in ``directory`` (made once), resident, each in a fresh process (``repeats`` times, the largest peak
-    kept); the full model's is the one-layer figure plus the per-layer difference for the others.  None when a
-    probe failed or two layers would exceed :data:`MAX_PROBE_BYTES`."""
+    model) measures, for the kernels built for each shape their expert products take; for a long prefill of a
+    narrow dense model, the allocator's slack beyond the prefill term (~4 KiB a token at hidden 128, batch 4;
+    docs/BENCHMARKS.md).  Measured on the model's first layer and first two, built from its config with random
+    weights and read from llmtier stores in ``directory`` (made once), resident, each in a fresh process
+    (``repeats`` times, the largest peak kept); the full model's is the one-layer figure plus the per-layer
+    difference for the others.  ``per_layer`` False (dense models, whose layers share their shapes and run one at a
+    time): the first layer only, its figure the model's.  None when a probe failed or two layers would exceed
+    :data:`MAX_PROBE_BYTES`."""
     import hashlib  # noqa: PLC0415
     import json  # noqa: PLC0415
     import os  # noqa: PLC0415
@@ -158,7 +161,7 @@ def probe_infer_memory(model: str, batch: int, prompt: int, new_tokens: int, dir
         return None
     tag = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
     kept = []
-    for n in (1, 2) if layers > 1 else (1,):
+    for n in (1, 2) if layers > 1 and per_layer else (1,):
         path = os.path.join(directory, f"probe-infer-{tag}-{n}")
         try:
             if not os.path.exists(os.path.join(path, "config.json")):

@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,7 @@ class Row:
     spread_s: tuple[float, float] | None = None
     ok: bool = False
     error: str = ""
+    children: list[dict[str, Any]] = field(default_factory=list)  # per child: its peak RSS and median step
 
     @property
     def mem_err(self) -> float | None:
@@ -309,12 +311,38 @@ def refresh_profile(profile: Any, directory: str) -> Any:
                                matmul_bw=cpu["matmul_bw"], step_overhead_s=cpu["step_overhead_s"])
 
 
+def _steps(res: dict[str, Any]) -> list[float]:
+    """A child's timed steps, the first (warm-up) left out where there are more than two."""
+    s = res["steps_s"]
+    return s[1:] if len(s) > 2 else s
+
+
+def median_profile(profiles: list[Any]) -> Any:
+    """The first of ``profiles`` with every rate :func:`refresh_profile` measures replaced by its median over all."""
+    import dataclasses  # noqa: PLC0415
+
+    def med(get: Callable[[Any], float]) -> float:
+        return statistics.median(get(p) for p in profiles)
+
+    first = profiles[0]
+    table = {k: med(lambda p, k=k: p.matmul_bw.get(k, first.matmul_bw[k])) for k in first.matmul_bw}
+    return dataclasses.replace(
+        first, read_bw={s: med(lambda p, s=s: p.read_bw.get(s, first.read_bw[s])) for s in first.read_bw},
+        write_bw={s: med(lambda p, s=s: p.write_bw.get(s, first.write_bw[s])) for s in first.write_bw},
+        matmul_bw=table, **{k: med(lambda p, k=k: getattr(p, k)) for k in RATES})
+
+
+RATES = ("gemm_flops", "gemv_bw", "layer_overhead_s", "adam_elems_s", "expert_overhead_s", "train_flops", "step_overhead_s")
+
+
 def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, progress: bool = True,
                    recalibrate: bool = True, overlap_rounds: int = 3, children: int = CHILDREN) -> dict[str, Any]:
     """Predict, then measure, every configuration (``children`` fresh processes each: the median of their median
     steps, the largest peak); returns the rows and the profile used."""
+    import dataclasses  # noqa: PLC0415
+
     from ..plan import model_memory, plan_inference, plan_training  # noqa: PLC0415
-    from ..plan.planner import Workload  # noqa: PLC0415
+    from ..plan.planner import Workload, predict_decode, predict_step  # noqa: PLC0415
     from .layerprobe import probe_infer_memory, probe_layer, probe_train_memory  # noqa: PLC0415
     from .profile import measure_profile  # noqa: PLC0415
 
@@ -332,9 +360,10 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
         # profile's small probe miss the climb of oneDNN's per-shape kernels); dense training: the formula
         kept = probe_train_memory(path, c.batch, c.prompt, directory, steps=c.steps) \
             if c.train and m.expert_bytes else None
-        # MoE generation: its run overhead measured on its own first layers (oneDNN's per-shape kernels again)
-        over = probe_infer_memory(build_model(directory, c.model), c.batch, c.prompt, c.new_tokens, directory) \
-            if not c.train and m.expert_bytes else None
+        # generation: the run overhead measured on the model's own first layers (MoE: oneDNN's per-shape kernels
+        # again; dense: its first layer, the allocator's slack a long prefill leaves)
+        over = None if c.train else probe_infer_memory(build_model(directory, c.model), c.batch, c.prompt,
+                                                       c.new_tokens, directory, per_layer=bool(m.expert_bytes))
         memory = _memory_for(m, c, profile.base_bytes, profile, kept, over)
         row = Row(c, memory)
         timing = None if c.train else probe_layer(build_model(directory, c.model), c.batch, c.prompt,
@@ -351,17 +380,32 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
                       f", measured on its first layers: run overhead {human(over)}" if over is not None else "")
             print(f"[bench plan] {c.name}: budget {human(memory)}, predicted peak {human(row.predicted_peak)}, "
                   f"{row.predicted_s * 1e3:.1f} ms{probed}", file=sys.stderr, flush=True)
-        runs = [run_child(job, memory) for _ in range(max(1, children))]
+        # each child runs right after the machine's rates (and the model's layer) were measured again: the prediction
+        # takes their medians, so that it and the measurement see the same stretch of this VM's swings
+        runs, profs, timings = [], [], []
+        for k in range(max(1, children)):
+            if k and recalibrate:
+                profile = refresh_profile(profile, directory)
+                if timing is not None:
+                    timing = probe_layer(build_model(directory, c.model), c.batch, c.prompt,
+                                         weight_bytes=max(m.layer_bytes, default=0)) or timing
+            profs.append(profile)
+            timings.append(timing)
+            runs.append(run_child(job, memory))
+        if len(profs) > 1:
+            mp = median_profile(profs)
+            if timing is not None:
+                p.layer_timing = dataclasses.replace(timing, layer_s=statistics.median(t.layer_s for t in timings))
+            p.prediction = predict_step(p, mp) if c.train else predict_decode(p, mp)
+            row.predicted_s, row.bottleneck, row.plan = p.prediction.seconds, p.prediction.bottleneck, p.as_dict()
+        row.children = [{"peak": r.get("rss_peak"), "step_s": statistics.median(_steps(r)) if r.get("ok") else None}
+                        for r in runs]
         row.ok = all(r.get("ok") for r in runs)
         row.measured_peak = max((r.get("rss_peak") or 0 for r in runs), default=0)
         row.cgroup_peak = max((r.get("cgroup_peak") or 0 for r in runs), default=0) or None
         if row.ok:
-            meds, every = [], []
-            for r in runs:
-                steps = r["steps_s"][1:] if len(r["steps_s"]) > 2 else r["steps_s"]
-                meds.append(statistics.median(steps))
-                every += steps
-            row.measured_s = statistics.median(meds)
+            every = [s for r in runs for s in _steps(r)]
+            row.measured_s = statistics.median(statistics.median(_steps(r)) for r in runs)
             row.spread_s = (min(every), max(every))
         else:
             bad = next(r for r in runs if not r.get("ok"))
@@ -369,7 +413,8 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
         rows.append(row)
         if progress:
             print(f"[bench plan]   measured peak RSS {human(row.measured_peak or 0)}, "
-                  f"{(row.measured_s or 0) * 1e3:.1f} ms, {'fit' if row.ok else row.error[:200]}", file=sys.stderr, flush=True)
+                  f"{(row.measured_s or 0) * 1e3:.1f} ms (predicted at the children's rates {row.predicted_s * 1e3:.1f} ms), "
+                  f"{'fit' if row.ok else row.error[:200]}", file=sys.stderr, flush=True)
     return {"rows": rows, "profile": profile}
 
 
@@ -507,7 +552,8 @@ def cli_main(args: argparse.Namespace) -> int:
             json.dump([{"name": r.config.name, "memory": r.memory, "predicted_peak": r.predicted_peak,
                         "measured_peak": r.measured_peak,
                         "cgroup_peak": r.cgroup_peak, "predicted_s": r.predicted_s, "measured_s": r.measured_s,
-                        "spread_s": r.spread_s, "ok": r.ok, "error": r.error, "plan": r.plan} for r in res["rows"]],
+                        "spread_s": r.spread_s, "ok": r.ok, "error": r.error, "children": r.children,
+                        "plan": r.plan} for r in res["rows"]],
                       f, indent=1, default=str)
     return 0
 
