@@ -413,26 +413,6 @@ def test_activation_scale_probe_measures_a_ratio(tmp_path):
     assert (tmp_path / "model-probe-acts" / "config.json").exists()
 
 
-def test_streamed_moe_layers_are_read_at_their_experts_request_size(tmp_path):
-    from llmtier.plan.planner import READ_PIECE, _streamed_read_s
-
-    d = make_family_model(str(tmp_path / "moe"), "mixtral", layers=5, vocab_size=512, hidden_size=64,
-                          intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)
-    m = model_memory(d)
-    piece = m.layers[0].expert_bytes // 4 // 3  # one expert's projection: 64 x 128 bf16
-    assert piece == 64 * 128 * 2 < READ_PIECE
-    prof = profile(read_bw={piece: 2e8, READ_PIECE: 1e9}, write_bw={READ_PIECE: 1e9})
-    least = m.outside_bytes + m.embedding_bytes + 2 * max(m.layer_bytes)
-    p = plan_given(m, Workload(1, 16, 4), prof, weights_memory=least)
-    wp = p.weights
-    assert wp.from_disk
-    want = sum(m.layers[i].expert_bytes / 2e8 + (wp.layer_bytes[i] - m.layers[i].expert_bytes) / prof.read_at(
-        min(READ_PIECE, wp.slot_bytes)) for i in wp.from_disk)
-    assert _streamed_read_s(m, wp, prof) == pytest.approx(want)
-    assert p.prediction.parts["weights_io_s"] == pytest.approx(want)
-    assert want > wp.disk_bytes_per_pass / 1e9  # slower than the engine's 1 MiB pieces would read
-
-
 def test_bench_plan_predicts_at_the_median_of_its_childrens_rates():
     from llmtier.bench.plan import RATES, median_profile
 

@@ -80,7 +80,7 @@ class Row:
     predicted_s: float = 0.0
     bottleneck: str = ""
     plan: dict[str, Any] = field(default_factory=dict)
-    measured_peak: int | None = None  # the child's peak RSS (VmHWM)
+    measured_peak: int | None = None  # the median of the children's peak RSS (VmHWM)
     cgroup_peak: int | None = None  # the cgroup's peak: RSS + the page cache charged to it (swings on a shared machine)
     measured_s: float | None = None
     spread_s: tuple[float, float] | None = None
@@ -207,6 +207,7 @@ def overheads(directory: str, base: int) -> tuple[int, int, int]:
 
 
 CHILDREN = 3  # fresh processes per configuration: this VM's speed swings from one minute to the next
+REFRESH_DISK_BYTES = 256 << 20  # per request size, each time the rates are measured again (32 MiB swung +-25%)
 
 ACTS_PROBE = {"layers": 2, "vocab": 3072, "hidden_size": 384, "intermediate_size": 1024}  # unlike every row's model
 ACTS_BATCHES, ACTS_SEQ, ACTS_STEPS = (1, 5), 96, 6
@@ -303,7 +304,7 @@ def refresh_profile(profile: Any, directory: str) -> Any:
 
     cpu = _cpu(True)
     sizes = (256 << 10, 1 << 20, 4 << 20)
-    read, write = _disk(directory, 32 << 20, sizes, 1)
+    read, write = _disk(directory, REFRESH_DISK_BYTES, sizes, 1)
     return dataclasses.replace(profile, read_bw={**profile.read_bw, **read}, write_bw={**profile.write_bw, **write},
                                gemm_flops=cpu["gemm_flops"], gemv_bw=cpu["gemv_bw"],
                                layer_overhead_s=cpu["layer_overhead_s"], adam_elems_s=cpu["adam_elems_s"],
@@ -338,7 +339,8 @@ RATES = ("gemm_flops", "gemv_bw", "layer_overhead_s", "adam_elems_s", "expert_ov
 def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, progress: bool = True,
                    recalibrate: bool = True, overlap_rounds: int = 3, children: int = CHILDREN) -> dict[str, Any]:
     """Predict, then measure, every configuration (``children`` fresh processes each: the median of their median
-    steps, the largest peak); returns the rows and the profile used."""
+    steps and of their peaks, every child within the cap for the row to fit; each child's figures are kept in
+    ``Row.children``); returns the rows and the profile used."""
     import dataclasses  # noqa: PLC0415
 
     from ..plan import model_memory, plan_inference, plan_training  # noqa: PLC0415
@@ -401,7 +403,7 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
         row.children = [{"peak": r.get("rss_peak"), "step_s": statistics.median(_steps(r)) if r.get("ok") else None}
                         for r in runs]
         row.ok = all(r.get("ok") for r in runs)
-        row.measured_peak = max((r.get("rss_peak") or 0 for r in runs), default=0)
+        row.measured_peak = int(statistics.median(r.get("rss_peak") or 0 for r in runs))
         row.cgroup_peak = max((r.get("cgroup_peak") or 0 for r in runs), default=0) or None
         if row.ok:
             every = [s for r in runs for s in _steps(r)]

@@ -422,24 +422,6 @@ def _generic_compute(m: ModelMemory, w: Workload, prof: DeviceProfile) -> float:
     return compute + m.kv_bytes(w.batch, w.context) / prof.dram_copy_bw  # attention reads the past once
 
 
-def _streamed_read_s(m: ModelMemory, wp: Plan, prof: DeviceProfile) -> float:
-    """Seconds to read a pass's streamed layers from the disk.  The streamer's reads reach the disk as the engine's
-    pieces (1 MiB), many in flight; a MoE layer's routed experts come as smaller reads where each expert's projection
-    is smaller than that: checkpoints store every expert's projections apart (three per expert), and each goes to its
-    place in the fused parameter as a read of its own."""
-    sizes = wp.host_layer_bytes or wp.layer_bytes
-    piece = min(READ_PIECE, max(1, wp.slot_bytes))
-    total = 0.0
-    for i in wp.from_disk:
-        n = sizes[i]
-        lay = m.layers[i] if i < len(m.layers) else None
-        if lay is not None and lay.experts and 0 < lay.expert_bytes <= n:
-            total += lay.expert_bytes / prof.read_at(min(piece, max(1, lay.expert_bytes // lay.experts // 3)))
-            n -= lay.expert_bytes
-        total += n / prof.read_at(piece)
-    return total
-
-
 def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
     """Seconds per decode token: compute (the layers' fixed cost, the weights passing through the CPU) against
     reads (streamed layers, spilled KV), overlapped.  With ``p.layer_timing`` the layers' compute is the measured
@@ -453,7 +435,10 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
     else:
         compute = _generic_compute(m, w, prof)
     wp = p.weights
-    io_w = _streamed_read_s(m, wp, prof) if wp.streamed else 0.0
+    # the streamer's reads reach the disk as the engine's pieces (1 MiB), many in flight (a MoE layer's experts as
+    # smaller reads, one per expert projection, but a whole layer's at once: measured at the 1 MiB rate, not the
+    # profile's 256 KiB one at depth 8, see docs/BENCHMARKS.md)
+    io_w = wp.disk_bytes_per_pass / prof.read_at(min(READ_PIECE, max(1, wp.slot_bytes))) if wp.streamed else 0.0
     io_kv = 0.0
     if p.kv_spilled:
         geo = _kv_geometry(m, w.batch, p.kv_page)
