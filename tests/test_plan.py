@@ -186,6 +186,9 @@ def test_cli_plan_prints_the_plan_and_prediction(tmp_path, capsys):
     assert json.loads((tmp_path / "plan.json").read_text())["plan"]["predicted_s"] > 0
     assert main(["plan", "--model", d, "--memory", "1GiB", "--train", "--context", "32", "--profile", prof]) == 0
     assert "optimizer: AdamW state on SSD" in capsys.readouterr().out
+    scratch = tmp_path / "not" / "yet"  # --dir need not exist: the probes' scratch directory is made
+    assert main(["plan", "--model", d, "--memory", "400MiB", "--profile", prof, "--dir", str(scratch)]) == 0
+    assert scratch.is_dir() and not list(scratch.iterdir())
 
 
 def test_profile_disk_probe_and_format(tmp_path):

@@ -55,11 +55,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {}
     print(describe_memory(m, args.batch, context))
     if args.memory:
+        if args.dir:  # the scratch directory of the profile and the probes: made where it is missing
+            os.makedirs(args.dir, exist_ok=True)
         prof = load_profile(args.profile) if not args.no_profile else None
         if prof is None and not args.no_profile:
             from .bench.profile import measure_profile  # noqa: PLC0415
 
-            print("no saved device profile (llmtier bench io --save-profile): measuring a quick one ...", file=sys.stderr)
+            print("no saved device profile (llmtier bench io --save-profile): measuring a quick one (about a minute) ...",
+                  file=sys.stderr)
             prof = measure_profile(args.dir or "/tmp", quick=True)
         new = args.new_tokens if args.new_tokens is not None else 32
         w = Workload(args.batch, max(1, context - (0 if args.train else new)), 0 if args.train else new, args.train,

@@ -245,6 +245,8 @@ def measure_profile(directory: str, *, quick: bool = False, overlap_rounds: int 
     ``overlap_rounds``: streamed-decode probes whose median is the overlap loss (default 1 quick, else 3)."""
     import torch  # noqa: PLC0415
 
+    os.makedirs(directory, exist_ok=True)
+
     read, write = _disk(directory, (64 << 20) if quick else (256 << 20), SIZES, 1 if quick else 3)
     cpu = _cpu(quick)
     from .plan import activation_scale, overheads, stream_overlap_median  # noqa: PLC0415

@@ -141,8 +141,9 @@ def make_plan(budget: int, outside: int, layers: list[int], slot_bytes: int, pre
             resident = pick
             break
     streamed = [i for i in range(n) if i not in set(resident)]
-    reason = (f"resident layers {ranges(resident) or 'none'} are spread between the streamed ones so their "
-              f"compute hides reads; the embeddings and head are used every pass and never stream")
+    reason = (f"resident layers {ranges(resident)} are spread between the streamed ones so their compute hides reads; "
+              if resident else "no room for a resident layer beyond the slots: every layer streams; ")
+    reason += "the embeddings and head are used every pass and never stream"
     return Plan(budget, outside, layers, resident, streamed, slots, slot_bytes, reason)
 
 
