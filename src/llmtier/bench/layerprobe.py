@@ -53,6 +53,15 @@ def _growth(job: dict[str, Any], repeats: int) -> int | None:
     return max(grown)
 
 
+def _whole(kept: list[int], layers: int) -> int | None:
+    """The model's figure from its first layer's (``kept[0]``) and, where measured, its first two's: the one-layer
+    figure plus the per-layer difference (never below 0) for each other layer.  None for a one-layer figure at or
+    below zero: beneath the process and the model's own terms, a measurement gone wrong, not a figure."""
+    if kept[0] <= 0:
+        return None
+    return kept[0] + (layers - 1) * max(0, kept[1] - kept[0]) if len(kept) > 1 else kept[0]
+
+
 def _config(model: Any) -> Any:
     from transformers import AutoConfig, PretrainedConfig  # noqa: PLC0415
 
@@ -177,10 +186,7 @@ def probe_infer_memory(model: str, batch: int, prompt: int, new_tokens: int, dir
             return None
         kept.append(grown - mn.weight_bytes - mn.kv_bytes(batch, prompt + new_tokens)
                     - mn.prefill_activation_bytes(batch, prompt))
-    if kept[0] <= 0:  # below the process and the model's own terms: a measurement gone wrong, not an overhead
-        return None
-    per_layer = kept[1] - kept[0] if len(kept) > 1 else 0
-    return kept[0] + (layers - 1) * max(0, per_layer)
+    return _whole(kept, layers)
 
 
 def probe_train_memory(model: str, batch: int, seq: int, directory: str, *, steps: int = CREEP_STEPS,
@@ -213,10 +219,7 @@ def probe_train_memory(model: str, batch: int, seq: int, directory: str, *, step
             return None
         held = m.outside_bytes + m.embedding_bytes + sum(m.layer_bytes[:n])  # weights; gradients as many bytes
         kept.append(grown - 2 * held - optim)
-    if kept[0] <= 0:  # below the process and the model's own terms: a measurement gone wrong, not a figure
-        return None
-    per_layer = kept[1] - kept[0] if len(kept) > 1 else 0
-    return kept[0] + (layers - 1) * max(0, per_layer)
+    return _whole(kept, layers)
 
 
 __all__ = ["CREEP_STEPS", "MAX_PROBE_BYTES", "PROBE_LAYERS", "PROBE_REPEATS", "LayerTiming", "probe_infer_memory",

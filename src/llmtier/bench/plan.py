@@ -318,6 +318,9 @@ def _steps(res: dict[str, Any]) -> list[float]:
     return s[1:] if len(s) > 2 else s
 
 
+RATES = ("gemm_flops", "gemv_bw", "layer_overhead_s", "adam_elems_s", "expert_overhead_s", "train_flops", "step_overhead_s")
+
+
 def median_profile(profiles: list[Any]) -> Any:
     """The first of ``profiles`` with every rate :func:`refresh_profile` measures replaced by its median over all."""
     import dataclasses  # noqa: PLC0415
@@ -331,9 +334,6 @@ def median_profile(profiles: list[Any]) -> Any:
         first, read_bw={s: med(lambda p, s=s: p.read_bw.get(s, first.read_bw[s])) for s in first.read_bw},
         write_bw={s: med(lambda p, s=s: p.write_bw.get(s, first.write_bw[s])) for s in first.write_bw},
         matmul_bw=table, **{k: med(lambda p, k=k: getattr(p, k)) for k in RATES})
-
-
-RATES = ("gemm_flops", "gemv_bw", "layer_overhead_s", "adam_elems_s", "expert_overhead_s", "train_flops", "step_overhead_s")
 
 
 def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, progress: bool = True,

@@ -277,8 +277,8 @@ def plan_inference(m: ModelMemory, w: Workload, memory: int, profile: DeviceProf
     between the dense part and an expert cache (``.experts.split``), as ``stream_model(experts=...)`` streams.
     ``layer_timing``: one of the model's decoder layers timed at this workload (``bench.layerprobe.probe_layer``), the
     compute term of the predicted time; without it the profile's generic rates.  ``overhead_bytes``: what a run of
-    this model at this workload keeps beyond the memory model's terms, measured (``bench.layerprobe.probe_infer_memory``,
-    for MoE models); without it the profile's run overhead."""
+    this model at this workload keeps beyond the memory model's terms, measured on its own first layers
+    (``bench.layerprobe.probe_infer_memory``); without it the profile's run overhead."""
     base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
     reserve = _reserve(profile) if overhead_bytes is None else max(RUN_OVERHEAD, overhead_bytes)
     acts = m.prefill_activation_bytes(w.batch, w.prompt) + reserve
@@ -338,9 +338,7 @@ def plan_training(m: ModelMemory, w: Workload, memory: int, profile: DeviceProfi
     base = base_bytes if base_bytes is not None else (profile.base_bytes if profile else 0)
     t = m.training(w.batch, w.prompt)
     reserve = _reserve(profile, train=True, moe=bool(m.expert_bytes))
-    acts = training_activations(m, w, profile) + reserve
-    if kept_bytes is not None:
-        acts = kept_bytes + kept_bytes // 10
+    acts = training_activations(m, w, profile) + reserve if kept_bytes is None else kept_bytes + kept_bytes // 10
     room = int(memory * (1 - SLACK)) - base - acts - t.weights - t.gradients
     layers = m.layer_bytes
     wplan = make_plan(t.weights, m.outside_bytes + m.embedding_bytes, layers, max(layers, default=0))
@@ -436,8 +434,8 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
         compute = _generic_compute(m, w, prof)
     wp = p.weights
     # the streamer's reads reach the disk as the engine's pieces (1 MiB), many in flight (a MoE layer's experts as
-    # smaller reads, one per expert projection, but a whole layer's at once: measured at the 1 MiB rate, not the
-    # profile's 256 KiB one at depth 8, see docs/BENCHMARKS.md)
+    # one read per expert projection; in a tiny model those are smaller, and measured they land between the 1 MiB
+    # and the 256 KiB rate, docs/PLAN.md)
     io_w = wp.disk_bytes_per_pass / prof.read_at(min(READ_PIECE, max(1, wp.slot_bytes))) if wp.streamed else 0.0
     io_kv = 0.0
     if p.kv_spilled:
