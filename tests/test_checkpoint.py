@@ -411,3 +411,25 @@ def test_parallel_snapshot_copy_is_exact(tmp_path: Path) -> None:
         state["big"].zero_()
         h.wait()
         assert equal(c.load(), want)
+
+
+@pytest.mark.filterwarnings("ignore::llmtier.checkpoint.CheckpointWarning")
+def test_load_lists_again_when_its_listing_went_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saves with retention beside a load can retire every step the load listed before it reads them: the
+    load lists the directory again rather than report that no complete checkpoint exists."""
+    from llmtier.checkpoint import layout
+
+    with Checkpointer(tmp_path, keep_last=1) as c:
+        c.save({"x": torch.full((4,), 3.0)}, step=3)
+    real, calls = layout.list_steps, []
+
+    def listing(directory: str) -> list[int]:
+        calls.append(directory)
+        return [2, 1] if len(calls) == 1 else real(directory)  # steps 1 and 2, since retired by step 3's save
+
+    monkeypatch.setattr(layout, "list_steps", listing)
+    c = Checkpointer(tmp_path)
+    assert c.load()["x"].tolist() == [3.0] * 4 and c.loaded.step == 3 and len(calls) == 2
+    monkeypatch.setattr(layout, "list_steps", lambda directory: [2, 1])  # the same stale listing every time
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        Checkpointer(tmp_path).load()

@@ -29,6 +29,7 @@ from .tree import LazyTensor, Leaf, _is_torch, decode, encode, lookup
 
 META_KEY = "llmtier_checkpoint"
 _END, _DONE, _ABORT = object(), object(), object()
+_LIST_TRIES = 5  # listings of the directory one load() tries before it gives up
 
 
 class CheckpointWarning(UserWarning):
@@ -353,31 +354,39 @@ class Checkpointer:
         """Load checkpoint ``step`` (default: the newest complete one) and return the state.
 
         Without ``step``, incomplete or damaged checkpoints are skipped with a
-        :class:`CheckpointWarning` naming them and saying why.  ``into``: a
+        :class:`CheckpointWarning` naming them and saying why; when saves
+        beside this load retire every step it listed, the directory is listed
+        again (up to five times, while the listing changes).  ``into``: a
         state of the same structure whose tensors (CPU, contiguous, same
         dtype and shape) are filled in place, straight from the disk;
         non-tensor values and tensors absent from ``into`` are returned new.
         """
         self.wait()
-        candidates = [step] if step is not None else self._ranks.from_rank0(layout.list_steps(self.directory))
-        skipped = []
-        for s in candidates:
-            step_dir = os.path.join(self.directory, layout.step_name(s))
-            state, err = None, None
-            try:
-                state, size = self._load_one(step_dir, into, verify)
-            except (LLMTierError, OSError, ValueError, KeyError, TypeError) as exc:
-                err = exc
-            problems = [(r, e) for r, e in enumerate(self._ranks.gather(None if err is None else str(err))) if e]
-            if not problems:
-                self.loaded = CheckpointInfo(s, step_dir, size)
-                return state
-            why = "; ".join(f"rank {r}: {e}" if self.world_size > 1 else e for r, e in problems)
-            if step is not None:
-                raise CheckpointError(f"checkpoint {step_dir} cannot be loaded: {why}") from err
-            skipped.append(f"{step_dir}: {why}")
-            warnings.warn(f"skipping checkpoint {step_dir}: {why}", CheckpointWarning, stacklevel=2)
-        detail = (" (skipped: " + " | ".join(skipped) + ")") if skipped else ""
+        skipped: dict[str, str] = {}
+        listed: list[int] | None = None
+        for _ in range(_LIST_TRIES):  # saves beside this load may commit new steps and retire the ones listed
+            candidates = [step] if step is not None else self._ranks.from_rank0(layout.list_steps(self.directory))
+            if candidates == listed:
+                break
+            listed = candidates
+            for s in candidates:
+                step_dir = os.path.join(self.directory, layout.step_name(s))
+                state, err = None, None
+                try:
+                    state, size = self._load_one(step_dir, into, verify)
+                except (LLMTierError, OSError, ValueError, KeyError, TypeError) as exc:
+                    err = exc
+                problems = [(r, e) for r, e in enumerate(self._ranks.gather(None if err is None else str(err))) if e]
+                if not problems:
+                    self.loaded = CheckpointInfo(s, step_dir, size)
+                    return state
+                why = "; ".join(f"rank {r}: {e}" if self.world_size > 1 else e for r, e in problems)
+                if step is not None:
+                    raise CheckpointError(f"checkpoint {step_dir} cannot be loaded: {why}") from err
+                if step_dir not in skipped:
+                    warnings.warn(f"skipping checkpoint {step_dir}: {why}", CheckpointWarning, stacklevel=2)
+                skipped[step_dir] = why
+        detail = (" (skipped: " + " | ".join(f"{d}: {w}" for d, w in skipped.items()) + ")") if skipped else ""
         raise CheckpointError(f"no complete checkpoint in {self.directory}{detail}")
 
     def _load_one(self, step_dir: str, into: Any, verify: bool) -> tuple[Any, int]:
