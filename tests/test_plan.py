@@ -29,6 +29,7 @@ from llmtier.plan import (  # noqa: E402
 from llmtier.plan import kv as kvplan  # noqa: E402
 from llmtier.plan import optim as optplan  # noqa: E402
 from llmtier.plan import weights as wplan  # noqa: E402
+from llmtier.plan.pipeline import stream_step  # noqa: E402
 
 TEN_B = {"model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 30,
          "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 47252, "tie_word_embeddings": False,
@@ -303,22 +304,57 @@ def test_layer_probe_times_the_models_own_layer_and_the_planner_uses_it(tmp_path
     assert "generic rates" in generic.describe()
     other = plan_inference(m, Workload(batch=4, prompt=64, new_tokens=16), 4 << 30, prof, layer_timing=slow)
     assert "generic rates" in other.describe()  # timed at another batch: not used
-    # streamed: the larger of compute and reads plus the profile's unhidden share of the smaller
+    # streamed: the streamer's pipeline (never faster than the larger of compute and reads) plus the profile's
+    # unhidden share of the smaller
     least = m.outside_bytes + m.embedding_bytes + 2 * max(m.layer_bytes)
     streamed = plan_given(m, w, prof, weights_memory=least, layer_timing=slow)
-    assert streamed.weights.streamed
+    wp = streamed.weights
+    assert wp.streamed
     pr = streamed.prediction
     c, io = pr.compute_s, pr.parts["weights_io_s"]
-    assert io > 0 and pr.seconds == pytest.approx(pr.parts["kv_io_s"] + max(c, io) + 0.5 * min(c, io))
+    rate = prof.read_at(min(1 << 20, wp.slot_bytes))
+    per = 0.01 + kv / 3
+    pipe = stream_step([per] * 3, [wp.layer_bytes[i] / rate if i in wp.streamed else None for i in range(3)], wp.slots,
+                       after_s=c - 3 * per, rows_first=bool(wp.on_demand_bytes), slowdown=prof.read_slowdown)
+    assert io > 0 and pipe >= max(c, io) - 1e-12
+    assert pr.seconds == pytest.approx(pr.parts["kv_io_s"] + pipe + 0.5 * min(c, io))
+
+
+def test_pipeline_model_of_a_streamed_step():
+    """plan.pipeline.stream_step: the streamer's slots and the disk's one queue, event by event."""
+    with pytest.raises(ValueError, match="layers' reads"):
+        stream_step([1.0, 1.0], [None], 2)
+    assert stream_step([1.0, 2.0], [None, None], 3, after_s=0.5) == pytest.approx(3.5)  # nothing read: compute
+    # one slot: a layer's read starts only after the previous layer computed, nothing overlaps
+    assert stream_step([1.0] * 4, [2.0] * 4, 1) == pytest.approx(4 * 3.0)
+    # slots enough and reads far shorter than compute: compute alone; the reverse: the disk alone
+    assert stream_step([1.0] * 4, [0.1] * 4, 3) == pytest.approx(4.0)
+    assert stream_step([0.1] * 4, [1.0] * 4, 3) == pytest.approx(4.0)
+    # balanced: reads ahead hide under compute, but the rows read behind the queued reads makes the pass wait
+    plain = stream_step([1.0] * 4, [1.0] * 4, 3)
+    rows = stream_step([1.0] * 4, [1.0] * 4, 3, rows_first=True)
+    assert plain >= 4.0 and rows > plain
+    # resident layers between streamed ones compute while the disk reads ahead
+    assert stream_step([1.0] * 4, [2.0, None, 2.0, None], 2) == pytest.approx(4.0)
+    # compute slowed while the disk is busy: the balanced pass grows, a disk-bound one does not
+    assert stream_step([1.0] * 4, [1.0] * 4, 3, slowdown=1.5) > plain
+    assert stream_step([0.1] * 4, [1.0] * 4, 3, slowdown=2.0) == pytest.approx(4.0)
+
+
+def test_read_slowdown_probe(tmp_path):
+    from llmtier.bench.profile import read_slowdown
+
+    f = read_slowdown(str(tmp_path), rounds=1, reps=1)
+    assert f >= 1.0 and list(tmp_path.iterdir()) == []  # a factor, and its scratch file removed
 
 
 def test_old_profiles_without_the_new_terms_still_load(tmp_path):
     d = profile().as_dict()
-    for k in ("stream_overlap_loss", "moe_train_overhead_bytes", "step_overhead_s", "matmul_bw"):
+    for k in ("stream_overlap_loss", "moe_train_overhead_bytes", "step_overhead_s", "matmul_bw", "read_slowdown"):
         d.pop(k)
     (tmp_path / "old.json").write_text(json.dumps(d))
     old = load_profile(tmp_path / "old.json")
-    assert old.stream_overlap_loss == 0.0 and old.matmul_bw == {}
+    assert old.stream_overlap_loss == 0.0 and old.matmul_bw == {} and old.read_slowdown == 1.0
 
 
 def test_stream_overlap_probe_measures_a_share(tmp_path):

@@ -245,7 +245,8 @@ STREAM_PROBE = {"layers": 6, "vocab": 2048, "hidden_size": 640, "intermediate_si
 
 
 def stream_overlap(directory: str, profile: Any, slots: int = 3) -> float | None:
-    """How much of a streamed decode step's smaller part (compute or weight reads) does not hide under the larger:
+    """How much of a streamed decode step's smaller part (compute or weight reads) does not hide under the larger
+    beyond what the planner's pipeline model (``plan.pipeline``) already counts:
     a small Llama (:data:`STREAM_PROBE`, unlike every row of :data:`CONFIGS`) streamed through ``slots`` layer buffers
     in a fresh process; its measured step against the planner's compute (its own layer timed) and reads.  None when the
     probe could not run (its layer not timed, or the child failed)."""
@@ -273,7 +274,7 @@ def stream_overlap(directory: str, profile: Any, slots: int = 3) -> float | None
         return None
     step = statistics.median(res["steps_s"][1:])
     c, io = p.prediction.compute_s, p.prediction.parts["weights_io_s"]
-    return min(1.0, max(0.0, (step - max(c, io)) / max(min(c, io), 1e-9)))
+    return min(1.0, max(0.0, (step - p.prediction.seconds) / max(min(c, io), 1e-9)))  # beyond the pipeline model
 
 
 def stream_overlap_median(directory: str, profile: Any, rounds: int = 3) -> float:
@@ -297,15 +298,17 @@ def base_bytes(directory: str) -> int:
 
 
 def refresh_profile(profile: Any, directory: str) -> Any:
-    """``profile`` with its CPU rates and 1 MiB / 256 KiB disk reads measured again, now (seconds)."""
+    """``profile`` with its CPU rates, 256 KiB / 1 MiB / 4 MiB disk reads and the compute's slowdown under reads
+    measured again, now (seconds)."""
     import dataclasses  # noqa: PLC0415
 
-    from .profile import _cpu, _disk  # noqa: PLC0415
+    from .profile import _cpu, _disk, read_slowdown  # noqa: PLC0415
 
     cpu = _cpu(True)
     sizes = (256 << 10, 1 << 20, 4 << 20)
     read, write = _disk(directory, REFRESH_DISK_BYTES, sizes, 1)
     return dataclasses.replace(profile, read_bw={**profile.read_bw, **read}, write_bw={**profile.write_bw, **write},
+                               read_slowdown=read_slowdown(directory),
                                gemm_flops=cpu["gemm_flops"], gemv_bw=cpu["gemv_bw"],
                                layer_overhead_s=cpu["layer_overhead_s"], adam_elems_s=cpu["adam_elems_s"],
                                expert_overhead_s=cpu["expert_overhead_s"], train_flops=cpu["train_flops"],
@@ -318,7 +321,8 @@ def _steps(res: dict[str, Any]) -> list[float]:
     return s[1:] if len(s) > 2 else s
 
 
-RATES = ("gemm_flops", "gemv_bw", "layer_overhead_s", "adam_elems_s", "expert_overhead_s", "train_flops", "step_overhead_s")
+RATES = ("gemm_flops", "gemv_bw", "layer_overhead_s", "adam_elems_s", "expert_overhead_s", "train_flops", "step_overhead_s",
+         "read_slowdown")
 
 
 def median_profile(profiles: list[Any]) -> Any:
@@ -400,8 +404,8 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
                 p.layer_timing = dataclasses.replace(timing, layer_s=statistics.median(t.layer_s for t in timings))
             p.prediction = predict_step(p, mp) if c.train else predict_decode(p, mp)
             row.predicted_s, row.bottleneck, row.plan = p.prediction.seconds, p.prediction.bottleneck, p.as_dict()
-        row.children = [{"peak": r.get("rss_peak"), "step_s": statistics.median(_steps(r)) if r.get("ok") else None}
-                        for r in runs]
+        row.children = [{"peak": r.get("rss_peak"), "step_s": statistics.median(_steps(r)) if r.get("ok") else None,
+                         "major_faults": r.get("major_faults")} for r in runs]
         row.ok = all(r.get("ok") for r in runs)
         row.measured_peak = int(statistics.median(r.get("rss_peak") or 0 for r in runs))
         row.cgroup_peak = max((r.get("cgroup_peak") or 0 for r in runs), default=0) or None
@@ -437,9 +441,12 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
         return {"rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "steps_s": [0.0]}
     # the job's own peak growth, whatever importing cost (a process measured apart may differ by its huge pages)
     start = status_bytes("VmRSS") if reset_peak_rss() else 0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     torch.manual_seed(0)
     steps = _train(job) if job["kind"] == "train" else _infer(job)
-    out = {"steps_s": steps, "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    # major faults: pages read back from the disk (under a tight cap, the code and files a run keeps using)
+    out = {"steps_s": steps, "rss_peak": use.ru_maxrss * 1024, "major_faults": use.ru_majflt - faults}
     if start:
         out["rss_job_growth"] = status_bytes("VmHWM") - start
     return out

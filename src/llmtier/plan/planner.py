@@ -22,6 +22,7 @@ from . import kv as kvplan
 from . import optim as optplan
 from .experts import ExpertLayer, ExpertPlan, split_budget_for_experts
 from .memory import ModelMemory
+from .pipeline import stream_step
 from .profile import DeviceProfile, LayerTiming
 from .weights import RUN_OVERHEAD, Plan, make_plan, plan_layers
 
@@ -427,16 +428,21 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
     probe's context."""
     m, w = p.model, p.workload
     lt = p.layer_timing
+    nl = len(m.layers)
     if lt is not None and lt.batch == w.batch:
-        compute = len(m.layers) * lt.layer_s + prof.step_overhead_s + prof.weights_s(m.outside_bytes, w.batch)
-        compute += max(0, m.kv_bytes(w.batch, w.context) - m.kv_bytes(w.batch, lt.context)) / prof.dram_copy_bw
+        # per layer: its measured seconds and its share of attention's reads beyond the probe's context
+        per_layer = lt.layer_s + max(0, m.kv_bytes(w.batch, w.context) - m.kv_bytes(w.batch, lt.context)) \
+            / prof.dram_copy_bw / max(1, nl)
+        compute = nl * per_layer + prof.step_overhead_s + prof.weights_s(m.outside_bytes, w.batch)
     else:
         compute = _generic_compute(m, w, prof)
+        per_layer = (compute - prof.step_overhead_s) / max(1, nl)
     wp = p.weights
     # the streamer's reads reach the disk as the engine's pieces (1 MiB), many in flight (a MoE layer's experts as
     # one read per expert projection; in a tiny model those are smaller, and measured they land between the 1 MiB
     # and the 256 KiB rate, docs/PLAN.md)
-    io_w = wp.disk_bytes_per_pass / prof.read_at(min(READ_PIECE, max(1, wp.slot_bytes))) if wp.streamed else 0.0
+    rate = prof.read_at(min(READ_PIECE, max(1, wp.slot_bytes)))
+    io_w = wp.disk_bytes_per_pass / rate if wp.streamed else 0.0
     io_kv = 0.0
     if p.kv_spilled:
         geo = _kv_geometry(m, w.batch, p.kv_page)
@@ -444,11 +450,19 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
         past = sum(kvplan.staging_tokens(w.context, wins[i], p.kv_page) for i in p.kv_spilled) * geo.token_bytes
         io_kv = past / prof.read_at(geo.slot_bytes)
     io = io_w + io_kv
-    # the weights' read-ahead (up to 8 slots deep, I/O threads at a higher priority) runs under the compute, so a
-    # streamed step costs the larger of the two plus the share of the smaller that does not hide (the profile's
-    # measured stream_overlap_loss); the spilled KV is read a layer or two ahead of attention and the two share the
-    # disk: its reads add to either
-    total = io_kv + max(compute, io_w) + prof.stream_overlap_loss * min(compute, io_w)
+    # the weights' read-ahead runs under the compute as the streamer's pipeline allows (plan.pipeline: reads wait
+    # for free slots, the embedding's rows for the reads queued before them), plus the share of the smaller part
+    # that did not hide beyond that on the profile's streamed probe (stream_overlap_loss); the spilled KV is read a
+    # layer or two ahead of attention and the two share the disk: its reads add to either
+    weights = max(compute, io_w)
+    if io_w:
+        sizes = wp.host_layer_bytes or wp.layer_bytes
+        disk = set(wp.from_disk)
+        slots = wp.host_slots if wp.device != "cpu" and wp.host_slots else wp.slots
+        weights = stream_step([per_layer] * nl, [sizes[i] / rate if i in disk else None for i in range(nl)], slots,
+                              after_s=max(0.0, compute - nl * per_layer), rows_first=bool(wp.on_demand_bytes),
+                              slowdown=prof.read_slowdown)
+    total = io_kv + weights + prof.stream_overlap_loss * min(compute, io_w)
     neck = "compute (CPU)" if compute >= io else ("disk reads of streamed weights" if io_w >= io_kv else "disk reads of spilled KV")
     return Prediction(total, compute, io, neck, {"weights_io_s": io_w, "kv_io_s": io_kv})
 

@@ -62,6 +62,10 @@ class DeviceProfile:
     # difference of their peaks), over the memory model's formula for it (0: not measured, take the formula as it
     # is): the formula counts transformers' fp32 upcasts, which some CPUs' bf16 kernels do not keep
     train_activation_scale: float = 0.0
+    # how much longer a decoder layer's compute takes while the disk reads beside it (the engine's direct reads,
+    # another thread), as a streamed model's layers compute under their read-ahead: on a 2-core VM the reads'
+    # completions and the host's side of the virtual disk take CPU time from the layers (1.0: not measured)
+    read_slowdown: float = 1.0
 
     def weights_s(self, nbytes: float, batch: int) -> float:
         """Seconds to multiply ``batch`` rows by ``nbytes`` of bf16 weights: the time per weight byte measured at
