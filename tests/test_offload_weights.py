@@ -131,35 +131,6 @@ def test_generate_logits_bitwise_at_batch_8(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_a_layers_parameters_are_made_once_per_slot(models):
-    """Bound again from a slot it was read into before, a streamed layer gets the very parameters it had there
-    (no new tensors per pass), and the outputs stay exact pass after pass, through a restart out of order."""
-    path = models["llama"]
-    ref = reference(path)
-    with stream_model(path, budget(path, 0)) as model, torch.no_grad():
-        st = model.llmtier
-        for seed in range(3):  # more passes than layers x slots: every (layer, slot) pair seen and seen again
-            ids = prompt(2, seed=seed)
-            assert torch.equal(model(ids).logits, ref(ids).logits)
-        made = st._made
-        assert made and all(made.values()) and {layer for layer, _ in made} == set(st.plan.streamed)
-        q = model.model.layers[st.plan.streamed[0]].self_attn.q_proj
-        bound = []
-        hook = q.register_forward_pre_hook(lambda m, a: bound.append(m._parameters["weight"]))
-        for seed in range(2 * len(st.plan.streamed)):
-            model(prompt(1, seed=seed))
-        hook.remove()
-        assert len(bound) == 2 * len(st.plan.streamed)
-        assert len({id(w) for w in bound}) <= st.plan.slots  # the same parameter objects, one per slot at most
-    fp32 = make_model(os.path.join(os.path.dirname(path), "fp32-cast"), "llama", layers=3, dtype="float32",
-                      tokenizer=False)
-    with stream_model(fp32, budget(fp32, 0), dtype="bf16") as model, torch.no_grad():
-        want = reference(fp32)(prompt(1)).logits
-        for _ in range(3):  # cast on every bind: nothing kept, still exact
-            assert torch.equal(model(prompt(1)).logits, want)
-        assert not any(model.llmtier._made.values())
-
-
 def test_grad_mode_is_refused(models):
     path = models["llama"]
     with stream_model(path, budget(path, 1), prefetch=1) as model:

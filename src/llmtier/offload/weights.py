@@ -89,7 +89,6 @@ class WeightStreamer:
         self.stats_ = StreamStats()
         self._closed = False
         self._placeholders: dict[tuple[int, str], Any] = {}
-        self._made: dict[tuple[int | None, int], list[tuple[dict, str, Any]]] = {}  # see _bind_slot
         self._inflight: deque[tuple[int, int, list]] = deque()  # (layer, slot, futures)
         self._bound: tuple[int, int] | None = None
         self._hooks: list[Any] = []
@@ -226,29 +225,6 @@ class WeightStreamer:
                     self._placeholders.setdefault(key, module._buffers[attr])
                     module._buffers[attr] = x.to(b.dtype)
 
-    def _bind_slot(self, g: Group, slot: int) -> None:
-        """:meth:`_bind` of a streamed layer into slot ``slot``, its parameters made once per (layer, slot): a slot's
-        memory does not move, so where no tensor is a copy (a cast, an unaligned element) the same parameters view
-        the layer's bytes every time they are read there again (making them cost ~0.2 ms per layer and pass)."""
-        key = (g.layer, slot)
-        made = self._made.get(key)
-        if made:
-            for table, attr, x in made:
-                table[attr] = x
-            return
-        buf = self._slots[slot]
-        self._bind(g, buf)
-        if made is None:
-            base, made = buf.ctypes.data, []
-            for b, _, pos in g.items:
-                for module, attr, is_param in b.places:
-                    table = module._parameters if is_param else module._buffers
-                    if table[attr].data_ptr() != base + pos:  # a copy: this layer is bound anew every time
-                        self._made[key] = []
-                        return
-                    made.append((table, attr, table[attr]))
-            self._made[key] = made
-
     def _unbind(self, g: Group) -> None:
         for b, _, _ in g.items:
             for module, attr, is_param in b.places:
@@ -356,7 +332,7 @@ class WeightStreamer:
         self.stats_.layer_loads += 1
         if layer == self._cycle[0]:
             self.stats_.passes += 1
-        self._bind_slot(g, slot)
+        self._bind(g, self._slots[slot])
         self._bound = (layer, slot)
 
     def _after(self, layer: int, module: Any, args: Any, output: Any) -> None:
@@ -393,7 +369,6 @@ class WeightStreamer:
         self._bound = None
         self._placeholders_restore()
         self._slots.clear()
-        self._made.clear()
         self._free.clear()
         self._resident.clear()
         self._rows = alloc(0)
