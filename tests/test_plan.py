@@ -285,6 +285,7 @@ def test_layer_probe_times_the_models_own_layer_and_the_planner_uses_it(tmp_path
     lt = probe_layer(d, 2, 1000, steps=4)
     assert lt is not None and lt.layer_s >= 0 and lt.batch == 2 and lt.context == PROBE_PROMPT
     assert "decoder layer of the model, batch 2" in lt.note
+    assert lt.cold_layer_s is not None and lt.cold_layer_s >= lt.layer_s and "in no CPU cache" in lt.note
     assert probe_layer(d, 1, 8, weight_bytes=MAX_PROBE_BYTES // PROBE_LAYERS + 1) is None  # too big to build
     assert probe_layer(str(tmp_path / "no-such-model"), 1, 8) is None
     mix = make_family_model(str(tmp_path / "x"), "mixtral", layers=2, vocab_size=256, hidden_size=64,
@@ -318,6 +319,10 @@ def test_layer_probe_times_the_models_own_layer_and_the_planner_uses_it(tmp_path
                        after_s=c - 3 * per, rows_first=bool(wp.on_demand_bytes), slowdown=prof.read_slowdown)
     assert io > 0 and pipe >= max(c, io) - 1e-12
     assert pr.seconds == pytest.approx(pr.parts["kv_io_s"] + pipe + 0.5 * min(c, io))
+    # a layer read from the disk computes with its weights in no CPU cache: its cold timing, the others' warm one
+    cold = plan_given(m, w, prof, weights_memory=least, layer_timing=LayerTiming(0.01, 1, 64, "", cold_layer_s=0.03))
+    assert cold.prediction.compute_s == pytest.approx(c + 0.02 * len(wp.from_disk))
+    assert cold.prediction.seconds > pr.seconds
 
 
 def test_pipeline_model_of_a_streamed_step():

@@ -27,6 +27,11 @@ from ..units import human
 MAX_PROBE_BYTES = 1 << 30  # the probe's decoder layers are not built beyond this many bytes of weights
 PROBE_LAYERS = 4  # against one: the difference of 3 layers (of 1, a MoE layer's swings with its routing)
 PROBE_VOCAB = 256
+#: bytes of weights a cold probe cycles through, step by step: twice the development VM's 32 MiB L3, so that a step's
+#: weights were evicted since they were last used (measured there: a resident MoE model's layers ran 7.9 ms per step
+#: warm and 13.5 ms with the caches flushed before each layer; streamed, 12.0)
+COLD_BYTES = 64 << 20
+COLD_SETS = 64  # copies at most
 PROBE_PROMPT = 256  # a longer prompt is probed at this length (attention's extra reads are the planner's KV term)
 #: training steps of a memory probe (:func:`probe_train_memory`).  On the development VM a Mixtral-shaped model's
 #: RSS growth beyond its weights at 200 steps was 90% (one layer) and 98% (four layers) of its growth at 300 steps
@@ -96,7 +101,21 @@ def _build(cfg: Any, layers: int, vocab: int | None = PROBE_VOCAB) -> Any:
     return model
 
 
-def _step_seconds(model: Any, batch: int, prompt: int, steps: int) -> float:
+def _weight_sets(model: Any) -> tuple[list[Any], list[list[Any]]] | None:
+    """The decoder layers' parameters of ``model`` and copies of them, enough that cycling through the copies step
+    by step passes :data:`COLD_BYTES` (so a step finds its weights in no CPU cache, as a layer just read from the
+    disk into a slot does); None when the layers alone pass it (their weights come from memory every step anyway)."""
+    params = list(model.model.layers.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    if not nbytes or nbytes >= COLD_BYTES:
+        return None
+    k = min(COLD_SETS, -(-COLD_BYTES // nbytes))
+    return params, [[p.detach().clone() for p in params] for _ in range(k)]
+
+
+def _step_seconds(model: Any, batch: int, prompt: int, steps: int, sets: Any = None) -> float:
+    """The median decode step of ``model`` after a prefill of ``prompt`` tokens (``sets``: from :func:`_weight_sets`,
+    the layers' weights swapped for the next copy before every step, untimed)."""
     import torch  # noqa: PLC0415
     from transformers import DynamicCache  # noqa: PLC0415
 
@@ -109,7 +128,10 @@ def _step_seconds(model: Any, batch: int, prompt: int, steps: int) -> float:
         cache = DynamicCache(config=model.config)
         out = model(ids, use_cache=True, **cache_kwargs(cache, model))
         nxt = out.logits[:, -1:].argmax(-1)
-        for _ in range(steps):
+        for k in range(steps):
+            if sets is not None:
+                for p, t in zip(sets[0], sets[1][k % len(sets[1])]):
+                    p.data = t
             t0 = time.perf_counter()
             out = model(nxt, use_cache=True, **cache_kwargs(cache, model))
             times.append(time.perf_counter() - t0)
@@ -135,9 +157,20 @@ def probe_layer(model: Any, batch: int, context: int, *, steps: int = 24, weight
         a.append(_step_seconds(one, batch, prompt, steps))
         b.append(_step_seconds(many, batch, prompt, steps))
     layer_s = max(0.0, float(np.median(b)) - float(np.median(a))) / (PROBE_LAYERS - 1)
+    # the same with the layers' weights in no CPU cache, as a streamed layer's are (read by DMA into its slot)
+    cold_s = layer_s
+    sets_one, sets_many = _weight_sets(one), _weight_sets(many)
+    if sets_many is not None and sets_one is not None:
+        a, b = [], []
+        for _ in range(3):
+            a.append(_step_seconds(one, batch, prompt, steps, sets_one))
+            b.append(_step_seconds(many, batch, prompt, steps, sets_many))
+        cold_s = max(layer_s, (float(np.median(b)) - float(np.median(a))) / (PROBE_LAYERS - 1))
     nbytes = sum(p.numel() * p.element_size() for p in many.model.layers[1].parameters())
     return LayerTiming(layer_s, batch, prompt, f"a {human(nbytes)} decoder layer of the model, batch {batch}, "
-                                              f"{prompt} tokens of context: {layer_s * 1e3:.3f} ms")
+                                              f"{prompt} tokens of context: {layer_s * 1e3:.3f} ms "
+                                              f"({cold_s * 1e3:.3f} ms with its weights in no CPU cache)",
+                       cold_layer_s=cold_s)
 
 
 def probe_infer_memory(model: str, batch: int, prompt: int, new_tokens: int, directory: str, *,

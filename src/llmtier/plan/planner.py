@@ -424,20 +424,23 @@ def _generic_compute(m: ModelMemory, w: Workload, prof: DeviceProfile) -> float:
 def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
     """Seconds per decode token: compute (the layers' fixed cost, the weights passing through the CPU) against
     reads (streamed layers, spilled KV), overlapped.  With ``p.layer_timing`` the layers' compute is the measured
-    layer's (its weights, attention and dispatch at this batch) plus the head and the attention reads beyond the
-    probe's context."""
+    layer's (its weights, attention and dispatch at this batch; for a layer read from the disk, timed with its
+    weights in no CPU cache) plus the head and the attention reads beyond the probe's context."""
     m, w = p.model, p.workload
     lt = p.layer_timing
     nl = len(m.layers)
+    wp = p.weights
+    disk = set(wp.from_disk) if wp.streamed else set()
     if lt is not None and lt.batch == w.batch:
-        # per layer: its measured seconds and its share of attention's reads beyond the probe's context
-        per_layer = lt.layer_s + max(0, m.kv_bytes(w.batch, w.context) - m.kv_bytes(w.batch, lt.context)) \
-            / prof.dram_copy_bw / max(1, nl)
-        compute = nl * per_layer + prof.step_overhead_s + prof.weights_s(m.outside_bytes, w.batch)
+        # per layer: its measured seconds (a layer read from the disk: with its weights in no CPU cache) and its share
+        # of attention's reads beyond the probe's context
+        kv = max(0, m.kv_bytes(w.batch, w.context) - m.kv_bytes(w.batch, lt.context)) / prof.dram_copy_bw / max(1, nl)
+        cold = lt.cold_layer_s if lt.cold_layer_s is not None and wp.device == "cpu" else lt.layer_s
+        per_layer = [(cold if i in disk else lt.layer_s) + kv for i in range(nl)]
+        compute = sum(per_layer) + prof.step_overhead_s + prof.weights_s(m.outside_bytes, w.batch)
     else:
         compute = _generic_compute(m, w, prof)
-        per_layer = (compute - prof.step_overhead_s) / max(1, nl)
-    wp = p.weights
+        per_layer = [(compute - prof.step_overhead_s) / max(1, nl)] * nl
     # the streamer's reads reach the disk as the engine's pieces (1 MiB), many in flight (a MoE layer's experts as
     # one read per expert projection; in a tiny model those are smaller, and measured they land between the 1 MiB
     # and the 256 KiB rate, docs/PLAN.md)
@@ -457,10 +460,9 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
     weights = max(compute, io_w)
     if io_w:
         sizes = wp.host_layer_bytes or wp.layer_bytes
-        disk = set(wp.from_disk)
         slots = wp.host_slots if wp.device != "cpu" and wp.host_slots else wp.slots
-        weights = stream_step([per_layer] * nl, [sizes[i] / rate if i in disk else None for i in range(nl)], slots,
-                              after_s=max(0.0, compute - nl * per_layer), rows_first=bool(wp.on_demand_bytes),
+        weights = stream_step(per_layer, [sizes[i] / rate if i in disk else None for i in range(nl)], slots,
+                              after_s=max(0.0, compute - sum(per_layer)), rows_first=bool(wp.on_demand_bytes),
                               slowdown=prof.read_slowdown)
     total = io_kv + weights + prof.stream_overlap_loss * min(compute, io_w)
     neck = "compute (CPU)" if compute >= io else ("disk reads of streamed weights" if io_w >= io_kv else "disk reads of spilled KV")

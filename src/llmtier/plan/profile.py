@@ -139,6 +139,8 @@ class LayerTiming:
     batch: int
     context: int
     note: str = ""
+    #: the same layer with its weights in no CPU cache, as a streamed layer's are (None: not measured, layer_s)
+    cold_layer_s: float | None = None
 
 
 def default_path() -> str:
