@@ -131,6 +131,22 @@ def test_generate_logits_bitwise_at_batch_8(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+def test_bookkeeping_is_timed_between_forwards_and_leaves_the_model_exact(models):
+    path = models["llama"]
+    ref = reference(path)
+    ids = prompt(1)
+    with stream_model(path, budget(path, 0)) as model, torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        spent = model.llmtier.bookkeeping_s(rounds=3)
+        assert 0.0 < spent < 1.0  # seconds of CPU per streamed layer, the disk's time left out
+        assert torch.equal(model(ids).logits, ref(ids).logits)  # the read-ahead was restored
+        layer = model.model.layers[model.llmtier.plan.streamed[0]]
+        hook = layer.register_forward_pre_hook(lambda m, a: model.llmtier.bookkeeping_s())
+        with pytest.raises(LLMTierError, match="between forwards"):
+            model(ids)
+        hook.remove()
+
+
 def test_grad_mode_is_refused(models):
     path = models["llama"]
     with stream_model(path, budget(path, 1), prefetch=1) as model:

@@ -1,6 +1,7 @@
 """The planner: memory model from HF configs, the seed's 10B table, profiles, placements the runtimes take."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -319,6 +320,10 @@ def test_layer_probe_times_the_models_own_layer_and_the_planner_uses_it(tmp_path
                        after_s=c - 3 * per, rows_first=bool(wp.on_demand_bytes), slowdown=prof.read_slowdown)
     assert io > 0 and pipe >= max(c, io) - 1e-12
     assert pr.seconds == pytest.approx(pr.parts["kv_io_s"] + pipe + 0.5 * min(c, io))
+    # the streamer's own CPU is added to each layer read from the disk
+    busy = dataclasses.replace(prof, stream_layer_s=0.002)
+    assert plan_given(m, w, busy, weights_memory=least, layer_timing=slow).prediction.compute_s == \
+        pytest.approx(c + 0.002 * len(wp.from_disk))
     # a layer read from the disk computes with its weights in no CPU cache: its cold timing, the others' warm one
     cold = plan_given(m, w, prof, weights_memory=least, layer_timing=LayerTiming(0.01, 1, 64, "", cold_layer_s=0.03))
     assert cold.prediction.compute_s == pytest.approx(c + 0.02 * len(wp.from_disk))
@@ -355,11 +360,13 @@ def test_read_slowdown_probe(tmp_path):
 
 def test_old_profiles_without_the_new_terms_still_load(tmp_path):
     d = profile().as_dict()
-    for k in ("stream_overlap_loss", "moe_train_overhead_bytes", "step_overhead_s", "matmul_bw", "read_slowdown"):
+    for k in ("stream_overlap_loss", "moe_train_overhead_bytes", "step_overhead_s", "matmul_bw", "read_slowdown",
+              "stream_layer_s"):
         d.pop(k)
     (tmp_path / "old.json").write_text(json.dumps(d))
     old = load_profile(tmp_path / "old.json")
     assert old.stream_overlap_loss == 0.0 and old.matmul_bw == {} and old.read_slowdown == 1.0
+    assert old.stream_layer_s == 0.0
 
 
 def test_stream_overlap_probe_measures_a_share(tmp_path):

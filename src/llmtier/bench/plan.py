@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import LLMTierError
 from ..units import human
 from .system import reset_peak_rss, status_bytes
 
@@ -277,6 +278,25 @@ def stream_overlap(directory: str, profile: Any, slots: int = 3) -> float | None
     return min(1.0, max(0.0, (step - p.prediction.seconds) / max(min(c, io), 1e-9)))  # beyond the pipeline model
 
 
+def stream_bookkeeping(directory: str) -> float:
+    """The weight streamer's CPU per streamed layer and pass (``WeightStreamer.bookkeeping_s``) on the small Llama of
+    :data:`STREAM_PROBE`, every layer streamed through 3 slots, in this process (seconds; 0 when it cannot run)."""
+    from ..offload import stream_model  # noqa: PLC0415
+    from ..plan import model_memory  # noqa: PLC0415
+    from .hfmodels import make_model  # noqa: PLC0415
+
+    path = os.path.join(directory, "model-probe-stream")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        spec = dict(STREAM_PROBE)
+        make_model(path, "llama", layers=spec.pop("layers"), tokenizer=False, **spec)
+    m = model_memory(path)
+    try:
+        with stream_model(path, m.outside_bytes + m.embedding_bytes + 3 * max(m.layer_bytes), verify="never") as s:
+            return s.llmtier.bookkeeping_s() if s.llmtier.plan.from_disk else 0.0
+    except LLMTierError:
+        return 0.0
+
+
 def stream_overlap_median(directory: str, profile: Any, rounds: int = 3) -> float:
     """:func:`stream_overlap` measured ``rounds`` times, the disk's rate re-measured before each but the first (it
     swings from one moment to the next on a VM, and the loss is a difference against it; ``profile`` was just
@@ -308,7 +328,7 @@ def refresh_profile(profile: Any, directory: str) -> Any:
     sizes = (256 << 10, 1 << 20, 4 << 20)
     read, write = _disk(directory, REFRESH_DISK_BYTES, sizes, 1)
     return dataclasses.replace(profile, read_bw={**profile.read_bw, **read}, write_bw={**profile.write_bw, **write},
-                               read_slowdown=read_slowdown(directory),
+                               read_slowdown=read_slowdown(directory), stream_layer_s=stream_bookkeeping(directory),
                                gemm_flops=cpu["gemm_flops"], gemv_bw=cpu["gemv_bw"],
                                layer_overhead_s=cpu["layer_overhead_s"], adam_elems_s=cpu["adam_elems_s"],
                                expert_overhead_s=cpu["expert_overhead_s"], train_flops=cpu["train_flops"],
@@ -322,7 +342,7 @@ def _steps(res: dict[str, Any]) -> list[float]:
 
 
 RATES = ("gemm_flops", "gemv_bw", "layer_overhead_s", "adam_elems_s", "expert_overhead_s", "train_flops", "step_overhead_s",
-         "read_slowdown")
+         "read_slowdown", "stream_layer_s")
 
 
 def median_profile(profiles: list[Any]) -> Any:

@@ -301,7 +301,7 @@ def measure_profile(directory: str, *, quick: bool = False, overlap_rounds: int 
 
     read, write = _disk(directory, (64 << 20) if quick else (256 << 20), SIZES, 1 if quick else 3)
     cpu = _cpu(quick)
-    from .plan import activation_scale, overheads, stream_overlap_median  # noqa: PLC0415
+    from .plan import activation_scale, overheads, stream_bookkeeping, stream_overlap_median  # noqa: PLC0415
 
     notes = ["machine shared with other work while measured" if os.cpu_count() and os.cpu_count() <= 4 else ""]
     base = _base_bytes(directory)
@@ -312,6 +312,7 @@ def measure_profile(directory: str, *, quick: bool = False, overlap_rounds: int 
                          [n for n in notes if n], quick, gen, train, cpu["expert_overhead_s"], cpu["train_flops"],
                          cpu["matmul_bw"], cpu["step_overhead_s"], moe_train)
     prof.read_slowdown = read_slowdown(directory, 5 if quick else 9)
+    prof.stream_layer_s = stream_bookkeeping(directory)
     prof.stream_overlap_loss = stream_overlap_median(directory, prof, overlap_rounds or (1 if quick else 3))
     prof.train_activation_scale = activation_scale(directory, 2 if quick else 3)
     return prof
@@ -335,7 +336,8 @@ def format_profile(p: DeviceProfile) -> str:
                  f"process base {p.base_bytes / (1 << 20):.0f} MiB, run overhead {p.run_overhead_bytes / (1 << 20):.0f} MiB "
                  f"(training {p.train_overhead_bytes / (1 << 20):.0f} MiB, a MoE model's "
                  f"{p.moe_train_overhead_bytes / (1 << 20):.0f} MiB)")
-    lines.append(f"  streamed decode: compute {p.read_slowdown:.2f}x slower while the disk reads beside it; "
+    lines.append(f"  streamed decode: the streamer's CPU {p.stream_layer_s * 1e3:.3f} ms per streamed layer; compute "
+                 f"{p.read_slowdown:.2f}x slower while the disk reads beside it; "
                  f"{p.stream_overlap_loss:.0%} of the smaller of compute and weight reads does not hide under the other "
                  "beyond the pipeline model")
     if p.train_activation_scale:

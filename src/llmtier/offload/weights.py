@@ -346,6 +346,34 @@ class WeightStreamer:
         self._free.append(slot)
 
     # -- public ----------------------------------------------------------------------------------------------------
+    def bookkeeping_s(self, rounds: int = 20) -> float:
+        """The streamer's own CPU time per streamed layer and pass (its reads submitted, collected once done, its
+        parameters bound and put back), the disk's time left out: the median over ``rounds`` passes of the CPU
+        streamed layers.  Between forwards only; what was read ahead is dropped and read again."""
+        if self._bound is not None or type(self._slots) is not list or not self._slots:
+            raise LLMTierError("bookkeeping_s() runs between forwards, on a model streamed to the CPU")
+        self._drain()
+        buf, times = self._slots[self._free[0]], []
+        try:
+            for _ in range(max(1, rounds)):
+                for layer in self.plan.from_disk:
+                    g = self.groups[layer]
+                    t0 = time.perf_counter()
+                    futs = self._submit(g, buf)
+                    t1 = time.perf_counter()
+                    for fut in futs:
+                        while not fut.done():
+                            time.sleep(0.0002)
+                    t2 = time.perf_counter()
+                    self._wait(g, futs, buf, check=False)
+                    self._bind(g, buf)
+                    self._unbind(g)
+                    times.append(t1 - t0 + time.perf_counter() - t2)
+        finally:
+            self._next = 0
+            self._fill()
+        return float(np.median(times)) if times else 0.0
+
     def stats(self) -> WeightStats:
         """The counters now: attributes (``stats().bytes_read``) or ``stats().as_dict()``."""
         s = self.stats_

@@ -437,10 +437,15 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
         kv = max(0, m.kv_bytes(w.batch, w.context) - m.kv_bytes(w.batch, lt.context)) / prof.dram_copy_bw / max(1, nl)
         cold = lt.cold_layer_s if lt.cold_layer_s is not None and wp.device == "cpu" else lt.layer_s
         per_layer = [(cold if i in disk else lt.layer_s) + kv for i in range(nl)]
-        compute = sum(per_layer) + prof.step_overhead_s + prof.weights_s(m.outside_bytes, w.batch)
+        after = prof.step_overhead_s + prof.weights_s(m.outside_bytes, w.batch)
     else:
-        compute = _generic_compute(m, w, prof)
-        per_layer = [(compute - prof.step_overhead_s) / max(1, nl)] * nl
+        generic = _generic_compute(m, w, prof)
+        per_layer = [(generic - prof.step_overhead_s) / max(1, nl)] * nl
+        after = prof.step_overhead_s
+    # a layer read from the disk also costs the streamer's own CPU (its reads submitted and collected, its parameters
+    # bound and put back)
+    per_layer = [c + (prof.stream_layer_s if i in disk else 0.0) for i, c in enumerate(per_layer)]
+    compute = sum(per_layer) + after
     # the streamer's reads reach the disk as the engine's pieces (1 MiB), many in flight (a MoE layer's experts as
     # one read per expert projection; in a tiny model those are smaller, and measured they land between the 1 MiB
     # and the 256 KiB rate, docs/PLAN.md)
@@ -462,7 +467,7 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
         sizes = wp.host_layer_bytes or wp.layer_bytes
         slots = wp.host_slots if wp.device != "cpu" and wp.host_slots else wp.slots
         weights = stream_step(per_layer, [sizes[i] / rate if i in disk else None for i in range(nl)], slots,
-                              after_s=max(0.0, compute - sum(per_layer)), rows_first=bool(wp.on_demand_bytes),
+                              after_s=after, rows_first=bool(wp.on_demand_bytes),
                               slowdown=prof.read_slowdown)
     total = io_kv + weights + prof.stream_overlap_loss * min(compute, io_w)
     neck = "compute (CPU)" if compute >= io else ("disk reads of streamed weights" if io_w >= io_kv else "disk reads of spilled KV")

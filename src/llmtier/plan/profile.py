@@ -66,6 +66,9 @@ class DeviceProfile:
     # another thread), as a streamed model's layers compute under their read-ahead: on a 2-core VM the reads'
     # completions and the host's side of the virtual disk take CPU time from the layers (1.0: not measured)
     read_slowdown: float = 1.0
+    # the weight streamer's own CPU per streamed layer and pass (submitting its reads, collecting them, binding its
+    # parameters and putting them back), measured on a small streamed Llama (0: not measured)
+    stream_layer_s: float = 0.0
 
     def weights_s(self, nbytes: float, batch: int) -> float:
         """Seconds to multiply ``batch`` rows by ``nbytes`` of bf16 weights: the time per weight byte measured at
