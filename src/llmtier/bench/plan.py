@@ -425,7 +425,8 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
             p.prediction = predict_step(p, mp) if c.train else predict_decode(p, mp)
             row.predicted_s, row.bottleneck, row.plan = p.prediction.seconds, p.prediction.bottleneck, p.as_dict()
         row.children = [{"peak": r.get("rss_peak"), "step_s": statistics.median(_steps(r)) if r.get("ok") else None,
-                         "major_faults": r.get("major_faults")} for r in runs]
+                         "major_faults": r.get("major_faults"), "rss_file": r.get("rss_file"),
+                         "rss_anon": r.get("rss_anon")} for r in runs]
         row.ok = all(r.get("ok") for r in runs)
         row.measured_peak = int(statistics.median(r.get("rss_peak") or 0 for r in runs))
         row.cgroup_peak = max((r.get("cgroup_peak") or 0 for r in runs), default=0) or None
@@ -466,7 +467,8 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
     steps = _train(job) if job["kind"] == "train" else _infer(job)
     use = resource.getrusage(resource.RUSAGE_SELF)
     # major faults: pages read back from the disk (under a tight cap, the code and files a run keeps using)
-    out = {"steps_s": steps, "rss_peak": use.ru_maxrss * 1024, "major_faults": use.ru_majflt - faults}
+    out = {"steps_s": steps, "rss_peak": use.ru_maxrss * 1024, "major_faults": use.ru_majflt - faults,
+           "rss_file": status_bytes("RssFile"), "rss_anon": status_bytes("RssAnon")}  # at the end: what RSS holds
     if start:
         out["rss_job_growth"] = status_bytes("VmHWM") - start
     return out
