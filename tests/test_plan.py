@@ -215,6 +215,12 @@ def test_bench_plan_budgets_are_ones_the_planner_accepts(tmp_path):
         assert mem >= least_memory(m, w, prof.base_bytes)
         p = plan_inference(m, w, mem, prof)
         assert p.predicted_peak <= mem
+        # with a run overhead measured on the model's own layers (larger than the profile's), as bench plan probes:
+        # the budget is still one the planner accepts with that overhead (run Q of the seventh session was refused)
+        over = 70 << 20
+        mem = _memory_for(m, c, prof.base_bytes, prof, overhead=over)
+        assert mem >= least_memory(m, w, prof.base_bytes, prof, overhead_bytes=over)
+        plan_inference(m, w, mem, prof, overhead_bytes=over)
     row = Row(Config("a", "dense", 1, 64), 1 << 30, 900 << 20, 0.1, "compute (CPU)", p.as_dict(), 1000 << 20, 1100 << 20,
               0.12, (0.1, 0.2), True)
     table = format_table({"rows": [row]})

@@ -148,7 +148,7 @@ def _memory_for(m: Any, c: Config, base: int, profile: Any = None, kept: int | N
     over = getattr(profile, "run_overhead_bytes", 0) if overhead is None else overhead
     acts = m.prefill_activation_bytes(c.batch, c.prompt) + max(RUN_OVERHEAD, over)
     want = int((base + acts + kv * c.kv_share + m.weight_bytes * c.weights) / (1 - SLACK))
-    return max(want, least_memory(m, w, base, profile) + (4 << 20))
+    return max(want, least_memory(m, w, base, profile, overhead_bytes=overhead) + (4 << 20))
 
 
 def plan_job(p: Any) -> dict[str, Any]:
@@ -394,8 +394,15 @@ def run_plan_bench(directory: str, configs: list[Config], profile: Any = None, p
         row = Row(c, memory)
         timing = None if c.train else probe_layer(build_model(directory, c.model), c.batch, c.prompt,
                                                    weight_bytes=max(m.layer_bytes, default=0))
-        p = plan_training(m, w, memory, profile, kept_bytes=kept) if c.train else plan_inference(
-            m, w, memory, profile, layer_timing=timing, overhead_bytes=over)
+        try:
+            p = plan_training(m, w, memory, profile, kept_bytes=kept) if c.train else plan_inference(
+                m, w, memory, profile, layer_timing=timing, overhead_bytes=over)
+        except LLMTierError as exc:  # one row the planner refuses is reported, the others still run
+            row.error = f"the planner refused the budget: {exc}"
+            rows.append(row)
+            if progress:
+                print(f"[bench plan] {c.name}: {row.error}", file=sys.stderr, flush=True)
+            continue
         row.predicted_peak, row.plan = p.predicted_peak, p.as_dict()
         row.predicted_s = p.prediction.seconds if p.prediction else 0.0
         row.bottleneck = p.prediction.bottleneck if p.prediction else ""

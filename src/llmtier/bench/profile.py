@@ -188,19 +188,26 @@ def _step_overhead(reps: int, layer_s: float) -> float:
     return max(0.0, float(np.median(steps)) - layers * layer_s)
 
 
+def _probe_llama() -> Any:
+    """The tiny Llama (8 layers, hidden 64) whose decode steps :func:`_layer_overhead` times."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=8, vocab_size=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
 def _layer_overhead(reps: int, model: Any = None) -> float:
     """Seconds per decoder layer of a tiny Llama forward (batch 1, one token after 32): Python and dispatch cost."""
     import torch  # noqa: PLC0415
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+    from transformers import DynamicCache  # noqa: PLC0415
 
     from ..offload.hfcompat import cache_kwargs  # noqa: PLC0415
 
-    layers = 8
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=layers, vocab_size=256)
     if model is None:
-        model = LlamaForCausalLM(cfg).eval()
+        model = _probe_llama()
     cfg = model.config
+    layers = cfg.num_hidden_layers
     ids = torch.randint(0, 256, (1, 32))
     times = []
     with torch.no_grad():
@@ -248,14 +255,15 @@ def read_slowdown(directory: str, rounds: int = 5, reps: int = 12) -> float:
                     for fut in futs:
                         fut.result()
 
-            _layer_overhead(1)  # warm
+            model = _probe_llama()
+            _layer_overhead(1, model)  # warm
             for _ in range(rounds):
-                alone = _layer_overhead(reps)
+                alone = _layer_overhead(reps, model)
                 stop.clear()
                 th = threading.Thread(target=reader, daemon=True)
                 th.start()
                 try:
-                    beside = _layer_overhead(reps)
+                    beside = _layer_overhead(reps, model)
                 finally:
                     stop.set()
                     th.join()
@@ -336,7 +344,8 @@ def format_profile(p: DeviceProfile) -> str:
                  f"process base {p.base_bytes / (1 << 20):.0f} MiB, run overhead {p.run_overhead_bytes / (1 << 20):.0f} MiB "
                  f"(training {p.train_overhead_bytes / (1 << 20):.0f} MiB, a MoE model's "
                  f"{p.moe_train_overhead_bytes / (1 << 20):.0f} MiB)")
-    lines.append(f"  streamed decode: the streamer's CPU {p.stream_layer_s * 1e3:.3f} ms per streamed layer; compute "
+    cpu = f"{p.stream_layer_s * 1e3:.3f} ms" if p.stream_layer_s else "not measured"
+    lines.append(f"  streamed decode: the streamer's CPU {cpu} per streamed layer; compute "
                  f"{p.read_slowdown:.2f}x slower while the disk reads beside it; "
                  f"{p.stream_overlap_loss:.0%} of the smaller of compute and weight reads does not hide under the other "
                  "beyond the pipeline model")

@@ -259,9 +259,11 @@ def _reserve(profile: DeviceProfile | None, train: bool = False, moe: bool = Fal
     return max(RUN_OVERHEAD, _overhead(profile, train, moe))
 
 
-def least_memory(m: ModelMemory, w: Workload, base_bytes: int, profile: DeviceProfile | None = None) -> int:
-    """The smallest whole-process budget :func:`plan_inference` accepts for ``w``."""
-    acts = m.prefill_activation_bytes(w.batch, w.prompt) + _reserve(profile)
+def least_memory(m: ModelMemory, w: Workload, base_bytes: int, profile: DeviceProfile | None = None, *,
+                 overhead_bytes: int | None = None) -> int:
+    """The smallest whole-process budget :func:`plan_inference` accepts for ``w`` (``overhead_bytes`` as there)."""
+    reserve = _reserve(profile) if overhead_bytes is None else max(RUN_OVERHEAD, overhead_bytes)
+    acts = m.prefill_activation_bytes(w.batch, w.prompt) + reserve
     nkv = len(m.windows)
     kv_least = min(_kv_need(m, w, set(range(nkv))), _kv_need(m, w, set()))
     w_least = m.outside_bytes + 2 * max(m.layer_bytes, default=0)
@@ -442,9 +444,10 @@ def predict_decode(p: Placement, prof: DeviceProfile) -> Prediction:
         generic = _generic_compute(m, w, prof)
         per_layer = [(generic - prof.step_overhead_s) / max(1, nl)] * nl
         after = prof.step_overhead_s
-    # a layer read from the disk also costs the streamer's own CPU (its reads submitted and collected, its parameters
-    # bound and put back)
-    per_layer = [c + (prof.stream_layer_s if i in disk else 0.0) for i, c in enumerate(per_layer)]
+    # a layer read from the disk also costs the CPU streamer's own time (its reads submitted and collected, its
+    # parameters bound and put back)
+    extra = prof.stream_layer_s if wp.device == "cpu" else 0.0
+    per_layer = [c + (extra if i in disk else 0.0) for i, c in enumerate(per_layer)]
     compute = sum(per_layer) + after
     # the streamer's reads reach the disk as the engine's pieces (1 MiB), many in flight (a MoE layer's experts as
     # one read per expert projection; in a tiny model those are smaller, and measured they land between the 1 MiB
