@@ -245,6 +245,17 @@ def activation_scale(directory: str, repeats: int = 2) -> float:
 STREAM_PROBE = {"layers": 6, "vocab": 2048, "hidden_size": 640, "intermediate_size": 1792}  # unlike every row's model
 
 
+def _stream_probe_model(directory: str) -> str:
+    """The small Llama of :data:`STREAM_PROBE` in ``directory`` (written once); its path."""
+    from .hfmodels import make_model  # noqa: PLC0415
+
+    path = os.path.join(directory, "model-probe-stream")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        spec = dict(STREAM_PROBE)
+        make_model(path, "llama", layers=spec.pop("layers"), tokenizer=False, **spec)
+    return path
+
+
 def stream_overlap(directory: str, profile: Any, slots: int = 3) -> float | None:
     """How much of a streamed decode step's smaller part (compute or weight reads) does not hide under the larger
     beyond what the planner's pipeline model (``plan.pipeline``) already counts:
@@ -255,13 +266,9 @@ def stream_overlap(directory: str, profile: Any, slots: int = 3) -> float | None
 
     from ..plan import model_memory, plan_given  # noqa: PLC0415
     from ..plan.planner import Workload  # noqa: PLC0415
-    from .hfmodels import make_model  # noqa: PLC0415
     from .layerprobe import probe_layer  # noqa: PLC0415
 
-    path = os.path.join(directory, "model-probe-stream")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        spec = dict(STREAM_PROBE)
-        make_model(path, "llama", layers=spec.pop("layers"), tokenizer=False, **spec)
+    path = _stream_probe_model(directory)
     m = model_memory(path)
     w = Workload(1, 32, 24)
     timing = probe_layer(path, 1, 32, weight_bytes=max(m.layer_bytes, default=0))
@@ -283,12 +290,8 @@ def stream_bookkeeping(directory: str) -> float:
     :data:`STREAM_PROBE`, every layer streamed through 3 slots, in this process (seconds; 0 when it cannot run)."""
     from ..offload import stream_model  # noqa: PLC0415
     from ..plan import model_memory  # noqa: PLC0415
-    from .hfmodels import make_model  # noqa: PLC0415
 
-    path = os.path.join(directory, "model-probe-stream")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        spec = dict(STREAM_PROBE)
-        make_model(path, "llama", layers=spec.pop("layers"), tokenizer=False, **spec)
+    path = _stream_probe_model(directory)
     m = model_memory(path)
     try:
         with stream_model(path, m.outside_bytes + m.embedding_bytes + 3 * max(m.layer_bytes), verify="never") as s:

@@ -1,7 +1,7 @@
 """A streamed decode pass as the streamer runs it: the time of one step.
 
 ``max(compute, reads)`` is a step when the one entirely hides the other.  The streamer's pipeline cannot quite get
-there, for two reasons this model follows event by event:
+there; this model follows it event by event:
 
 * a layer's read starts only when a slot is free, i.e. after the layer that held the slot has computed, so at most
   ``slots - 1`` reads are ahead of the layer computing;
@@ -9,12 +9,12 @@ there, for two reasons this model follows event by event:
   after the next layers' reads were queued: the disk serves them in order, so the tiny read (and the pass) waits for
   what is ahead of it.  On the development VM a 4 KiB read issued behind two streamed layers' reads took 1.4 ms
   (median, up to 7 ms), and a four-layer model streamed through three slots ran 9.7 ms per step where
-  ``max(compute, reads)`` said 8.3 (docs/BENCHMARKS.md, ``bench plan``: the pipeline model).
+  ``max(compute, reads)`` said 8.3 (docs/BENCHMARKS.md, "Where a streamed step's time goes");
+* compute runs ``slowdown`` times longer while the disk is busy (the profile's ``read_slowdown``: on the
+  development VM the layers computed 1.15-1.6x slower with reads beside them).
 
 The disk is one queue at a fixed rate (the profile's, for the reads' request size); compute is the layers' own
-seconds in order, then what a step does beyond them (the head, generate's bookkeeping), each stretched by the
-profile's ``read_slowdown`` while the disk is busy (on the development VM the layers computed 1.15-1.6x slower with
-reads beside them).  Several passes are
+seconds in order, then what a step does beyond them (the head, generate's bookkeeping).  Several passes are
 simulated and the steady state's mean step returned.
 """
 from __future__ import annotations
