@@ -191,7 +191,7 @@ def probe_infer_memory(model: str, batch: int, prompt: int, new_tokens: int, dir
     import os  # noqa: PLC0415
 
     from ..plan import model_memory  # noqa: PLC0415
-    from .moe import ensure_store  # noqa: PLC0415
+    from .moe_models import ensure_store  # noqa: PLC0415
 
     try:
         m = model_memory(model)

@@ -15,9 +15,15 @@ their row 0 zeroed), and each router's column 0 turns it into a bias of
 Each system runs in a fresh child process (page cache dropped) under a
 cgroup v1 memory cap of ``budget + OVERHEAD``; the child generates once to
 warm up, then ``rounds`` times with different prompts (the same for every
-system).  fio reads the checkpoint (1 MiB, QD 32, O_DIRECT) before each
-cell: the I/O bound of a system is its bytes read per decode token divided
-by that bandwidth.
+system).  fio reads the file the streamed systems read (1 MiB, QD 32,
+O_DIRECT, its first GiB) right before each streamed child: the I/O bound of a
+round is its bytes read per decode token divided by the bandwidth fio measured
+just before it, so the drifts of this VM's disk between children are paired.
+
+``experts-<policy>-oracle<d>`` systems (not in the default list) read ahead
+exactly the experts the next ``d`` MoE layer calls will route to, as the
+in-memory system recorded them: the ceiling of any prediction on this machine
+(:mod:`llmtier.bench.moe_oracle`).  They need ``memory`` earlier in the list.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -34,24 +41,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..units import human
+from .moe_models import QUICK, SHAPES, _weights_bytes, apply_skew, ensure_model, ensure_store
 
 OVERHEAD = 1 << 30
-# model_type -> config overrides (2-4 GiB of bf16)
-SHAPES: dict[str, dict[str, Any]] = {
-    "mixtral": {"hidden_size": 1024, "intermediate_size": 3584, "num_local_experts": 8, "num_experts": 8, "num_experts_per_tok": 2,
-                "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 32000, "layers": 14},
-    "qwen3_moe": {"hidden_size": 1024, "moe_intermediate_size": 384, "num_experts": 128, "num_local_experts": 128, "num_experts_per_tok": 8,
-                  "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 32000,
-                  "layers": 9},
-}
-QUICK: dict[str, dict[str, Any]] = {
-    "mixtral": {"hidden_size": 128, "intermediate_size": 256, "num_local_experts": 8, "num_experts": 8, "num_experts_per_tok": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512, "layers": 6},
-    "qwen3_moe": {"hidden_size": 128, "moe_intermediate_size": 64, "num_experts": 32, "num_local_experts": 32, "num_experts_per_tok": 4,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512, "layers": 6},
-}
 SYSTEMS = ("memory", "layers", "experts-lru", "experts-lfu", "experts-profile", "experts-lru-nopredict", "experts-lru-auto",
            "accelerate")
+ORACLE = re.compile(r"experts-(lru|lfu|profile)-oracle([1-9])$")
 
 
 @dataclass
@@ -81,85 +76,6 @@ class MoEBenchConfig:
         return cls(**({"directory": directory} if directory else {}), **{**base, **kw})
 
 
-# -- the models ------------------------------------------------------------------------------------------------------
-def _moe_parts(model: Any) -> list[tuple[Any, Any, Any]]:
-    """(attention o_proj, experts, router) per MoE layer."""
-    out = []
-    for layer in model.model.layers:
-        mlp = layer.mlp
-        if hasattr(mlp, "experts") and hasattr(mlp, "gate"):
-            out.append((layer.self_attn.o_proj, mlp.experts, mlp.gate))
-    return out
-
-
-def apply_skew(model: Any, alpha: float, seed: int = 0) -> None:
-    """Make expert popularity Zipf-like (see the module doc); changes ``model`` in place."""
-    import torch  # noqa: PLC0415
-
-    parts = _moe_parts(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        for o_proj, experts, gate in parts:
-            o_proj.weight[0, :] = 0
-            experts.down_proj[:, 0, :] = 0
-            gate.weight[:, 0] = 0
-        seen: list[float] = []
-        hooks = [gate.register_forward_pre_hook(lambda m, a: seen.append(float(a[0].reshape(-1, a[0].shape[-1])[:, 0]
-                                                                                     .float().mean())))
-                 for _, _, gate in parts]
-        ids = torch.randint(1, model.config.vocab_size, (2, 32), generator=g)
-        model(ids)
-        for h in hooks:
-            h.remove()
-        for (_, _, gate), h0 in zip(parts, seen):
-            n = gate.weight.shape[0]
-            rank = torch.randperm(n, generator=g).float() + 1
-            bias = -alpha * torch.log(rank)
-            gate.weight[:, 0] = (bias / h0).to(gate.weight.dtype)
-
-
-def ensure_model(directory: str, model_type: str, routing: str, cfg: MoEBenchConfig, progress: bool = True) -> str:
-    """Write (once) the random MoE model of ``model_type`` with ``routing`` under ``directory``; its path."""
-    import torch  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
-
-    from .families import family_config  # noqa: PLC0415
-
-    shape = dict((QUICK if cfg.quick else SHAPES)[model_type])
-    layers = shape.pop("layers")
-    key = hashlib.sha256(json.dumps([model_type, routing, shape, layers, cfg.alpha], sort_keys=True).encode()).hexdigest()[:12]
-    path = os.path.join(directory, f"{model_type}-{routing}-{key}")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    if progress:
-        print(f"writing {model_type} ({routing}) to {path} ...", file=sys.stderr)
-    config = family_config(model_type, layers=layers, **shape)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    if routing == "skew":
-        apply_skew(model, cfg.alpha)
-    tmp = path + ".tmp"
-    model.save_pretrained(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def ensure_store(path: str) -> str:
-    """The llmtier store of the model at ``path`` (4 KiB-aligned extents: each expert is read straight into
-    place; safetensors' unaligned offsets would go through whole-size bounce buffers), written once."""
-    from ..store.convert import convert  # noqa: PLC0415
-
-    dst = path + ".store"
-    if not os.path.exists(os.path.join(dst, "index.json")):
-        convert(path, dst, max_shard_bytes=8 << 30, progress=False)
-    return dst
-
-
-def _weights_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
-
-
 # -- the child -------------------------------------------------------------------------------------------------------
 def child_main(job: dict[str, Any]) -> dict[str, Any]:
     """Load one system, generate ``1 + rounds`` times, return per-round figures."""
@@ -176,6 +92,10 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
         from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
         model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.bfloat16).eval()
+        if job.get("routing_out"):
+            from .moe_oracle import record_routing  # noqa: PLC0415
+
+            calls, _ = record_routing(model)
     elif system == "accelerate":
         from .peers_hf import load_accelerate  # noqa: PLC0415
 
@@ -189,8 +109,14 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
             model = stream_model(job["model"], job["budget"], verify="never")
         else:
             policy = system.split("-")[1]
-            predict = False if "nopredict" in system else "auto" if system.endswith("-auto") else True
+            oracle = ORACLE.match(system)
+            predict = False if "nopredict" in system or oracle else "auto" if system.endswith("-auto") else True
             model = stream_model(job["model"], job["budget"], experts=policy, predict=predict, verify="never")
+            if oracle:
+                from .moe_oracle import Oracle, load_routing  # noqa: PLC0415
+
+                routing = load_routing(job["routing"])
+                seer = Oracle(model.llmtier, int(oracle.group(2)))
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     streamed = hasattr(model, "llmtier")
@@ -204,10 +130,15 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
         return d
 
     runs = []
+    recorded: list[Any] = []
     for rnd in range(job["rounds"] + 1):  # round 0 warms up
         g = torch.Generator().manual_seed(job["seed"] + rnd)
         ids = torch.randint(1, vocab, (job["batch"], job["prompt_len"]), generator=g)
         marks: dict[str, Any] = {}
+        if system == "memory" and job.get("routing_out"):
+            calls.clear()
+        elif streamed and ORACLE.match(system):
+            seer.start(routing[rnd] if rnd < len(routing) else [])
 
         def on_token(k: int, _t: float, marks: dict[str, Any] = marks) -> None:
             if k == 1:
@@ -228,8 +159,16 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
                     rec["decode_" + k] = end[k] - a[k]
             rec["decode_bytes_per_token"] = rec["decode_total_bytes_read"] / steps if steps else None
         runs.append(rec)
+        if system == "memory" and job.get("routing_out"):
+            recorded.append(list(calls))
     out: dict[str, Any] = {"load_s": load_s, "runs": runs[1:], "warmup": runs[0],
                            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if recorded:
+        from .moe_oracle import save_routing  # noqa: PLC0415
+
+        save_routing(job["routing_out"], recorded)
+    if streamed and ORACLE.match(system):
+        out["oracle"] = {"read_ahead": seer.read_ahead, "mismatches": seer.mismatches, "no_room": seer.no_room}
     if streamed:
         out["stats"] = snap()
         plan = model.llmtier.plan
@@ -256,6 +195,11 @@ def _child(job: dict[str, Any], limit: int | None, timeout: float = 3600.0) -> d
     return run_json_child("llmtier.bench.moe", job, limit, timeout=timeout)
 
 
+def _largest_file(directory: str) -> str:
+    names = [os.path.join(directory, f) for f in os.listdir(directory)]
+    return max((p for p in names if os.path.isfile(p)), key=os.path.getsize)
+
+
 def _fio(path: str) -> float | None:
     from .fio import FioError, fio_available, run_fio  # noqa: PLC0415
 
@@ -274,7 +218,7 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def _row(system: str, res: dict[str, Any], ref: dict[str, Any] | None, fio_bw: float | None) -> dict[str, Any]:
+def _row(system: str, res: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, Any]:
     if not res.get("ok"):
         return {"system": system, "ok": False, "error": res.get("error"), "stderr": res.get("stderr", "")[-300:]}
     runs = res["runs"]
@@ -290,14 +234,18 @@ def _row(system: str, res: dict[str, Any], ref: dict[str, Any] | None, fio_bw: f
         if runs[0].get("decode_analytic_bytes"):
             row["bytes_vs_analytic"] = _med([r["decode_total_bytes_read"] / r["decode_analytic_bytes"]
                                              for r in runs if r.get("decode_analytic_bytes")])
-        if fio_bw:
-            row["io_bound_s"] = bpt / fio_bw
-            row["io_efficiency"] = (bpt / fio_bw) * row["decode_tok_s"] if row["decode_tok_s"] else float("nan")
+        paired = [r for r in runs if r.get("fio_bytes_per_s") and r.get("decode_tok_s")]
+        if paired:
+            # each round against the disk rate fio measured right before its child
+            row["io_bound_s"] = _med([r["decode_bytes_per_token"] / r["fio_bytes_per_s"] for r in paired])
+            row["io_efficiency"] = _med([r["decode_bytes_per_token"] / r["fio_bytes_per_s"] * r["decode_tok_s"]
+                                         for r in paired])
             if ref is not None and ref.get("ok") and ref["runs"]:
                 # the binding bound: the reads at fio's rate or the in-memory model's compute, whichever is longer
                 compute_s = 1 / _med([r["decode_tok_s"] for r in ref["runs"]])
                 row["bound_s"] = max(row["io_bound_s"], compute_s)
-                row["bound_efficiency"] = row["bound_s"] * row["decode_tok_s"]
+                row["bound_efficiency"] = _med([max(r["decode_bytes_per_token"] / r["fio_bytes_per_s"], compute_s)
+                                                * r["decode_tok_s"] for r in paired])
         hits = sum(r.get("decode_expert_hits", 0) for r in runs)
         routed = hits + sum(r.get("decode_expert_misses", 0) + r.get("decode_prefetch_hits", 0) for r in runs)
         if routed:
@@ -310,6 +258,8 @@ def _row(system: str, res: dict[str, Any], ref: dict[str, Any] | None, fio_bw: f
             row["wasted_bytes_per_token"] = _med([r["decode_prefetch_wasted_bytes"] / max(1, r["decode_steps"])
                                                   for r in runs])
             row["expert_stall_s"] = _med([r["decode_expert_stall_s"] for r in runs])
+    if res.get("oracle"):
+        row["oracle"] = res["oracle"]
     return row
 
 
@@ -323,6 +273,8 @@ def _merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     for k in ("cgroup_peak_bytes", "peak_rss_bytes"):
         if old.get(k) is not None or new.get(k) is not None:
             out[k] = max(old.get(k) or 0, new.get(k) or 0)
+    if old.get("oracle") and new.get("oracle"):
+        out["oracle"] = {k: old["oracle"][k] + new["oracle"][k] for k in new["oracle"]}
     return out
 
 
@@ -332,6 +284,11 @@ def run_moe_bench(cfg: MoEBenchConfig, progress: bool = True) -> dict[str, Any]:
 
     from .cgroup import memory_cgroup_available  # noqa: PLC0415
 
+    for n, system in enumerate(cfg.systems):
+        if system not in SYSTEMS and not ORACLE.match(system):
+            raise ValueError(f"unknown system {system!r}: one of {', '.join(SYSTEMS)} or experts-<lru|lfu|profile>-oracle<1-9>")
+        if ORACLE.match(system) and "memory" not in cfg.systems[:n]:
+            raise ValueError(f"{system} reads ahead what the in-memory system routed: put 'memory' before it in the systems")
     os.makedirs(cfg.directory, exist_ok=True)
     capped, why = memory_cgroup_available()
     notes = ["2 cores and one virtio disk whose host cache makes O_DIRECT reads swing from run to run: compare ratios within a table"]
@@ -352,19 +309,32 @@ def run_moe_bench(cfg: MoEBenchConfig, progress: bool = True) -> dict[str, Any]:
             for frac in cfg.budgets:
                 for batch in cfg.batches:
                     budget = int(total * frac)
-                    fio_bw = _fio(os.path.join(path, sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[0]))
                     results: dict[str, dict[str, Any]] = {}
+                    fios: list[float] = []
+                    routing_path = os.path.join(cfg.directory, f"routing-{os.path.basename(path)}-b{batch}.json")
                     for npass in range(max(1, cfg.passes)):
                         for system in cfg.systems:
                             bar.set_postfix_str(f"{model_type} {routing} {frac:.0%} b{batch} {system} pass {npass + 1}")
                             job = {**base, "system": system, "budget": budget, "batch": batch, "rounds": cfg.rounds}
+                            if system == "memory" and any(ORACLE.match(s) for s in cfg.systems):
+                                job["routing_out"] = routing_path
+                            if ORACLE.match(system):
+                                job["routing"] = routing_path
+                            fio_bw = None
                             if system not in ("memory", "accelerate"):
                                 job["model"] = store
+                                fio_bw = _fio(_largest_file(store))  # right before the child: paired with its rounds
+                                if fio_bw:
+                                    fios.append(fio_bw)
                             limit = None if system == "memory" or not capped else budget + cfg.overhead
-                            results[system] = _merge(results.get(system), _child(job, limit))
+                            res = _child(job, limit)
+                            for r in res.get("runs", []):
+                                r["fio_bytes_per_s"] = fio_bw
+                            results[system] = _merge(results.get(system), res)
                             bar.update(1)
                     ref = results.get("memory")
-                    rows = [_row(s, results[s], ref if s != "memory" else None, fio_bw) for s in cfg.systems]
+                    fio_bw = _med(fios) if fios else None
+                    rows = [_row(s, results[s], ref if s != "memory" else None) for s in cfg.systems]
                     layers = next((r for r in rows if r["system"] == "layers" and r.get("ok")), None)
                     for r in rows:
                         if layers and r.get("ok") and r["system"].startswith("experts"):
@@ -373,11 +343,17 @@ def run_moe_bench(cfg: MoEBenchConfig, progress: bool = True) -> dict[str, Any]:
                                 r["bytes_vs_layers"] = r["bytes_per_token"] / layers["bytes_per_token"]
                     stats = results.get("experts-lru", {}).get("stats") or {}
                     tables.append({"model": model_type, "routing": routing, "budget": frac, "batch": batch,
-                                   "weights_bytes": total, "fio_bytes_per_s": fio_bw, "rows": rows,
+                                   "weights_bytes": total, "fio_bytes_per_s": fio_bw,
+                                   "fio_range": (min(fios), max(fios)) if fios else None, "rows": rows,
                                    "calibration_gini": calib.get("gini"), "expert_cache_bytes": stats.get("expert_cache_bytes"),
                                    "raw": results})
     bar.close()
     return {"config": asdict(cfg), "tables": tables, "notes": notes, "capped": capped}
+
+
+def _span(rng: Any) -> str:
+    """The range of fio rates (bytes/s) of a cell, as " (lo-hi before each streamed child)"."""
+    return f" ({rng[0] / 2**30:.2f}-{rng[1] / 2**30:.2f} before each streamed child)" if rng else ""
 
 
 def format_report(res: dict[str, Any]) -> str:
@@ -388,7 +364,8 @@ def format_report(res: dict[str, Any]) -> str:
     for t in res["tables"]:
         fio = t["fio_bytes_per_s"]
         out += ["", f"### {t['model']} ({human(t['weights_bytes'])}), {t['routing']} routing, budget {t['budget']:.0%}, "
-                f"batch {t['batch']}; fio {f(fio and fio / 2**30, '.2f')} GiB/s; expert Gini (calibration) "
+                f"batch {t['batch']}; fio {f(fio and fio / 2**30, '.2f')} GiB/s{_span(t.get('fio_range'))}; "
+                "expert Gini (calibration) "
                 f"{f(t.get('calibration_gini'), '.2f')}", "",
                 "| system | decode tok/s (min-max) | vs whole layers | bytes/token | vs layers' bytes | read / analytic | "
                 "I/O bound s/token | of I/O bound | of max(I/O, compute) | hit rate | recall | precision | wasted/token | "
@@ -463,4 +440,4 @@ if __name__ == "__main__":
         sys.exit("usage: python -m llmtier.bench.moe --child JOB_JSON (used by `llmtier bench moe`)")
 
 
-__all__ = ["MoEBenchConfig", "SHAPES", "SYSTEMS", "apply_skew", "ensure_model", "format_report", "gini", "run_moe_bench"]
+__all__ = ["QUICK", "MoEBenchConfig", "SHAPES", "SYSTEMS", "apply_skew", "ensure_model", "format_report", "gini", "run_moe_bench"]

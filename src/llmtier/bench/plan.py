@@ -124,7 +124,7 @@ def model_path(directory: str, kind: str) -> str:
     path = build_model(directory, kind)
     if MODELS[kind]["builder"] != "family":
         return path
-    from .moe import ensure_store  # noqa: PLC0415
+    from .moe_models import ensure_store  # noqa: PLC0415
 
     return ensure_store(path)
 
