@@ -75,3 +75,24 @@ def test_oracle_reads_ahead_what_the_in_memory_model_routed(tmp_path):
         run_moe_bench(MoEBenchConfig.quick_config(str(tmp_path), systems=("experts-lru-oracle1", "memory")), progress=False)
     with pytest.raises(ValueError, match="unknown system"):
         run_moe_bench(MoEBenchConfig.quick_config(str(tmp_path), systems=("memory", "experts-lru-oracle0")), progress=False)
+
+
+def test_io_bound_is_per_decode_step():
+    """A step makes one token per row and `decode_tok_s` counts steps, so the I/O bound is the bytes of a step
+    at the rate fio measured before the round's child (at batch 4 it had been the bytes of one row's token)."""
+    from llmtier.bench.moe import _row
+
+    mib, gib = 1 << 20, 1 << 30
+
+    def run(tok_s, step_bytes, fio):
+        return {"decode_tok_s": tok_s, "prefill_s": 0.1, "digest": "x", "decode_steps": 7, "fio_bytes_per_s": fio,
+                "decode_total_bytes_read": 7 * step_bytes, "decode_bytes_per_token": 7 * step_bytes / (7 * 4),
+                "decode_analytic_bytes": 7 * step_bytes}
+    ref = {"ok": True, "runs": [{"decode_tok_s": 4.0, "digest": "x", "prefill_s": 0.1}], "peak_rss_bytes": 1}
+    res = {"ok": True, "runs": [run(2.0, 512 * mib, gib), run(1.0, 512 * mib, 0.5 * gib)], "peak_rss_bytes": 1}
+    row = _row("experts-lru", res, ref)
+    assert row["bytes_per_token"] == 128 * mib  # per row's token
+    assert row["io_bound_s"] == pytest.approx(0.75)  # median of 0.5 s and 1.0 s per step
+    assert row["io_efficiency"] == pytest.approx(1.0)  # 0.5 s x 2 steps/s, 1.0 s x 1 step/s
+    assert row["bound_efficiency"] == pytest.approx(1.0)  # compute 0.25 s per step binds nowhere
+    assert row["bytes_vs_analytic"] == 1.0 and row["tokens_match"]

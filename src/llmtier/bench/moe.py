@@ -234,18 +234,20 @@ def _row(system: str, res: dict[str, Any], ref: dict[str, Any] | None) -> dict[s
         if runs[0].get("decode_analytic_bytes"):
             row["bytes_vs_analytic"] = _med([r["decode_total_bytes_read"] / r["decode_analytic_bytes"]
                                              for r in runs if r.get("decode_analytic_bytes")])
-        paired = [r for r in runs if r.get("fio_bytes_per_s") and r.get("decode_tok_s")]
+        paired = [r for r in runs if r.get("fio_bytes_per_s") and r.get("decode_tok_s") and r.get("decode_steps")]
+
+        def io_s(r: dict[str, Any]) -> float:
+            """The reads of one decode step (a token per row) at the disk rate fio measured right before the
+            round's child; ``decode_tok_s`` counts steps, so the bound is per step too."""
+            return r["decode_total_bytes_read"] / r["decode_steps"] / r["fio_bytes_per_s"]
         if paired:
-            # each round against the disk rate fio measured right before its child
-            row["io_bound_s"] = _med([r["decode_bytes_per_token"] / r["fio_bytes_per_s"] for r in paired])
-            row["io_efficiency"] = _med([r["decode_bytes_per_token"] / r["fio_bytes_per_s"] * r["decode_tok_s"]
-                                         for r in paired])
+            row["io_bound_s"] = _med([io_s(r) for r in paired])
+            row["io_efficiency"] = _med([io_s(r) * r["decode_tok_s"] for r in paired])
             if ref is not None and ref.get("ok") and ref["runs"]:
                 # the binding bound: the reads at fio's rate or the in-memory model's compute, whichever is longer
                 compute_s = 1 / _med([r["decode_tok_s"] for r in ref["runs"]])
                 row["bound_s"] = max(row["io_bound_s"], compute_s)
-                row["bound_efficiency"] = _med([max(r["decode_bytes_per_token"] / r["fio_bytes_per_s"], compute_s)
-                                                * r["decode_tok_s"] for r in paired])
+                row["bound_efficiency"] = _med([max(io_s(r), compute_s) * r["decode_tok_s"] for r in paired])
         hits = sum(r.get("decode_expert_hits", 0) for r in runs)
         routed = hits + sum(r.get("decode_expert_misses", 0) + r.get("decode_prefetch_hits", 0) for r in runs)
         if routed:
@@ -367,8 +369,8 @@ def format_report(res: dict[str, Any]) -> str:
                 f"batch {t['batch']}; fio {f(fio and fio / 2**30, '.2f')} GiB/s{_span(t.get('fio_range'))}; "
                 "expert Gini (calibration) "
                 f"{f(t.get('calibration_gini'), '.2f')}", "",
-                "| system | decode tok/s (min-max) | vs whole layers | bytes/token | vs layers' bytes | read / analytic | "
-                "I/O bound s/token | of I/O bound | of max(I/O, compute) | hit rate | recall | precision | wasted/token | "
+                "| system | decode steps/s (min-max) | vs whole layers | bytes/token | vs layers' bytes | read / analytic | "
+                "I/O bound s/step | of I/O bound | of max(I/O, compute) | hit rate | recall | precision | wasted/token | "
                 "tokens = in-memory | cgroup peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in t["rows"]:
             if not r.get("ok"):
