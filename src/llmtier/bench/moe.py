@@ -4,21 +4,17 @@ the same model, accelerate disk offload at the same budget, and the model in
 memory, whose tokens every run is checked against.
 
 Models are Mixtral- and Qwen3-MoE-shaped, random bf16 weights scaled to a
-few GiB.  Random routers route nearly uniformly (``uniform``); the
-``skew`` routing is a documented synthetic change of the same model: hidden
-dimension 0 carries a constant (the embeddings' column 0 is 1.0 and no layer
-writes to it: attention's ``o_proj`` and the experts' ``down_proj`` have
-their row 0 zeroed), and each router's column 0 turns it into a bias of
-``-alpha * ln(rank)`` on the logit of the expert of that popularity rank
-(ranks permuted per layer): Zipf-like popularity, alpha 1.5 by default.
+few GiB, routed ``uniform`` (the random routers) or with a documented
+synthetic ``skew`` (:mod:`llmtier.bench.moe_models`).
 
 Each system runs in a fresh child process (page cache dropped) under a
 cgroup v1 memory cap of ``budget + OVERHEAD``; the child generates once to
 warm up, then ``rounds`` times with different prompts (the same for every
 system).  fio reads the file the streamed systems read (1 MiB, QD 32,
 O_DIRECT, its first GiB) right before each streamed child: the I/O bound of a
-round is its bytes read per decode token divided by the bandwidth fio measured
-just before it, so the drifts of this VM's disk between children are paired.
+round is its bytes read per decode step (a token per row) divided by the
+bandwidth fio measured just before it, so the drifts of this VM's disk between
+children are paired.
 
 ``experts-<policy>-oracle<d>`` systems (not in the default list) read ahead
 exactly the experts the next ``d`` MoE layer calls will route to, as the

@@ -1,5 +1,14 @@
-"""The synthetic MoE models of ``llmtier bench moe``: Mixtral- and Qwen3-MoE-shaped random bf16 weights, the
-documented synthetic skew (see :func:`apply_skew`), and the llmtier store each is streamed from."""
+"""The synthetic MoE models of ``llmtier bench moe`` and the llmtier store each is streamed from.
+
+Models are Mixtral- and Qwen3-MoE-shaped, random bf16 weights scaled to a
+few GiB.  Random routers route nearly uniformly (``uniform``); the
+``skew`` routing is a documented synthetic change of the same model: hidden
+dimension 0 carries a constant (the embeddings' column 0 is 1.0 and no layer
+writes to it: attention's ``o_proj`` and the experts' ``down_proj`` have
+their row 0 zeroed), and each router's column 0 turns it into a bias of
+``-alpha * ln(rank)`` on the logit of the expert of that popularity rank
+(ranks permuted per layer): Zipf-like popularity, alpha 1.5 by default.
+"""
 from __future__ import annotations
 
 import hashlib
