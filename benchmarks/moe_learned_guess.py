@@ -22,10 +22,7 @@ import time
 import torch
 import transformers
 
-
-def moe_blocks(model) -> list:
-    """The MoE blocks (router ``gate`` and ``experts``) of ``model``, in layer order."""
-    return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")]
+from llmtier.bench.moe_models import moe_blocks
 
 
 def collect(model, blocks, seeds, steps: int, prefill_too: bool):

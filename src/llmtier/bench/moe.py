@@ -83,6 +83,7 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(job["threads"])
     system = job["system"]
+    oracle = ORACLE.match(system)
     t0 = time.perf_counter()
     if system == "memory":
         from transformers import AutoModelForCausalLM  # noqa: PLC0415
@@ -105,7 +106,6 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
             model = stream_model(job["model"], job["budget"], verify="never")
         else:
             policy = system.split("-")[1]
-            oracle = ORACLE.match(system)
             predict = False if "nopredict" in system or oracle else "auto" if system.endswith("-auto") else True
             model = stream_model(job["model"], job["budget"], experts=policy, predict=predict, verify="never")
             if oracle:
@@ -133,7 +133,7 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
         marks: dict[str, Any] = {}
         if system == "memory" and job.get("routing_out"):
             calls.clear()
-        elif streamed and ORACLE.match(system):
+        elif oracle:
             seer.start(routing[rnd] if rnd < len(routing) else [])
 
         def on_token(k: int, _t: float, marks: dict[str, Any] = marks) -> None:
@@ -163,7 +163,7 @@ def child_main(job: dict[str, Any]) -> dict[str, Any]:
         from .moe_oracle import save_routing  # noqa: PLC0415
 
         save_routing(job["routing_out"], recorded)
-    if streamed and ORACLE.match(system):
+    if oracle:
         out["oracle"] = {"read_ahead": seer.read_ahead, "mismatches": seer.mismatches, "no_room": seer.no_room}
     if streamed:
         out["stats"] = snap()

@@ -36,14 +36,15 @@ QUICK: dict[str, dict[str, Any]] = {
 }
 
 
+def moe_blocks(model: Any) -> list[Any]:
+    """The MoE blocks (a router ``gate`` and ``experts``) of ``model``'s decoder layers, in layer order."""
+    return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")]
+
+
 def _moe_parts(model: Any) -> list[tuple[Any, Any, Any]]:
     """(attention o_proj, experts, router) per MoE layer."""
-    out = []
-    for layer in model.model.layers:
-        mlp = layer.mlp
-        if hasattr(mlp, "experts") and hasattr(mlp, "gate"):
-            out.append((layer.self_attn.o_proj, mlp.experts, mlp.gate))
-    return out
+    return [(layer.self_attn.o_proj, layer.mlp.experts, layer.mlp.gate) for layer in model.model.layers
+            if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")]
 
 
 def apply_skew(model: Any, alpha: float, seed: int = 0) -> None:
@@ -114,4 +115,4 @@ def _weights_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
 
 
-__all__ = ["QUICK", "SHAPES", "apply_skew", "ensure_model", "ensure_store"]
+__all__ = ["QUICK", "SHAPES", "apply_skew", "ensure_model", "ensure_store", "moe_blocks"]

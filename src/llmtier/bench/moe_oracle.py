@@ -33,7 +33,7 @@ def record_routing(model: Any) -> tuple[list[Call], Any]:
     Clear the list between generations to record one generation's calls."""
     import torch  # noqa: PLC0415
 
-    from .moe_models import _moe_parts  # noqa: PLC0415
+    from .moe_models import moe_blocks  # noqa: PLC0415
 
     calls: list[Call] = []
 
@@ -43,8 +43,8 @@ def record_routing(model: Any) -> tuple[list[Call], Any]:
             calls.append((i, torch.unique(top).tolist()))
         return before
 
-    handles = [experts.register_forward_pre_hook(hook(i), with_kwargs=True)
-               for i, (_, experts, _) in enumerate(_moe_parts(model))]
+    handles = [block.experts.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, block in enumerate(moe_blocks(model))]
 
     def remove() -> None:
         for h in handles:
